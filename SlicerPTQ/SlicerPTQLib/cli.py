@@ -1,0 +1,171 @@
+"""``slicer-ptq``: the command line over the core (also the Slicer worker).
+
+Run with ``--progress-json`` (the Slicer module does) and every step is a
+JSON line ``{"progress": {...}}`` on stdout, the outcome one ``{"result":
+{...}}`` line, a failure one ``{"error": "..."}`` line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import PTQError
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def expand_volumes(items: List[str]) -> List[Path]:
+    """Files as given; folders expand to the volumes directly inside them."""
+    paths: List[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
+            if not found:
+                raise PTQError(f"Folder {path} holds no volumes ({', '.join(VOLUME_SUFFIXES)}).")
+            paths.extend(found)
+        else:
+            paths.append(path)
+    return paths
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slicer-ptq", description=__doc__.splitlines()[0])
+    parser.add_argument("--progress-json", action="store_true",
+                        help="report progress and the result as JSON lines on stdout (for the Slicer module)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate on unlabeled volumes and write a QDQ INT8 (or low-bit) ONNX model")
+    q.add_argument("model", help="TorchScript/ONNX file, MONAI bundle folder, or state dict (with --arch)")
+    q.add_argument("--calib", nargs="+", required=True, help="unlabeled volumes (files or folders)")
+    q.add_argument("--out", required=True, type=Path, help="output folder")
+    q.add_argument("--method", default="max", choices=["max", "percentile", "entropy", "mse"])
+    q.add_argument("--roi", nargs="+", type=int, help="patch size (1 or 3 ints); default from the model metadata")
+    q.add_argument("--num-crops", type=int, default=20)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--placement", default="cpu", choices=["cpu", "tensorrt"],
+                   help="Q/DQ layout: 'cpu' is fastest on OpenVINO, 'tensorrt' follows TensorRT's fusion rules")
+    q.add_argument("--weight-bits", type=int, default=8, choices=[8, 4, 3, 2],
+                   help="below 8: low-bit weights by layer-wise ADMM (EfficientQ), run on INT8 kernels")
+    q.add_argument("--lowbit-solver", default="admm", choices=["admm", "rtn"])
+    q.add_argument("--arch", help="MONAI network name when MODEL is a state dict, e.g. UNet")
+    q.add_argument("--arch-args", type=json.loads, default=None, help="JSON constructor arguments for --arch")
+
+    s = sub.add_parser("segment", help="segment a volume with a (quantized) model")
+    s.add_argument("model", type=Path, help="model file with its metadata JSON beside it")
+    s.add_argument("image", type=Path)
+    s.add_argument("--out", required=True, type=Path, help="label map: .nii.gz, .nrrd, or .seg.nrrd (segments)")
+    s.add_argument("--runtime", choices=["openvino", "onnxruntime", "torch", "tensorrt"],
+                   help="default: openvino for ONNX, torch for TorchScript")
+    s.add_argument("--precision", help="runtime precision, e.g. fp32 or bf16 for float models on OpenVINO")
+    s.add_argument("--batch-size", type=int, default=1, help="sliding-window patches per forward")
+
+    e = sub.add_parser("evaluate", help="FP32 vs quantized table: Dice, size, latency")
+    e.add_argument("fp32_model", type=Path)
+    e.add_argument("quantized_model", type=Path)
+    e.add_argument("--images", nargs="+", required=True)
+    e.add_argument("--labels", nargs="+", help="reference masks, in the order of --images")
+    e.add_argument("--json", type=Path, help="also write the table as JSON here")
+
+    d = sub.add_parser("demo", help="the whole pipeline on the shipped real model and volumes")
+    d.add_argument("--out", type=Path, default=Path("ptq-demo"))
+    d.add_argument("--method", default="max", choices=["max", "percentile", "entropy", "mse"])
+    d.add_argument("--num-crops", type=int, default=20)
+    d.add_argument("--repeats", type=int, default=5, help="timed forwards per latency figure")
+
+    sub.add_parser("info", help="runtimes available here and the CPU's INT8 instruction sets")
+    return parser
+
+
+def _emit_result(args, payload: dict) -> None:
+    if args.progress_json:
+        print(json.dumps({"result": payload}, default=str), flush=True)
+
+
+def _progress(args):
+    if args.progress_json:
+        from .progress import json_lines_callback
+
+        return json_lines_callback()
+    return None
+
+
+def run(args) -> int:
+    """Execute parsed arguments; raises PTQError on bad input."""
+    from . import pipeline
+
+    if args.command == "quantize":
+        result = pipeline.quantize(args.model, expand_volumes(args.calib), args.out, method=args.method,
+                                   num_crops=args.num_crops, roi=_roi(args.roi), seed=args.seed,
+                                   placement=args.placement, weight_bits=args.weight_bits,
+                                   lowbit_solver=args.lowbit_solver, arch=args.arch, arch_args=args.arch_args,
+                                   progress=_progress(args))
+        sizes = result.report["size_mb"]
+        if not args.progress_json:
+            print(f"FP32 ONNX  {result.fp32_onnx}  {sizes['fp32_onnx']:.2f} MB")
+            print(f"quantized  {result.quantized_onnx}  {sizes['quantized_onnx']:.2f} MB "
+                  f"({sizes['quantized_onnx'] / sizes['fp32_onnx']:.2f}x)")
+        _emit_result(args, {"fp32_onnx": result.fp32_onnx, "quantized_onnx": result.quantized_onnx,
+                            "report": result.report})
+    elif args.command == "segment":
+        labels, timings = pipeline.segment(args.model, args.image, runtime=args.runtime, precision=args.precision,
+                                           batch_size=args.batch_size, progress=_progress(args))
+        pipeline.write_outputs(labels, pipeline.model_spec_for(args.model), args.out)
+        if not args.progress_json:
+            print(f"labels written to {args.out} in {timings['total_s']:.2f} s")
+        _emit_result(args, {"labels": args.out, "timings": timings})
+    elif args.command == "evaluate":
+        from .evaluation import evaluate_models, format_table
+
+        rows = evaluate_models(args.fp32_model, args.quantized_model, expand_volumes(args.images),
+                               expand_volumes(args.labels) if args.labels else None, progress=_progress(args))
+        if not args.progress_json:
+            print(format_table(rows))
+        if args.json:
+            from .evaluation import write_json
+
+            write_json(rows, args.json)
+        _emit_result(args, {"rows": rows})
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        summary = run_demo(args.out, method=args.method, num_crops=args.num_crops, repeats=args.repeats,
+                           progress=_progress(args))
+        _emit_result(args, summary)
+    elif args.command == "info":
+        from .cpu_info import cpu_summary
+        from .runtimes import available_backends
+
+        print(json.dumps({"cpu": cpu_summary(), "runtimes": available_backends()}, indent=2))
+    return 0
+
+
+def _roi(values: Optional[List[int]]):
+    if values is None:
+        return None
+    from .spec import spec_list
+
+    return spec_list(values)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``slicer-ptq``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except PTQError as exc:
+        if args.progress_json:
+            print(json.dumps({"error": str(exc)}), flush=True)
+        print(f"slicer-ptq: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("slicer-ptq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

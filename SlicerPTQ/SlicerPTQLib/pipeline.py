@@ -1,0 +1,292 @@
+"""The user-level jobs: quantize a model, segment a volume, compare models.
+
+Every entry point (CLI, Slicer worker, Python console) goes through these
+functions, so a volume travels one path: read -> prepare -> network ->
+restore -> label map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from .errors import PTQError
+from .models import LoadedModel, file_sha256, load_model
+from .progress import ProgressCallback
+from .spec import ModelSpec, sidecar_path
+from .volume import Volume
+
+VolumeSource = Union[str, Path, Volume]
+METHODS = ("max", "percentile", "entropy", "mse")
+WEIGHT_BITS = (8, 4, 3, 2)
+REPORT_NAME = "quantization.json"
+
+
+@dataclass
+class QuantizeResult:
+    """Where a quantization run put its files, and what it measured."""
+
+    out_dir: Path
+    fp32_onnx: Path
+    quantized_onnx: Path
+    spec: ModelSpec
+    report: Dict = field(default_factory=dict)
+    packed_weights: Optional[Path] = None
+
+
+def quantized_name(weight_bits: int) -> str:
+    """``model.int8.onnx`` for W8A8, ``model.w4a8.onnx`` for 4-bit weights."""
+    return "model.int8.onnx" if weight_bits == 8 else f"model.w{weight_bits}a8.onnx"
+
+
+def _check_settings(method: str, weight_bits: int, num_crops: int, placement: str) -> None:
+    if method not in METHODS:
+        raise PTQError(f"Unknown calibration method '{method}'. Choose one of: {', '.join(METHODS)}.")
+    if weight_bits not in WEIGHT_BITS:
+        raise PTQError(f"Weight bits must be one of {WEIGHT_BITS}, not {weight_bits}.")
+    if num_crops < 1:
+        raise PTQError(f"--num-crops must be at least 1 (got {num_crops}).")
+    if placement not in ("cpu", "tensorrt"):
+        raise PTQError(f"Unknown Q/DQ placement '{placement}'. Choose 'cpu' (OpenVINO) or 'tensorrt'.")
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PTQError(f"Output folder {out_dir} is a file. Give a folder path (it is created if missing).")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def read_any(source: VolumeSource) -> Volume:
+    """A Volume from a path or a Volume (passed through)."""
+    if isinstance(source, Volume):
+        return source
+    from .volumes import read_volume
+
+    return read_volume(Path(source))
+
+
+def prepared_arrays(sources: Sequence[VolumeSource], spec: ModelSpec,
+                    progress: Optional[ProgressCallback] = None) -> List:
+    """Read and preprocess volumes to network arrays ``(C, D, H, W)``."""
+    from .preprocess import prepare
+    from .progress import track
+
+    if not sources:
+        raise PTQError("No calibration volumes given. Pass a few unlabeled volumes of the kind the model "
+                       "segments (--calib FILE... or a folder).")
+    return [prepare(read_any(source), spec)[0] for source in track(list(sources), "read volumes",
+                                                                     callback=progress)]
+
+
+def _settings_key(loaded: LoadedModel, sources: Sequence[VolumeSource], settings: Dict) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(file_sha256(loaded.source).encode())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
+    for source in sources:
+        digest.update(file_sha256(Path(source)).encode() if not isinstance(source, Volume)
+                      else source.array.tobytes()[:1 << 20])
+    return digest.hexdigest()[:20]
+
+
+def _cached(out_dir: Path) -> Optional[QuantizeResult]:
+    report_file = out_dir / REPORT_NAME
+    if not report_file.is_file():
+        return None
+    report = json.loads(report_file.read_text())
+    files = {key: out_dir / name for key, name in report.get("files", {}).items()}
+    if not files or not all(path.is_file() for path in files.values()):
+        return None
+    report["cached"] = True
+    return QuantizeResult(out_dir=out_dir, fp32_onnx=files["fp32_onnx"], quantized_onnx=files["quantized_onnx"],
+                          spec=ModelSpec.load(sidecar_path(files["quantized_onnx"])), report=report,
+                          packed_weights=files.get("packed_weights"))
+
+
+def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_dir: Optional[Path] = None,
+             method: str = "max", num_crops: int = 20, roi: Optional[Sequence[int]] = None, seed: int = 0,
+             placement: str = "cpu", weight_bits: int = 8, lowbit_solver: str = "admm",
+             arch: Optional[str] = None, arch_args: Optional[Dict] = None, spec: Optional[ModelSpec] = None,
+             keep_float: Sequence[str] = (), progress: Optional[ProgressCallback] = None) -> QuantizeResult:
+    """Calibrate ``model`` on unlabeled ``calibration`` volumes and write a QDQ ONNX model.
+
+    Writes ``model.fp32.onnx``, ``model.int8.onnx`` (or ``model.w4a8.onnx``
+    and a packed weight file for low-bit weights), ``model.json`` (the
+    spec) and ``quantization.json`` (settings, sizes, per-op counts) into
+    ``out_dir``. Without ``out_dir`` the result goes to a cache folder keyed
+    by the model, the settings and the calibration data, and a second call
+    returns it without recomputing.
+
+    Example::
+
+        result = quantize("net.pt", ["a.nii.gz", "b.nii.gz"], Path("out"))
+        result.quantized_onnx  # out/model.int8.onnx
+    """
+    _check_settings(method, weight_bits, num_crops, placement)
+    loaded = load_model(model, arch=arch, arch_args=arch_args, spec=spec)
+    if roi is not None:
+        loaded.spec.roi_size = tuple(int(v) for v in roi)
+    settings = {"method": method, "num_crops": num_crops, "seed": seed, "placement": placement,
+                "weight_bits": weight_bits, "lowbit_solver": lowbit_solver if weight_bits < 8 else None,
+                "keep_float": sorted(keep_float), "roi": list(loaded.spec.roi_size)}
+    if out_dir is None:
+        from .fetch import cache_dir
+
+        out_dir = cache_dir() / "builds" / _settings_key(loaded, calibration, settings)
+        hit = _cached(out_dir)
+        if hit is not None:
+            return hit
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
+    try:
+        result = _quantize_into(loaded, calibration, staging, settings, keep_float, progress)
+        return _publish(result, staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_fp32(loaded: LoadedModel, path: Path) -> None:
+    from .export import export_onnx, onnx_input_spec
+
+    if loaded.kind == "onnx":
+        shutil.copyfile(loaded.onnx_path, path)
+    else:
+        spec = loaded.spec
+        export_onnx(loaded.module, path, in_channels=spec.in_channels,
+                    example_shape=(1, spec.in_channels, *spec.roi_size), dynamic_spatial=spec.dynamic_spatial)
+    info = onnx_input_spec(path)
+    if info.channels is not None and info.channels != loaded.spec.in_channels:
+        raise PTQError(f"{loaded.source} takes {info.channels} input channel(s) but its metadata says "
+                       f"{loaded.spec.in_channels}. Fix in_channels in {sidecar_path(loaded.source)}.")
+
+
+def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], folder: Path, settings: Dict,
+                   keep_float: Sequence[str], progress: Optional[ProgressCallback]) -> QuantizeResult:
+    from .calibration import sample_crops
+    from .qdq import quantize_onnx
+
+    spec = loaded.spec
+    fp32_onnx = folder / "model.fp32.onnx"
+    _export_fp32(loaded, fp32_onnx)
+    spec.out_channels = _onnx_out_channels(fp32_onnx, spec.out_channels)
+    arrays = prepared_arrays(calibration, spec, progress)
+    _check_channels(arrays, spec, calibration)
+    crops = sample_crops(arrays, spec.roi_size, settings["num_crops"], settings["seed"])
+    weight_quant = None
+    packed = None
+    lowbit_report = None
+    if settings["weight_bits"] < 8:
+        from . import lowbit
+
+        lowbit_result = lowbit.quantize_weights(fp32_onnx, crops[0], settings["weight_bits"],
+                                                settings["lowbit_solver"], activation_ranges=None,
+                                                progress_callback=progress)
+        weight_quant = lowbit_result.weight_quant
+        packed = folder / f"model.w{settings['weight_bits']}.packed.npz"
+        lowbit.save_packed(packed, lowbit_result)
+        lowbit_report = lowbit_result.summary()
+    quantized = folder / quantized_name(settings["weight_bits"])
+    qdq_report = quantize_onnx(fp32_onnx, quantized, crops, method=settings["method"],
+                               placement=settings["placement"], weight_quant=weight_quant,
+                               keep_float=frozenset(keep_float), progress_callback=progress)
+    spec.save(sidecar_path(quantized))
+    report = {
+        "model": str(loaded.source),
+        "model_sha256": file_sha256(loaded.source),
+        "settings": settings,
+        "calibration": [str(s) if not isinstance(s, Volume) else s.name for s in calibration],
+        "size_mb": {"fp32_onnx": fp32_onnx.stat().st_size / 2**20, "quantized_onnx": quantized.stat().st_size / 2**20},
+        "qdq": qdq_report.to_dict(),
+    }
+    if lowbit_report is not None:
+        report["lowbit"] = lowbit_report
+        report["size_mb"]["packed_weights"] = packed.stat().st_size / 2**20
+    return QuantizeResult(out_dir=folder, fp32_onnx=fp32_onnx, quantized_onnx=quantized, spec=spec,
+                          report=report, packed_weights=packed)
+
+
+def _check_channels(arrays, spec: ModelSpec, sources) -> None:
+    for array, source in zip(arrays, sources):
+        if array.shape[0] != spec.in_channels:
+            raise PTQError(f"Volume {source} gives {array.shape[0]} channel(s) but the model takes "
+                           f"{spec.in_channels}. Give volumes of the modality the model was trained on.")
+
+
+def _onnx_out_channels(path: Path, default: int) -> int:
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.output[0].type.tensor_type.shape.dim
+    return int(dims[1].dim_value) if len(dims) > 1 and dims[1].dim_value > 0 else default
+
+
+def _publish(result: QuantizeResult, staging: Path, out_dir: Path) -> QuantizeResult:
+    """Move finished files from ``staging`` into ``out_dir``, report last."""
+    files = {"fp32_onnx": result.fp32_onnx, "quantized_onnx": result.quantized_onnx,
+             "spec": sidecar_path(result.quantized_onnx)}
+    if result.packed_weights is not None:
+        files["packed_weights"] = result.packed_weights
+    moved = {}
+    for key, path in files.items():
+        target = out_dir / path.name
+        os.replace(path, target)
+        moved[key] = target
+    result.report["files"] = {key: path.name for key, path in moved.items()}
+    report_tmp = staging / REPORT_NAME
+    report_tmp.write_text(json.dumps(result.report, indent=2))
+    os.replace(report_tmp, out_dir / REPORT_NAME)
+    return QuantizeResult(out_dir=out_dir, fp32_onnx=moved["fp32_onnx"], quantized_onnx=moved["quantized_onnx"],
+                          spec=result.spec, report=result.report, packed_weights=moved.get("packed_weights"))
+
+
+def model_spec_for(model_path: Path) -> ModelSpec:
+    """The spec beside a model file, or a clear error if there is none."""
+    candidate = sidecar_path(Path(model_path))
+    if not candidate.is_file():
+        raise PTQError(f"No metadata beside {model_path} (expected {candidate}). Quantize the model with "
+                       "slicer-ptq quantize, which writes it, or write it by hand (see README).")
+    return ModelSpec.load(candidate)
+
+
+def default_backend(model_path: Path) -> str:
+    """OpenVINO for ONNX files (real INT8 kernels on the CPU), torch for TorchScript."""
+    return "openvino" if Path(model_path).suffix.lower() == ".onnx" else "torch"
+
+
+def segment(model_path: Union[str, Path], volume: VolumeSource, runtime: Optional[str] = None,
+            precision: Optional[str] = None, batch_size: int = 1, threads: Optional[int] = None,
+            progress: Optional[ProgressCallback] = None) -> Tuple[Volume, Dict]:
+    """Segment one volume; returns the label map on the input grid and timings (s)."""
+    from .inference import segment_volume
+    from .runtimes import create_runtime
+
+    model_path = Path(model_path)
+    spec = model_spec_for(model_path)
+    engine = create_runtime(model_path, runtime or default_backend(model_path), precision=precision,
+                            threads=threads)
+    try:
+        labels, timings = segment_volume(engine, read_any(volume), spec, batch_size=batch_size,
+                                         progress_callback=progress)
+    finally:
+        engine.close()
+    return labels, timings
+
+
+def write_outputs(labels: Volume, spec: ModelSpec, out: Path) -> List[Path]:
+    """Write a label map (NIfTI/NRRD by extension); ``.seg.nrrd`` writes a Slicer segmentation."""
+    out = Path(out)
+    if out.name.endswith(".seg.nrrd"):
+        from .segmentation_io import write_seg_nrrd
+
+        write_seg_nrrd(labels, spec, out)
+    else:
+        from .volumes import write_volume
+
+        write_volume(labels, out)
+    return [out]
