@@ -185,6 +185,8 @@ def _read_nrrd(path: Path) -> Tuple[np.ndarray, np.ndarray]:
 
 def _squeeze_to_3d(array: np.ndarray, spatial: list, path: Path) -> np.ndarray:
     """Keep the 3 spatial axes; drop other axes only when they have length 1."""
+    if array.size == 0:
+        raise PTQError(f"{path} is empty (shape {array.shape}). Re-export the volume.")
     if array.ndim < 3 or len(spatial) < 3:
         raise PTQError(f"{path} is a {array.ndim}D image of shape {array.shape}; a 3D volume is needed. "
                        "Stack the slices into a volume (e.g. load the series in 3D Slicer and save it).")
@@ -197,8 +199,6 @@ def _squeeze_to_3d(array: np.ndarray, spatial: list, path: Path) -> np.ndarray:
 
 
 def _checked_array(array: np.ndarray, path: Path) -> np.ndarray:
-    if array.size == 0:
-        raise PTQError(f"{path} is empty (shape {array.shape}). Re-export the volume.")
     if min(array.shape) < 2:
         raise PTQError(f"{path} has shape {array.shape}: a single slice, not a 3D volume. "
                        "Use the full 3D scan.")

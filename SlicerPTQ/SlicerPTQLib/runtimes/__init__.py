@@ -13,15 +13,18 @@ Backends:
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Dict, Optional
 
 from ..errors import PTQError
 from .base import Runtime
+from .openvino_runtime import int8_summary  # backend-neutral; OpenVINO's module imports openvino lazily
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 
-__all__ = ["BACKENDS", "Runtime", "available_backends", "create_runtime", "resolve_precision"]
+__all__ = ["BACKENDS", "Runtime", "available_backends", "create_runtime", "int8_summary",
+           "resolve_precision"]
 
 
 def create_runtime(model_path: Path, backend: str, precision: Optional[str] = None,
@@ -121,16 +124,15 @@ def _openvino_reason() -> str:
 def _tensorrt_module():
     """The TensorRT backend module, or PTQError when it cannot be imported."""
     try:
-        from . import tensorrt_runtime
+        return importlib.import_module(".tensorrt_runtime", __name__)
     except ImportError as exc:
         raise PTQError(f"The TensorRT backend cannot be loaded ({exc}). Use backend 'openvino' on the CPU, "
                        "or install CUDA and the tensorrt package on a machine with an NVIDIA GPU.") from exc
-    return tensorrt_runtime
 
 
 def _tensorrt_reason() -> str:
     try:
-        from . import tensorrt_runtime
+        tensorrt_runtime = importlib.import_module(".tensorrt_runtime", __name__)
     except ImportError as exc:
         return f"the TensorRT backend cannot be loaded ({exc})"
     usable, reason = tensorrt_runtime.tensorrt_available()

@@ -1,0 +1,285 @@
+"""SlicerPTQ: quantize a 3D segmentation network to INT8 and segment with it.
+
+Thin Slicer layer: the GUI state lives in a parameter node, the work in
+``SlicerPTQLib`` (``logic.PTQLogic`` runs the pipeline in a worker process).
+"""
+
+import os
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from SlicerPTQLib import catalog, dependencies, slicer_nodes
+from SlicerPTQLib.errors import PTQError
+from SlicerPTQLib.logic import METHODS, PRECISIONS, PTQLogic
+
+RUNTIMES = ["auto", "openvino", "tensorrt", "onnxruntime"]
+DEFAULT_MODEL = "deepbet-brain-extraction"
+
+
+class SlicerPTQ(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("PTQ Segmentation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SlicerPTQ contributors"]
+        self.parent.helpText = _(
+            "Post-training quantization of 3D segmentation networks: calibrate on a few unlabeled volumes, "
+            "build an INT8 (or low-bit) model that runs on real integer kernels (OpenVINO on the CPU, "
+            "TensorRT on NVIDIA GPUs) and segment volumes with it. "
+            '<a href="https://github.com/SlicerPTQ/SlicerPTQ#slicer-module">Documentation</a>.')
+        self.parent.acknowledgementText = _(
+            "Shipped model: deepbet (Fisch et al., MIT licence). Quantization follows MedPTQ (explicit Q/DQ, "
+            "max/entropy calibration) and EfficientQ (low-bit weights by ADMM).")
+
+
+@parameterNodeWrapper
+class SlicerPTQParameterNode:
+    model: str = DEFAULT_MODEL  # catalog id or path of a model file / bundle folder
+    calibrationVolumes: list[vtkMRMLScalarVolumeNode]
+    numCrops: Annotated[int, WithinRange(1, 500)] = 20
+    method: Annotated[str, Choice(list(METHODS))] = "max"
+    precision: Annotated[str, Choice(list(PRECISIONS))] = "int8"
+    runtime: Annotated[str, Choice(RUNTIMES)] = "auto"
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    compareWithFP32: bool = False
+    resultsTable: vtkMRMLTableNode
+
+
+class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._updatingGui = False
+        self._job = None
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(200)
+        self._pollTimer.timeout.connect(self.onPollJob)
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SlicerPTQ.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SlicerPTQLogic()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.modelSearchLineEdit.textChanged.connect(self.onModelSearchChanged)
+        self.ui.modelListWidget.currentItemChanged.connect(self.onModelSelected)
+        self.ui.loadModelFileButton.clicked.connect(self.onLoadModelFile)
+        self.ui.calibrationVolumesComboBox.checkedNodesChanged.connect(self.onCalibrationVolumesChanged)
+        self.ui.applyButton.clicked.connect(self.onApplyButton)
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        if self._job is not None:
+            self._job.cancel()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+            self.updateGui()
+
+    def updateGui(self, caller=None, event=None):
+        """Show the parameter node state the automatic GUI connection does not cover."""
+        if self._parameterNode is None or self._updatingGui:
+            return
+        self._updatingGui = True
+        try:
+            self.onModelSearchChanged(self.ui.modelSearchLineEdit.text)
+            checked = set(self._parameterNode.calibrationVolumes)
+            for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+                self.ui.calibrationVolumesComboBox.setCheckState(node, qt.Qt.Checked if node in checked else qt.Qt.Unchecked)
+            self.ui.resultsTableView.setMRMLTableNode(self._parameterNode.resultsTable)
+            self.ui.applyButton.enabled = self._job is not None or self._parameterNode.inputVolume is not None
+        finally:
+            self._updatingGui = False
+
+    def onModelSearchChanged(self, text):
+        """List catalog models matching ``text``, plus the loaded model file, keeping the selection."""
+        current = self._parameterNode.model if self._parameterNode else DEFAULT_MODEL
+        entries = [(model.title, model.id, model.describe()) for model in catalog.search(self.logic.models, text)]
+        if current and all(current != model.id for model in self.logic.models):
+            entries.insert(0, (_("File: {name}").format(name=current.replace("\\", "/").split("/")[-1]), current, current))
+        wasBlocked = self.ui.modelListWidget.blockSignals(True)
+        self.ui.modelListWidget.clear()
+        for title, key, details in entries:
+            item = qt.QListWidgetItem(title)
+            item.setData(qt.Qt.UserRole, key)
+            item.setToolTip(details)
+            self.ui.modelListWidget.addItem(item)
+            if key == current:
+                self.ui.modelListWidget.setCurrentItem(item)
+                self.ui.modelDetailsLabel.text = details
+        self.ui.modelListWidget.blockSignals(wasBlocked)
+
+    def onModelSelected(self, item, previous=None):
+        if item is not None and self._parameterNode is not None:
+            self._parameterNode.model = item.data(qt.Qt.UserRole)
+
+    def onLoadModelFile(self):
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(), _("Load model"), "",
+            _("Models (*.pt *.pth *.ts *.onnx metadata.json);;All files (*)"))
+        if path:
+            # A MONAI bundle is chosen through its configs/metadata.json: the bundle is two folders up.
+            bundle = os.path.basename(path) == "metadata.json"
+            self._parameterNode.model = os.path.dirname(os.path.dirname(path)) if bundle else path
+
+    def onCalibrationVolumesChanged(self):
+        if not self._updatingGui and self._parameterNode is not None:
+            self._parameterNode.calibrationVolumes = list(self.ui.calibrationVolumesComboBox.checkedNodes())
+
+    def onApplyButton(self):
+        if self._job is not None:
+            self._job.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not start."), waitCursor=True):
+            if not self.ensureDependencies():
+                return
+            parameters = self._parameterNode
+            self.ui.logTextEdit.clear()
+            self._job = self.logic.startBuildAndSegment(
+                parameters.model, list(parameters.calibrationVolumes), parameters.inputVolume,
+                parameters.outputSegmentation, method=parameters.method, numCrops=parameters.numCrops,
+                precision=parameters.precision, runtime=parameters.runtime,
+                compareWithFP32=parameters.compareWithFP32, progress=self.onProgress,
+                log=self.ui.logTextEdit.appendPlainText)
+            self.setRunning(True)
+            self._pollTimer.start()
+
+    def onPollJob(self):
+        if self._job is None or not self._job.poll():
+            return
+        job, self._job = self._job, None
+        self._pollTimer.stop()
+        self.setRunning(False)
+        parameters = self.logic.getParameterNode()  # also valid when the user left the module meanwhile
+        if job.cancelled:
+            self.ui.progressBar.format = _("Cancelled")
+        elif job.error is not None:
+            self.ui.progressBar.format = _("Failed")
+            slicer.util.errorDisplay(job.error)
+        else:
+            segmentationNode, table = job.result
+            parameters.outputSegmentation = segmentationNode
+            if not parameters.resultsTable:
+                parameters.resultsTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", _("PTQ results"))
+            slicer_nodes.update_table_node(parameters.resultsTable, table["rows"])
+            self.ui.resultsTableView.setMRMLTableNode(parameters.resultsTable)
+            self.ui.progressBar.format = _("Done")
+
+    def onProgress(self, stage, done, total):
+        self.ui.progressBar.maximum = max(total, 1)
+        self.ui.progressBar.value = min(done, max(total, 1))
+        self.ui.progressBar.format = f"{stage}: %v / %m"
+
+    def setRunning(self, running):
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
+        self.ui.applyButton.enabled = True
+        for section in (self.ui.modelCollapsibleButton, self.ui.calibrationCollapsibleButton,
+                        self.ui.buildCollapsibleButton, self.ui.segmentCollapsibleButton):
+            section.enabled = not running
+
+    def ensureDependencies(self):
+        """Install what the core needs on first use, after asking. False if the user declined."""
+        plan = dependencies.install_plan()
+        if plan.empty:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(plan.question(), _("SlicerPTQ needs Python packages")):
+            return False
+        with slicer.util.WaitCursor():
+            dependencies.install(plan, pip_install=slicer.util.pip_install, install_torch=self.installTorch)
+        return True
+
+    def installTorch(self):
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError as exc:
+            raise PTQError(_("Install the PyTorch extension from the Extensions Manager, restart 3D Slicer "
+                             "and try again.")) from exc
+        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
+
+
+class SlicerPTQLogic(ScriptedLoadableModuleLogic, PTQLogic):
+    """PTQLogic with the module's parameter node (see SlicerPTQLib.logic for the API)."""
+
+    def __init__(self, inProcess=False):
+        ScriptedLoadableModuleLogic.__init__(self)
+        PTQLogic.__init__(self, inProcess=inProcess)
+
+    def getParameterNode(self):
+        return SlicerPTQParameterNode(super().getParameterNode())
+
+
+class SlicerPTQTest(ScriptedLoadableModuleTest):
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SegmentShippedVolume()
+
+    def test_SegmentShippedVolume(self):
+        """Quantize the shipped model on a real head MRI and segment it through the worker."""
+        from SlicerPTQLib import metrics, shipped
+
+        if not dependencies.install_plan().empty:
+            self.skipTest("Python dependencies are not installed (open the module once and let it install them).")
+        try:
+            model = shipped.shipped_model()
+            name, image, mask = shipped.evaluation_volumes(include_debian=False)[0]
+        except PTQError as exc:
+            self.skipTest(f"shipped model or volume unavailable: {exc}")
+        self.delayDisplay(f"Segmenting {name} with the INT8 model")
+        volumeNode = slicer.util.loadVolume(str(image))
+        logic = SlicerPTQLogic()
+        built = logic.quantize(str(model), [volumeNode], numCrops=4)
+        segmentationNode, table = logic.segment(built, volumeNode, compareWithFP32=True)
+        segmentation = segmentationNode.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), 1)
+        self.assertEqual(segmentation.GetNthSegment(0).GetName(), "brain")
+        self.assertGreater(table["rows"][0]["Dice vs FP32"], 0.95)
+        labels = slicer_nodes.labels_from_segmentation(segmentationNode, volumeNode, built.spec)
+        reference = shipped.reference_mask(mask)
+        self.assertGreater(metrics.dice(labels.array, reference.array, [1])[1], 0.9)
+        self.delayDisplay("Test passed")

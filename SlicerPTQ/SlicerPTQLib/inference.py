@@ -1,0 +1,142 @@
+"""Sliding-window segmentation of a whole volume with any runtime.
+
+Windows come from MONAI's ``sliding_window_inference`` (padding of small
+images, gaussian blending); the network itself runs in the runtime, on
+numpy patches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import PTQError
+from .progress import ProgressCallback, track
+from .runtimes.base import Runtime
+from .spec import ModelSpec, spec_list
+from .volume import Volume
+
+STAGE = "segmenting"
+OUTPUT_KINDS = ("softmax", "probabilities", "sigmoid")
+
+
+def window_count(image_size: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """Number of windows MONAI's sliding window visits for one image.
+
+    Mirrors MONAI's scan interval (a dimension the roi covers whole is
+    scanned once) over the image padded up to the roi.
+    """
+    from monai.data.utils import dense_patch_slices
+
+    padded = [max(size, length) for size, length in zip(image_size, roi)]
+    intervals = [length if length == size else max(int(length * (1 - overlap)), 1)
+                 for size, length in zip(padded, roi)]
+    return len(dense_patch_slices(padded, roi, intervals))
+
+
+def sliding_window(runtime: Runtime, image: np.ndarray, roi, overlap: float = 0.5,
+                   batch_size: int = 1, mode: str = "gaussian",
+                   progress_callback: Optional[ProgressCallback] = None) -> np.ndarray:
+    """Run ``runtime`` over ``image`` (C, D, H, W) float32 -> (K, D, H, W) float32.
+
+    ``roi`` is the window (int or 3 ints); images smaller than it are
+    zero-padded and the output cropped back. ``progress_callback(stage,
+    done, total)`` is called after every batch of ``batch_size`` windows.
+    An image exactly the size of the roi is one ``predict`` call, without
+    blending.
+
+    Example: ``sliding_window(rt, np.zeros((1, 160, 160, 160), np.float32),
+    96)`` -> ``(K, 160, 160, 160)`` from 27 windows of 96^3.
+    """
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 4:
+        raise PTQError(f"sliding_window takes a (C, D, H, W) image, got shape {image.shape}. "
+                       "Add the channel axis with image[None].")
+    roi = tuple(spec_list(roi))
+    if not 0 <= overlap < 1:
+        raise PTQError(f"overlap must be in [0, 1), got {overlap}. 0.5 is the usual choice.")
+    if batch_size < 1:
+        raise PTQError(f"batch_size must be at least 1, got {batch_size}.")
+    total = math.ceil(window_count(image.shape[1:], roi, overlap) / batch_size)
+    # track() calls back when asked for its next item: prime it once, then
+    # advance it after each batch so the callback follows the batches.
+    ticks = track(range(total), STAGE, total, progress_callback)
+    next(ticks, None)
+
+    if image.shape[1:] == roi:
+        output = runtime.predict(image[None])[0]
+        next(ticks, None)
+        return output
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        # The window is a strided view of the image: one copy makes it contiguous.
+        output = runtime.predict(np.ascontiguousarray(windows.numpy()))
+        next(ticks, None)
+        return torch.from_numpy(output)
+
+    with torch.inference_mode():
+        output = sliding_window_inference(torch.from_numpy(image[None]), roi, batch_size, predictor,
+                                          overlap=overlap, mode=mode)
+    return output[0].numpy()
+
+
+def to_labels(output: np.ndarray, spec_output: str) -> np.ndarray:
+    """Network output (K, D, H, W) -> label map (D, H, W), uint8 (uint16 past 255 labels).
+
+    ``"softmax"`` (logits) and ``"probabilities"``: argmax over channels.
+    ``"sigmoid"`` (logits, one channel per label): voxels whose
+    sigmoid(x) > 0.5, i.e. x > 0, get label channel + 1; a later channel
+    wins where they overlap.
+    """
+    if output.ndim != 4:
+        raise PTQError(f"to_labels takes a (K, D, H, W) output, got shape {output.shape}.")
+    channels = output.shape[0]
+    if spec_output in ("softmax", "probabilities"):
+        return np.argmax(output, axis=0).astype(_label_dtype(channels - 1))
+    if spec_output == "sigmoid":
+        labels = np.zeros(output.shape[1:], dtype=_label_dtype(channels))
+        for channel in range(channels):
+            labels[output[channel] > 0] = channel + 1
+        return labels
+    raise PTQError(f"Unknown model output kind '{spec_output}'. Set 'output' in the model's JSON "
+                   f"to one of: {', '.join(OUTPUT_KINDS)}.")
+
+
+def _label_dtype(max_label: int):
+    return np.uint8 if max_label <= np.iinfo(np.uint8).max else np.uint16
+
+
+def segment_volume(runtime: Runtime, volume: Volume, spec: ModelSpec, batch_size: int = 1,
+                   progress_callback: Optional[ProgressCallback] = None
+                   ) -> Tuple[Volume, Dict[str, float]]:
+    """Segment ``volume``: preprocess, sliding window, labels back on the input grid.
+
+    Returns the label volume (same shape and affine as ``volume``) and the
+    seconds spent: ``preprocess_s``, ``network_s`` (windows and blending),
+    ``restore_s`` (labels and resampling back), ``total_s``.
+    """
+    from . import preprocess
+
+    start = time.perf_counter()
+    image, grid = preprocess.prepare(volume, spec)
+    if image.shape[0] != spec.in_channels:
+        raise PTQError(f"Preprocessing gave {image.shape[0]} channels but model '{spec.name}' takes "
+                       f"{spec.in_channels}. Fix 'in_channels' in the model's JSON.")
+    prepared = time.perf_counter()
+    output = sliding_window(runtime, image, spec.roi_size, overlap=spec.overlap,
+                            batch_size=batch_size, progress_callback=progress_callback)
+    if output.shape[0] != spec.out_channels:
+        raise PTQError(f"Model '{spec.name}' gave {output.shape[0]} output channels but its JSON says "
+                       f"{spec.out_channels}. Fix 'out_channels' in the model's JSON.")
+    segmented = time.perf_counter()
+    labels = preprocess.restore(to_labels(output, spec.output), grid)
+    restored = time.perf_counter()
+    timings = {"preprocess_s": prepared - start, "network_s": segmented - prepared,
+               "restore_s": restored - segmented, "total_s": restored - start}
+    return labels, timings

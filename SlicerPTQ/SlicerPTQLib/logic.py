@@ -1,0 +1,540 @@
+"""The Slicer module's logic, usable from the Python console without the GUI.
+
+A volume travels one path: volume node -> :class:`Volume` -> (file for the
+worker) -> ``pipeline.quantize`` / ``pipeline.segment`` -> label map ->
+segmentation node. By default the pipeline runs out of process (a
+``slicer-ptq`` worker, so Slicer stays responsive and Cancel kills it);
+``PTQLogic(inProcess=True)`` calls the pipeline directly.
+
+Console example (inside 3D Slicer)::
+
+    from SlicerPTQLib.logic import PTQLogic
+    logic = PTQLogic()
+    volume = slicer.util.getNode("MRHead")
+    built = logic.quantize("deepbet-brain-extraction", [volume], method="max", numCrops=20)
+    segmentation, table = logic.segment(built, volume, compareWithFP32=True)
+    print(table["rows"])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import catalog, slicer_nodes
+from .errors import PTQError
+from .progress import ProgressCallback
+from .spec import ModelSpec, sidecar_path
+from .volume import Volume
+from .worker_process import Launcher, LogCallback, WorkerProcess, worker_command, worker_environment
+
+METHODS = ("max", "percentile", "entropy", "mse")
+REPORT_NAME = "quantization.json"
+GRID_TOLERANCE_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A build choice: quantized weight bits, or a float model and its runtime precision."""
+
+    key: str
+    title: str
+    weight_bits: int = 8
+    quantized: bool = True
+
+    def runtime_precision(self, runtime: str) -> Optional[str]:
+        """What to ask the runtime for (None: the model decides, i.e. INT8 for Q/DQ files)."""
+        if self.quantized:
+            return None
+        if self.key == "fp16":
+            return {"tensorrt": "fp16", "openvino": "bf16"}.get(runtime, "fp32")
+        return "fp32"
+
+
+PRECISIONS: Dict[str, Precision] = {p.key: p for p in (
+    Precision("int8", "INT8 (8-bit weights and activations)"),
+    Precision("w4a8", "W4A8 (4-bit weights, 8-bit activations)", weight_bits=4),
+    Precision("w2a8", "W2A8 (2-bit weights, 8-bit activations)", weight_bits=2),
+    Precision("fp16", "FP16 (BF16 on the CPU), not quantized", quantized=False),
+    Precision("fp32", "FP32, not quantized", quantized=False),
+)}
+
+
+@dataclass
+class BuiltModel:
+    """The files one quantization produced (FP32 ONNX, quantized ONNX, spec)."""
+
+    folder: Path
+    fp32Model: Path
+    quantizedModel: Path
+    spec: ModelSpec
+    precision: str = "int8"
+    report: Dict = field(default_factory=dict, repr=False)
+
+    def modelFor(self, precision: Optional[str] = None) -> Path:
+        """The file to run for ``precision`` (default: the one it was built for)."""
+        choice = _precision(precision or self.precision)
+        return self.quantizedModel if choice.quantized else self.fp32Model
+
+    @classmethod
+    def fromFolder(cls, folder: Path, precision: str = "int8") -> Optional["BuiltModel"]:
+        """A finished build in ``folder`` (its report lists files that all exist), else None."""
+        report_file = Path(folder) / REPORT_NAME
+        if not report_file.is_file():
+            return None
+        try:
+            report = json.loads(report_file.read_text())
+            files = {key: Path(folder) / name for key, name in report["files"].items()}
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
+        if not {"fp32_onnx", "quantized_onnx"} <= set(files) or not all(p.is_file() for p in files.values()):
+            return None
+        return cls(folder=Path(folder), fp32Model=files["fp32_onnx"], quantizedModel=files["quantized_onnx"],
+                   spec=ModelSpec.load(sidecar_path(files["quantized_onnx"])), precision=precision, report=report)
+
+
+@dataclass
+class WorkerStep:
+    """One worker run: ``arguments()`` gives the CLI arguments (None: skip), ``done(result)`` takes its result."""
+
+    arguments: Callable[[], Optional[List[str]]]
+    done: Callable[[dict], None]
+
+
+class PTQJob:
+    """Worker steps run one after another, then ``finish()`` in the caller's thread.
+
+    The GUI calls :meth:`poll` from a timer; the console calls :meth:`wait`.
+    ``cleanup`` paths are removed when the job ends, whatever the outcome.
+    """
+
+    def __init__(self, steps: Sequence[WorkerStep], finish: Callable[[], Any], cleanup: Sequence[Path] = (),
+                 progress: Optional[ProgressCallback] = None, log: Optional[LogCallback] = None,
+                 launcher: Launcher = subprocess.Popen):
+        self.steps = list(steps)
+        self.finishCallback = finish
+        self.cleanupPaths = [Path(p) for p in cleanup]
+        self.progress = progress
+        self.log = log
+        self.launcher = launcher
+        self.worker: Optional[WorkerProcess] = None
+        self.result: Any = None
+        self.error: Optional[str] = None
+        self.finished = False
+        self.cancelled = False
+        self._index = 0
+
+    def start(self) -> "PTQJob":
+        self._guarded(self._launchNext)
+        return self
+
+    def poll(self) -> bool:
+        """Advance the job; True once it has ended (see :attr:`error` / :attr:`result`)."""
+        if self.finished or self.worker is None or not self.worker.poll():
+            return self.finished
+        if self.worker.error is not None:
+            self._end(error=self.worker.error)
+            return True
+        step, result = self.steps[self._index], self.worker.result or {}
+        self._index += 1
+
+        def advance() -> None:
+            step.done(result)
+            self._launchNext()
+
+        self._guarded(advance)
+        return self.finished
+
+    def wait(self, interval: float = 0.05) -> Any:
+        """Block until the job ends; the result, or PTQError."""
+        if not self.finished and self.worker is None:
+            self.start()
+        while not self.poll():
+            time.sleep(interval)
+        if self.error is not None:
+            raise PTQError(self.error)
+        return self.result
+
+    def cancel(self) -> None:
+        """Kill the running worker (its whole process tree) and remove the job's files."""
+        if self.finished:
+            return
+        self.cancelled = True
+        if self.worker is not None:
+            self.worker.cancel()
+        self._end(error="Cancelled.")
+
+    def _launchNext(self) -> None:
+        while self._index < len(self.steps):
+            arguments = self.steps[self._index].arguments()
+            if arguments is not None:
+                self.worker = WorkerProcess(worker_command(arguments), on_progress=self.progress, on_log=self.log,
+                                            env=worker_environment(), cleanup=self.cleanupPaths,
+                                            launcher=self.launcher).start()
+                return
+            self._index += 1
+        self._end(result=self.finishCallback())
+
+    def _guarded(self, action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except PTQError as exc:
+            self._end(error=str(exc))
+        except Exception as exc:  # anything else still ends the job and removes its files
+            if self.log is not None:
+                self.log(traceback.format_exc())
+            self._end(error=f"{type(exc).__name__}: {exc}")
+
+    def _end(self, result: Any = None, error: Optional[str] = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.result, self.error = result, error
+        _remove(self.cleanupPaths)
+
+
+class PTQLogic:
+    """Quantize models on MRML volumes and segment volumes into segmentation nodes.
+
+    Blocking by default (console); the GUI uses the ``start*`` methods,
+    which return a :class:`PTQJob` to poll. ``launcher`` starts worker
+    processes (``subprocess.Popen``; tests may inject their own).
+    """
+
+    def __init__(self, inProcess: bool = False, launcher: Launcher = subprocess.Popen,
+                 models: Optional[Sequence[catalog.CatalogModel]] = None):
+        self.inProcess = inProcess
+        self.launcher = launcher
+        self._models = list(models) if models is not None else None
+
+    # --- models and runtimes -------------------------------------------------------------
+
+    @property
+    def models(self) -> List[catalog.CatalogModel]:
+        """The catalog entries (``Resources/Models.json``), read once."""
+        if self._models is None:
+            self._models = catalog.load_catalog()
+        return self._models
+
+    def resolveModel(self, model: Union[str, Path]) -> Path:
+        """A catalog id (weights fetched from their pinned archive) or a model path, as a local path."""
+        if isinstance(model, str) and any(entry.id == model for entry in self.models):
+            return catalog.find_model(self.models, model).fetch()
+        path = Path(model)
+        if not path.exists():
+            raise PTQError(f"Model '{model}' is neither a catalog model ({', '.join(m.id for m in self.models)}) "
+                           "nor an existing file or MONAI bundle folder.")
+        return path
+
+    def availableRuntimes(self) -> Dict[str, str]:
+        """Runtime name -> "" when usable here, else why not."""
+        from .runtimes import available_backends
+
+        return available_backends()
+
+    def resolveRuntime(self, runtime: Optional[str], modelPath: Path) -> str:
+        """``None``/"auto": TensorRT when a CUDA GPU can run it, else OpenVINO (torch for TorchScript)."""
+        if Path(modelPath).suffix.lower() != ".onnx":
+            return "torch"
+        available = self.availableRuntimes()
+        if runtime in (None, "", "auto"):
+            return "tensorrt" if available.get("tensorrt") == "" else "openvino"
+        if runtime not in available:
+            raise PTQError(f"Unknown runtime '{runtime}'. Choose one of: auto, {', '.join(available)}.")
+        if available[runtime]:
+            raise PTQError(f"Runtime '{runtime}' cannot run here: {available[runtime]}. Choose 'auto'.")
+        return runtime
+
+    # --- quantize ---------------------------------------------------------------------------
+
+    def quantize(self, modelPath: Union[str, Path], calibrationVolumeNodes: Sequence, outDir: Optional[Path] = None,
+                 method: str = "max", numCrops: int = 20, precision: str = "int8", runtime: Optional[str] = None,
+                 progress: Optional[ProgressCallback] = None, log: Optional[LogCallback] = None) -> BuiltModel:
+        """Calibrate on volume nodes and build FP32 + quantized ONNX models (blocking).
+
+        ``modelPath``: catalog id, TorchScript/ONNX file or MONAI bundle
+        folder. ``outDir=None`` keeps builds in the cache, keyed by model,
+        settings and calibration voxels, so the same request returns at once.
+        """
+        if not self.inProcess:
+            return self.startQuantize(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision,
+                                      runtime, progress, log).wait()
+        plan = self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime)
+        if plan.cached is not None:
+            return plan.cached
+        from . import pipeline
+
+        result = pipeline.quantize(plan.modelPath, plan.volumes, plan.destination, method=method,
+                                   num_crops=numCrops, weight_bits=plan.precision.weight_bits,
+                                   placement=plan.placement, progress=progress)
+        return BuiltModel(folder=result.out_dir, fp32Model=result.fp32_onnx, quantizedModel=result.quantized_onnx,
+                          spec=result.spec, precision=precision, report=result.report)
+
+    def startQuantize(self, modelPath, calibrationVolumeNodes, outDir=None, method="max", numCrops=20,
+                      precision="int8", runtime=None, progress=None, log=None) -> PTQJob:
+        """:meth:`quantize` as a job running in a worker process; its result is a :class:`BuiltModel`."""
+        plan = self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime)
+        steps, finish, cleanup = self._quantizeSteps(plan)
+        return PTQJob(steps, finish, cleanup, progress, log, self.launcher).start()
+
+    # --- segment ----------------------------------------------------------------------------
+
+    def segment(self, model, volumeNode, segmentationNode=None, runtime: Optional[str] = None,
+                compareWithFP32: bool = False, precision: Optional[str] = None,
+                progress: Optional[ProgressCallback] = None, log: Optional[LogCallback] = None):
+        """Segment ``volumeNode``; returns ``(segmentationNode, table)`` (blocking).
+
+        ``model``: a :class:`BuiltModel` (runs its quantized or FP32 file per
+        ``precision``), a model file with its spec beside it, or a catalog id
+        (the original network, not quantized). ``compareWithFP32`` also runs
+        the FP32 model and fills ``table["rows"]`` with time and Dice vs FP32
+        per model.
+        """
+        if not self.inProcess:
+            return self.startSegment(model, volumeNode, segmentationNode, runtime, compareWithFP32, precision,
+                                     progress, log).wait()
+        from . import pipeline
+
+        request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision)
+        outputs = []
+        for run in request.runs:
+            labels, timings = pipeline.segment(run["model"], request.volume, runtime=request.runtime,
+                                               precision=run["precision"], progress=progress)
+            outputs.append((labels, timings))
+        return self._showResult(request, outputs, segmentationNode)
+
+    def startSegment(self, model, volumeNode, segmentationNode=None, runtime=None, compareWithFP32=False,
+                     precision=None, progress=None, log=None) -> PTQJob:
+        """:meth:`segment` as a job running in a worker process."""
+        request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision)
+        steps, finish, cleanup = self._segmentSteps(lambda: request, segmentationNode)
+        return PTQJob(steps, finish, cleanup, progress, log, self.launcher).start()
+
+    def startBuildAndSegment(self, model, calibrationVolumeNodes, volumeNode, segmentationNode=None,
+                             method="max", numCrops=20, precision="int8", runtime=None, compareWithFP32=False,
+                             progress=None, log=None) -> PTQJob:
+        """What the GUI's Apply does: build (or reuse) the model, then segment; one job.
+
+        Without calibration volumes the input volume itself calibrates
+        (unlabeled, so this is still post-training quantization).
+        """
+        calibration = list(calibrationVolumeNodes) or [volumeNode]
+        plan = self._buildPlan(model, calibration, None, method, numCrops, precision, runtime)
+        build_steps, build_finish, build_cleanup = self._quantizeSteps(plan)
+        state: Dict[str, Any] = {}
+
+        def request():
+            if "request" not in state:
+                state["request"] = self._segmentRequest(build_finish(), volumeNode, runtime, compareWithFP32,
+                                                        precision)
+            return state["request"]
+
+        segment_steps, segment_finish, segment_cleanup = self._segmentSteps(request, segmentationNode)
+        return PTQJob(build_steps + segment_steps, segment_finish, build_cleanup + segment_cleanup, progress, log,
+                      self.launcher).start()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _buildPlan(self, model, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime) -> "_BuildPlan":
+        if method not in METHODS:
+            raise PTQError(f"Unknown calibration method '{method}'. Choose one of: {', '.join(METHODS)}.")
+        if not calibrationVolumeNodes:
+            raise PTQError("Check at least one calibration volume (a few unlabeled scans like the ones to segment).")
+        choice = _precision(precision)
+        model_path = self.resolveModel(model)
+        volumes = [slicer_nodes.volume_from_node(node) for node in calibrationVolumeNodes]
+        backend = self.resolveRuntime(runtime, Path("model.onnx"))
+        placement = "tensorrt" if backend == "tensorrt" else "cpu"
+        settings = {"method": method, "num_crops": int(numCrops), "weight_bits": choice.weight_bits,
+                    "placement": placement}
+        destination = Path(outDir) if outDir is not None else _build_cache_folder(model_path, volumes, settings)
+        cached = BuiltModel.fromFolder(destination, choice.key) if outDir is None else None
+        return _BuildPlan(model_path, volumes, settings, destination, choice, placement, cached)
+
+    def _quantizeSteps(self, plan: "_BuildPlan"):
+        if plan.cached is not None:
+            return [], lambda: plan.cached, []
+        # Staged beside the destination (same file system), renamed into place when complete.
+        plan.destination.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{plan.destination.name}.partial-", dir=plan.destination.parent))
+        settings = plan.settings
+        state: Dict[str, BuiltModel] = {}
+
+        def arguments() -> List[str]:
+            from .volumes import write_volume
+
+            inputs = [write_volume(volume, staging / f"calibration_{index}.nrrd")
+                      for index, volume in enumerate(plan.volumes)]
+            return ["quantize", str(plan.modelPath), "--calib", *map(str, inputs), "--out", str(staging / "build"),
+                    "--method", settings["method"], "--num-crops", str(settings["num_crops"]),
+                    "--weight-bits", str(settings["weight_bits"]), "--placement", settings["placement"]]
+
+        def finish() -> BuiltModel:
+            if "built" not in state:
+                state["built"] = _publish_build(staging / "build", plan.destination, plan.precision.key)
+            return state["built"]
+
+        return [WorkerStep(arguments, lambda result: None)], finish, [staging]
+
+    def _segmentRequest(self, model, volumeNode, runtime, compareWithFP32, precision) -> "_SegmentRequest":
+        volume = slicer_nodes.volume_from_node(volumeNode)
+        if isinstance(model, BuiltModel):
+            model_path, fp32_path = model.modelFor(precision), model.fp32Model
+            choice = _precision(precision or model.precision)
+        else:
+            model_path = self.resolveModel(model)
+            fp32_path = _fp32_beside(model_path)
+            choice = _precision(precision) if precision else None
+        backend = self.resolveRuntime(runtime, model_path)
+        runs = [{"model": model_path, "precision": choice.runtime_precision(backend) if choice else None,
+                 "title": choice.key.upper() if choice else model_path.name}]
+        if compareWithFP32:
+            if fp32_path is None or fp32_path == model_path:
+                raise PTQError("Compare with FP32 needs a quantized model with its FP32 ONNX beside it "
+                               "(build one with Apply or PTQLogic.quantize), not the original network.")
+            runs.append({"model": fp32_path, "precision": "fp32", "title": "FP32"})
+        spec = ModelSpec.load(sidecar_path(model_path)) if sidecar_path(model_path).is_file() else None
+        if spec is None:
+            raise PTQError(f"No metadata beside {model_path} (expected {sidecar_path(model_path)}). Quantize the "
+                           "model first, or write the metadata JSON (see README).")
+        return _SegmentRequest(volumeNode, volume, spec, backend, runs)
+
+    def _segmentSteps(self, request: Callable[[], "_SegmentRequest"], segmentationNode):
+        work = Path(tempfile.mkdtemp(prefix="slicer-ptq-segment-"))
+        timings: List[Optional[dict]] = []
+
+        def arguments(index: int) -> Optional[List[str]]:
+            current = request()
+            if index >= len(current.runs):
+                return None
+            if index == 0:
+                from .volumes import write_volume
+
+                write_volume(current.volume, work / "input.nrrd")
+            run = current.runs[index]
+            return (["segment", str(run["model"]), str(work / "input.nrrd"), "--out", str(work / f"labels_{index}.nrrd"),
+                     "--runtime", current.runtime] + (["--precision", run["precision"]] if run["precision"] else []))
+
+        def finish():
+            from .volumes import read_volume
+
+            current = request()
+            outputs = [(read_volume(work / f"labels_{index}.nrrd"), timings[index])
+                       for index in range(len(current.runs))]
+            return self._showResult(current, outputs, segmentationNode)
+
+        steps = [WorkerStep(lambda i=index: arguments(i), lambda result: timings.append(result.get("timings", {})))
+                 for index in range(2)]
+        return steps, finish, [work]
+
+    def _showResult(self, request: "_SegmentRequest", outputs, segmentationNode):
+        from .metrics import dice
+
+        labels = [_on_input_grid(label_map, request.volume) for label_map, _ in outputs]
+        node = slicer_nodes.labels_to_segmentation(labels[0], request.spec, request.volumeNode, segmentationNode,
+                                                   catalog.terminologies_for(request.spec, self.models))
+        rows = []
+        for run, label_map, (_, timing) in zip(request.runs, labels, outputs):
+            row = {"model": run["title"], "file": Path(run["model"]).name, "runtime": request.runtime,
+                   "size (MB)": round(Path(run["model"]).stat().st_size / 2**20, 2),
+                   "time (s)": round(float(timing.get("total_s", float("nan"))), 3)}
+            if len(labels) > 1:
+                scores = dice(label_map.array, labels[-1].array, sorted(request.spec.labels))
+                row["Dice vs FP32"] = round(float(np.mean(list(scores.values()))), 4)
+                row.update({f"Dice {request.spec.labels[k]}": round(v, 4) for k, v in scores.items()})
+            rows.append(row)
+        return node, {"rows": rows, "reference": "FP32" if len(labels) > 1 else None}
+
+
+@dataclass
+class _BuildPlan:
+    modelPath: Path
+    volumes: List[Volume]
+    settings: Dict
+    destination: Path
+    precision: Precision
+    placement: str
+    cached: Optional[BuiltModel]
+
+
+@dataclass
+class _SegmentRequest:
+    volumeNode: Any
+    volume: Volume
+    spec: ModelSpec
+    runtime: str
+    runs: List[Dict]
+
+
+def _precision(key: Optional[str]) -> Precision:
+    if key not in PRECISIONS:
+        raise PTQError(f"Unknown precision '{key}'. Choose one of: {', '.join(PRECISIONS)}.")
+    return PRECISIONS[key]
+
+
+def _build_cache_folder(model_path: Path, volumes: Sequence[Volume], settings: Dict) -> Path:
+    """``<cache>/builds/slicer-<key>``: the key covers model file, its spec, settings and every calibration voxel."""
+    from .fetch import cache_dir
+    from .models import file_sha256
+
+    digest = hashlib.sha256(file_sha256(model_path).encode())
+    spec_file = sidecar_path(model_path)
+    digest.update(spec_file.read_bytes() if spec_file.is_file() else b"")
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for volume in volumes:
+        array = np.ascontiguousarray(volume.array)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+        digest.update(np.asarray(volume.affine, dtype=np.float64).tobytes())
+    return cache_dir() / "builds" / f"slicer-{digest.hexdigest()[:20]}"
+
+
+def _publish_build(build: Path, destination: Path, precision: str) -> BuiltModel:
+    """Move a finished build into ``destination``, the report last (it marks the build complete)."""
+    built = BuiltModel.fromFolder(build, precision)
+    if built is None:
+        raise PTQError(f"The quantization worker finished but {build} holds no complete build. See the log.")
+    if not destination.exists():
+        os.replace(build, destination)
+    else:
+        report = build / REPORT_NAME
+        for path in sorted(build.iterdir()):
+            if path.is_file() and path != report:
+                os.replace(path, destination / path.name)
+        os.replace(report, destination / REPORT_NAME)
+    return BuiltModel.fromFolder(destination, precision)
+
+
+def _fp32_beside(model_path: Path) -> Optional[Path]:
+    """The FP32 ONNX of the build ``model_path`` belongs to, if it is one."""
+    built = BuiltModel.fromFolder(Path(model_path).parent) if Path(model_path).is_file() else None
+    return built.fp32Model if built is not None else None
+
+
+def _on_input_grid(labels: Volume, volume: Volume) -> Volume:
+    """The worker's label map with the input's exact affine (a file round trip may round it)."""
+    if labels.array.shape != volume.array.shape or not np.allclose(labels.affine, volume.affine,
+                                                                     atol=GRID_TOLERANCE_MM):
+        raise PTQError(f"The label map came back on another grid (shape {labels.array.shape} vs "
+                       f"{volume.array.shape}) than the input; the model output cannot be overlaid. "
+                       "Report this with the log.")
+    return volume.with_array(labels.array, name=labels.name)
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,100 @@
+"""Symmetric integer weight grids with a zero and one scale per output channel.
+
+A ``b``-bit weight is ``scale[c] * q`` with ``q`` an integer in
+``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (4-bit: [-7, 7]; 3-bit: [-3, 3]; 2-bit:
+[-1, 1]), so every low-bit weight is also a valid symmetric INT8 value and
+runs unchanged on INT8 kernels (zero-point 0).
+
+Scales are fitted by alternating ``q = round(v / a)`` and the least-squares
+``a = <q, v> / <q, q>`` (the MSE-optimal scale for that rounding), started
+from several clipping ratios; the best result per channel wins, so a fit
+that does not settle still returns the best scale it met.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..errors import PTQError
+
+#: Weight bit widths the grids support (all fit in int8).
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+# Starting clipping ratios (fraction of max|v|) for the scale fit: 2-bit
+# grids want ~0.5-0.7, 8-bit ones ~1.
+_CLIP_RATIOS = tuple(r / 20 for r in range(4, 21))
+
+
+def level_limit(bits: int) -> int:
+    """Largest integer of the ``bits`` grid: 2**(bits-1) - 1 (7 for 4-bit)."""
+    if bits not in SUPPORTED_BITS:
+        raise PTQError(f"Weight bits must be one of {SUPPORTED_BITS}, got {bits}. "
+                       "Use 8 for INT8 weights or 2-4 for low-bit weights.")
+    return 2 ** (bits - 1) - 1
+
+
+def round_to_grid(values: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers ``q`` (same shape as ``values`` (C, n)) nearest to ``values / scale[:, None]``."""
+    limit = level_limit(bits)
+    return torch.clamp(torch.round(values / scale[:, None]), -limit, limit)
+
+
+def _row_error(values: torch.Tensor, scale: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return ((values - scale[:, None] * q) ** 2).sum(dim=1)
+
+
+def refine_scale(values: torch.Tensor, scale: torch.Tensor, bits: int,
+                 rounds: int = 20) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Alternate rounding and least-squares scale from ``scale`` (C,) for rows of ``values`` (C, n).
+
+    Returns ``(scale, q, squared error per row)`` of the best iterate seen
+    per row (not just the last), so a fit that cycles still improves.
+    """
+    scale = scale.clone()
+    q = round_to_grid(values, scale, bits)
+    best_error = _row_error(values, scale, q)
+    best_scale, best_q = scale.clone(), q.clone()
+    for _ in range(rounds):
+        norm = (q * q).sum(dim=1)
+        fitted = (q * values).sum(dim=1) / norm.clamp_min(1e-30)
+        # Rows that rounded to all zeros (or whose fit is not positive) keep their scale.
+        scale = torch.where((norm > 0) & (fitted > 0), fitted, scale)
+        new_q = round_to_grid(values, scale, bits)
+        error = _row_error(values, scale, new_q)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, scale, best_scale)
+        best_q = torch.where(better[:, None], new_q, best_q)
+        if torch.equal(new_q, q):
+            break
+        q = new_q
+    return best_scale, best_q, best_error
+
+
+def fit_scale(values: torch.Tensor, bits: int, warm_start: Optional[torch.Tensor] = None,
+              rounds: int = 20) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MSE-fitted per-row scale and grid integers for ``values`` (C, n).
+
+    Tries clipping ratios of ``max |v|`` (and ``warm_start`` (C,) when
+    given) and keeps, per row, the scale with the lowest squared error.
+    Returns ``(scale (C,), q (C, n))``; all-zero rows get scale 1 and q 0.
+    """
+    limit = level_limit(bits)
+    peak = values.abs().amax(dim=1)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    starts = [peak * ratio / limit for ratio in _CLIP_RATIOS]
+    if warm_start is not None:
+        starts.append(warm_start)
+    best_scale = best_q = best_error = None
+    for start in starts:
+        scale, q, error = refine_scale(values, start, bits, rounds)
+        if best_error is None:
+            best_scale, best_q, best_error = scale, q, error
+            continue
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, scale, best_scale)
+        best_q = torch.where(better[:, None], q, best_q)
+    return best_scale, best_q

@@ -1,0 +1,120 @@
+"""Agreement, speed, size and memory: the numbers a PTQ report rests on."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Sequence
+
+import numpy as np
+
+from .errors import PTQError
+from .runtimes.base import Runtime
+
+
+def dice(a: np.ndarray, b: np.ndarray, labels: Optional[Iterable[int]] = None) -> Dict[int, float]:
+    """Dice per label between two integer label maps of one shape.
+
+    ``labels`` defaults to every non-zero label in either map. A label
+    absent from both maps scores 1.0 (they agree it is not there).
+    """
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.shape != b.shape:
+        raise PTQError(f"Cannot compare label maps of shapes {a.shape} and {b.shape}: "
+                       "resample one onto the other's grid first.")
+    for array in (a, b):
+        if not np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
+            raise PTQError(f"Dice takes integer label maps, got {array.dtype}. Convert probabilities "
+                           "to labels first (inference.to_labels).")
+        if array.size and array.min() < 0:
+            raise PTQError("Dice takes non-negative labels; found a negative one.")
+    a = a.ravel().astype(np.int64, copy=False)
+    b = b.ravel().astype(np.int64, copy=False)
+    top = int(max(a.max(initial=0), b.max(initial=0))) + 1
+    # One pass each instead of one mask per label: counts per label value.
+    count_a = np.bincount(a, minlength=top)
+    count_b = np.bincount(b, minlength=top)
+    overlap = np.bincount(a[a == b], minlength=top)
+    if labels is None:
+        labels = [label for label in range(1, top) if count_a[label] or count_b[label]]
+    scores = {}
+    for label in labels:
+        label = int(label)
+        if label >= top:
+            scores[label] = 1.0
+            continue
+        both = count_a[label] + count_b[label]
+        scores[label] = 1.0 if both == 0 else float(2.0 * overlap[label] / both)
+    return scores
+
+
+def mean_dice(a: np.ndarray, b: np.ndarray, labels: Optional[Iterable[int]] = None) -> float:
+    """Mean of :func:`dice` over the labels; 1.0 when neither map has any label."""
+    scores = dice(a, b, labels)
+    return float(np.mean(list(scores.values()))) if scores else 1.0
+
+
+def time_forward(runtime: Runtime, shape: Sequence[int], warmup: int = 2,
+                 repeats: int = 5) -> Dict[str, float]:
+    """Seconds per ``runtime.predict`` of a random float32 batch of ``shape`` (B, C, D, H, W).
+
+    Returns ``{"median_s", "p90_s", "mean_s", "runs"}`` over ``repeats``
+    timed calls after ``warmup`` untimed ones (compilation, caches).
+    """
+    if repeats < 1:
+        raise PTQError(f"repeats must be at least 1, got {repeats}.")
+    batch = np.random.default_rng(0).random(tuple(shape), dtype=np.float32)
+    for _ in range(warmup):
+        runtime.predict(batch)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runtime.predict(batch)
+        seconds.append(time.perf_counter() - start)
+    return {"median_s": float(np.median(seconds)), "p90_s": float(np.percentile(seconds, 90)),
+            "mean_s": float(np.mean(seconds)), "runs": repeats}
+
+
+def file_size_mb(path: Path) -> float:
+    """Size in MB (10^6 bytes) of a file, with its ONNX external-data file, or of a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise PTQError(f"Cannot measure the size of {path}: it does not exist.")
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file()]
+    else:
+        files = [path] + [p for p in (path.with_name(path.name + ".data"),) if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 1e6
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (10^6 bytes)."""
+    if sys.platform == "win32":
+        return _windows_peak_working_set() / 1e6
+    import resource  # POSIX only
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
+
+
+def _windows_peak_working_set() -> int:
+    """PeakWorkingSetSize in bytes from psapi's GetProcessMemoryInfo."""
+    import ctypes
+    from ctypes import wintypes
+
+    class ProcessMemoryCounters(ctypes.Structure):
+        _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD),
+                    ("PeakWorkingSetSize", ctypes.c_size_t), ("WorkingSetSize", ctypes.c_size_t),
+                    ("QuotaPeakPagedPoolUsage", ctypes.c_size_t), ("QuotaPagedPoolUsage", ctypes.c_size_t),
+                    ("QuotaPeakNonPagedPoolUsage", ctypes.c_size_t),
+                    ("QuotaNonPagedPoolUsage", ctypes.c_size_t),
+                    ("PagefileUsage", ctypes.c_size_t), ("PeakPagefileUsage", ctypes.c_size_t)]
+
+    counters = ProcessMemoryCounters()
+    counters.cb = ctypes.sizeof(counters)
+    process = ctypes.windll.kernel32.GetCurrentProcess()
+    ctypes.windll.psapi.GetProcessMemoryInfo(process, ctypes.byref(counters), counters.cb)
+    return counters.PeakWorkingSetSize

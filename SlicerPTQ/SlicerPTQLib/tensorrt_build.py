@@ -1,0 +1,485 @@
+"""Build TensorRT engines from ONNX files, the way NVIDIA documents for TensorRT 10/11.
+
+Every engine is built from a *strongly typed* network
+(``NetworkDefinitionCreationFlag.STRONGLY_TYPED``): the precision of each
+layer comes from the tensor types in the ONNX graph, never from builder
+flags. That is the only mode TensorRT 11 has (``BuilderFlag.FP16``/``INT8``
+were removed; weak typing was deprecated in 10.12 and implicit INT8
+calibration in 10.1), so:
+
+- **int8**: the QDQ ONNX as it is. Each Q/DQ-wrapped convolution becomes an
+  INT8 kernel; everything else runs in the graph's float type (FP32).
+- **fp16**: the float ONNX converted to an FP16 ONNX first
+  (:func:`convert_to_fp16`, the step NVIDIA's migration guide does with
+  ModelOpt AutoCast), keeping the network's inputs/outputs and the
+  normalization layers in FP32.
+- **fp32**: the float ONNX as it is.
+
+One optimization profile covers the sliding-window patches: the spatial
+size is the roi (optionally a min/max range) and the batch runs from 1 to
+``max_batch``. The tactic timing cache is loaded before and saved after each
+build, so a second build on the same GPU skips most kernel timing. The
+builder records layer details (``ProfilingVerbosity.DETAILED``) so the
+engine inspector can later tell which layers really run INT8.
+
+Only :func:`build_serialized_engine` and :func:`gpu_identity` need TensorRT
+and a GPU; the rest is plain ONNX work that runs anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from .engine_cache import CachedEngine, EngineCache, EngineKey, write_atomic
+from .errors import PTQError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("int8", "fp16", "fp32")
+# Float ops kept in FP32 in the FP16 model: their reductions (mean and
+# variance over a whole 3D feature map) overflow or lose precision in FP16.
+FP16_KEEP_FLOAT32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization",
+                         "BatchNormalization", "ReduceMean", "ReduceSum", "ReduceL2")
+#: Changes whenever :func:`convert_to_fp16` would write a different file.
+FP16_RECIPE = "onnxruntime-float16/io-fp32/norm-fp32/v1"
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """How to build one engine.
+
+    ``roi`` is the sliding-window patch (D, H, W); ``min_roi``/``max_roi``
+    widen the profile when patches of other sizes must run (default: the roi
+    only). ``max_batch`` patches go through one call. ``optimization_level``
+    is TensorRT's builder optimization level (0-5, 3 is its default;
+    higher searches more tactics and builds slower); ``workspace_mib`` caps
+    the scratch memory tactics may use.
+    """
+
+    precision: str = "int8"
+    roi: Tuple[int, int, int] = (96, 96, 96)
+    max_batch: int = 2
+    min_roi: Optional[Tuple[int, int, int]] = None
+    max_roi: Optional[Tuple[int, int, int]] = None
+    optimization_level: int = 3
+    workspace_mib: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise PTQError(f"Unknown TensorRT precision '{self.precision}'. Choose one of: {', '.join(PRECISIONS)}.")
+        if self.max_batch < 1:
+            raise PTQError(f"max_batch must be at least 1 (got {self.max_batch}).")
+        if not 0 <= self.optimization_level <= 5:
+            raise PTQError(f"TensorRT builder optimization level must be 0-5 (got {self.optimization_level}).")
+        if self.workspace_mib < 64:
+            raise PTQError(f"TensorRT workspace of {self.workspace_mib} MiB is too small; give at least 64 MiB.")
+        for name in ("roi", "min_roi", "max_roi"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or any(int(v) < 1 for v in value)):
+                raise PTQError(f"{name} must be three positive sizes (D, H, W), got {value}.")
+
+    def builder_fields(self) -> Dict[str, Any]:
+        """The settings that change the engine without changing the profile."""
+        return {"optimization_level": self.optimization_level, "workspace_mib": self.workspace_mib}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def onnx_input(onnx_path: Path) -> Tuple[str, List[Optional[int]]]:
+    """Name and dims of the model's single input; dynamic dims are None."""
+    import onnx
+
+    model = _load_onnx(onnx_path, load_weights=False)
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in initializers]
+    if len(inputs) != 1:
+        raise PTQError(f"{onnx_path} has {len(inputs)} inputs; the sliding-window runtime feeds exactly one "
+                       "image tensor (B, C, D, H, W).")
+    dims = [dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+            for dim in inputs[0].type.tensor_type.shape.dim]
+    if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise PTQError(f"{onnx_path}: input '{inputs[0].name}' is not float32; export the network with a "
+                       "float32 input.")
+    return inputs[0].name, dims
+
+
+def profile_shapes(onnx_path: Path, settings: BuildSettings) -> Dict[str, Any]:
+    """The optimization profile ``{"input", "min", "opt", "max"}`` (shapes B, C, D, H, W).
+
+    Batch runs 1..max_batch (optimized for max_batch, which the sliding
+    window fills); spatial dims cover ``min_roi``..``max_roi``, optimized for
+    ``roi``. Dims the ONNX file fixes are kept and must agree with the roi.
+    """
+    name, dims = onnx_input(onnx_path)
+    if len(dims) != 5:
+        raise PTQError(f"{onnx_path}: input '{name}' has {len(dims)} dims; a 3D segmentation network takes "
+                       "(B, C, D, H, W).")
+    channels = dims[1]
+    if channels is None:
+        raise PTQError(f"{onnx_path}: the channel dim of input '{name}' is dynamic; export with a fixed "
+                       "channel count.")
+    roi = tuple(int(v) for v in settings.roi)
+    low = tuple(int(v) for v in (settings.min_roi or roi))
+    high = tuple(int(v) for v in (settings.max_roi or roi))
+    if any(not lo <= mid <= hi for lo, mid, hi in zip(low, roi, high)):
+        raise PTQError(f"roi {roi} must lie between min_roi {low} and max_roi {high}.")
+    batch = dims[0]
+    shapes = {"min": [batch or 1, channels], "opt": [batch or settings.max_batch, channels],
+              "max": [batch or settings.max_batch, channels]}
+    for axis, fixed in enumerate(dims[2:]):
+        if fixed is not None and not low[axis] == roi[axis] == high[axis] == fixed:
+            raise PTQError(f"{onnx_path} fixes spatial dim {axis} to {fixed}, but the roi asks for "
+                           f"{low[axis]}..{high[axis]}; use roi {tuple(d or r for d, r in zip(dims[2:], roi))} "
+                           "or re-export the network with dynamic spatial dims.")
+        shapes["min"].append(low[axis])
+        shapes["opt"].append(roi[axis])
+        shapes["max"].append(high[axis])
+    return {"input": name, **shapes}
+
+
+def has_qdq(onnx_path: Path) -> bool:
+    """True when the graph holds QuantizeLinear/DequantizeLinear nodes."""
+    model = _load_onnx(onnx_path, load_weights=False)
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
+
+
+def convtranspose_names(onnx_path: Path) -> List[str]:
+    """Names of the ConvTranspose nodes (to find their layers in the built engine)."""
+    model = _load_onnx(onnx_path, load_weights=False)
+    return [node.name for node in model.graph.node if node.op_type == "ConvTranspose" and node.name]
+
+
+def convert_to_fp16(float_onnx: Path, out_path: Path) -> Path:
+    """Write an FP16 copy of a float ONNX model for a strongly typed FP16 engine.
+
+    Weights and activations become float16 except the ops in
+    :data:`FP16_KEEP_FLOAT32_OPS`; the model input and output stay float32
+    (casts are inserted), so the runtime feeds and reads float32 as for the
+    other precisions. The file is written atomically.
+    """
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    float_onnx, out_path = Path(float_onnx), Path(out_path)
+    if has_qdq(float_onnx):
+        raise PTQError(f"{float_onnx} is a QDQ (quantized) model; FP16 and FP32 engines are built from the "
+                       "float ONNX (model.fp32.onnx).")
+    model = _load_onnx(float_onnx, load_weights=True)
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FLOAT32_OPS))
+    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    _save_onnx_atomic(converted, out_path)
+    return out_path
+
+
+def parse_layer_information(engine_json: str, convtranspose: Iterable[str] = ()) -> List[Dict[str, str]]:
+    """Per engine layer ``{"name", "type", "precision"}`` from the inspector's JSON.
+
+    ``engine_json`` is ``IEngineInspector.get_engine_information(LayerInformationFormat.JSON)``
+    of an engine built with ``ProfilingVerbosity.DETAILED``. Reads both the
+    TensorRT 10 tensor field (``"Format/Datatype"``) and the TensorRT 11 one
+    (``"DataType"``). A layer's precision is its weights' type when it has
+    weights, else its first input's type. Layers that come from an ONNX
+    ConvTranspose (by layer type or by the node names in ``convtranspose``)
+    get ``"convtranspose": "yes"``, and ``"note"`` when they are not INT8.
+    """
+    try:
+        document = json.loads(engine_json)
+    except ValueError as exc:
+        raise PTQError(f"The engine inspector returned no JSON ({exc}); rebuild the engine.") from exc
+    layers = document.get("Layers", []) if isinstance(document, dict) else []
+    if layers and not isinstance(layers[0], dict):
+        raise PTQError("The engine holds layer names only: it was built without ProfilingVerbosity.DETAILED; "
+                       "rebuild it with slicer-ptq (the builder sets it).")
+    names = [name for name in convtranspose if name]
+    result = []
+    for layer in layers:
+        layer_kind = str(layer.get("LayerType", ""))
+        if layer_kind in ("NoOp", "Reformat") or "Reformat" in layer_kind:
+            continue
+        parameter_kind = str(layer.get("ParameterType", layer_kind))
+        text = f"{layer.get('Name', '')} {layer.get('Metadata', '')}"
+        is_deconv = ("Deconv" in layer_kind or parameter_kind == "Deconvolution"
+                     or any(name in text for name in names))
+        entry = {"name": str(layer.get("Name", "")),
+                 "type": "Deconvolution" if is_deconv and parameter_kind == "Convolution" else parameter_kind,
+                 "precision": _layer_precision(layer)}
+        if is_deconv:
+            entry["convtranspose"] = "yes"
+            if entry["precision"] != "int8":
+                entry["note"] = (f"ConvTranspose runs {entry['precision']}, not INT8: put Q/DQ on its output "
+                                 "and check its weight-scale axis (docs/tensorrt.md)")
+        result.append(entry)
+    return result
+
+
+_DTYPE_PATTERN = re.compile(r"\b(Int8|INT8|FP8|FP16|Half|BFloat16|BF16|FP32|Float|Int32|INT32|Int64|UInt8|Bool)\b")
+_DTYPE_NAMES = {"int8": "int8", "fp8": "fp8", "fp16": "fp16", "half": "fp16", "bfloat16": "bf16", "bf16": "bf16",
+                "fp32": "fp32", "float": "fp32", "int32": "int32", "int64": "int64", "uint8": "uint8",
+                "bool": "bool"}
+
+
+def _tensor_precision(tensor: Dict[str, Any]) -> Optional[str]:
+    text = str(tensor.get("DataType") or tensor.get("Format/Datatype") or "")
+    match = _DTYPE_PATTERN.search(text)
+    return _DTYPE_NAMES[match.group(1).lower()] if match else None
+
+
+def _layer_precision(layer: Dict[str, Any]) -> str:
+    weights = layer.get("Weights")
+    if isinstance(weights, dict) and weights.get("Count", 1):
+        match = _DTYPE_PATTERN.search(str(weights.get("Type", "")))
+        if match:
+            return _DTYPE_NAMES[match.group(1).lower()]
+    for key in ("Inputs", "Outputs"):
+        for tensor in layer.get(key) or []:
+            if isinstance(tensor, dict):
+                precision = _tensor_precision(tensor)
+                if precision is not None:
+                    return precision
+    return "unknown"
+
+
+# -- TensorRT (GPU) ---------------------------------------------------------------------------
+
+def tensorrt_major(trt) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+def gpu_identity(device: int = 0) -> Tuple[str, str]:
+    """``(GPU name, compute capability "major.minor")`` of a CUDA device."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_name(device), f"{major}.{minor}"
+
+
+_LOGGER = None
+
+
+def trt_logger():
+    """The process-wide TensorRT logger (TensorRT treats its logger as a singleton)."""
+    global _LOGGER
+    if _LOGGER is None:
+        import tensorrt as trt
+
+        class _Logger(trt.ILogger):
+            """Forwards TensorRT messages to Python logging and keeps the recent errors."""
+
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+                self.errors: List[str] = []
+
+            def log(self, severity, msg) -> None:
+                if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                    self.errors = (self.errors + [msg])[-20:]
+                    log.error("TensorRT: %s", msg)
+                elif severity == trt.ILogger.WARNING:
+                    log.warning("TensorRT: %s", msg)
+                else:
+                    log.debug("TensorRT: %s", msg)
+
+        _LOGGER = _Logger()
+    return _LOGGER
+
+
+def build_serialized_engine(onnx_path: Path, settings: BuildSettings,
+                            timing_cache: Optional[Path] = None) -> Tuple[bytes, Dict[str, Any]]:
+    """Parse ``onnx_path`` into a strongly typed network and build a serialized engine.
+
+    ``onnx_path`` must already be in the precision asked for (QDQ for int8,
+    an FP16 ONNX for fp16, float for fp32). Returns the engine bytes and
+    build metadata (TensorRT version, profile, build time). ``timing_cache``
+    is read before the build (if present) and rewritten atomically after it.
+    """
+    import tensorrt as trt
+
+    onnx_path = Path(onnx_path)
+    profile = profile_shapes(onnx_path, settings)
+    logger = trt_logger()
+    logger.errors = []
+    builder = trt.Builder(logger)
+    # TensorRT 11 networks are always strongly typed and ignore the flag.
+    flags = 0 if tensorrt_major(trt) >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if hasattr(trt, "OnnxParserFlag") and hasattr(trt.OnnxParserFlag, "NATIVE_INSTANCENORM"):
+        # INormalizationLayer instead of the legacy InstanceNorm plugin (works in every precision).
+        parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)
+    started = time.perf_counter()
+    if not parser.parse_from_file(str(onnx_path)):
+        problems = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
+        raise PTQError(f"TensorRT {trt.__version__} cannot parse {onnx_path}: {problems}. Check the model with "
+                       "SlicerPTQLib.qdq_check.check_qdq and re-export it.")
+    parse_seconds = time.perf_counter() - started
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mib << 20)
+    config.builder_optimization_level = settings.optimization_level
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    _attach_timing_cache(config, timing_cache)
+    optimization_profile = builder.create_optimization_profile()
+    optimization_profile.set_shape(profile["input"], profile["min"], profile["opt"], profile["max"])
+    config.add_optimization_profile(optimization_profile)
+
+    started = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    build_seconds = time.perf_counter() - started
+    if serialized is None:
+        details = "; ".join(logger.errors[-3:]) or "see the TensorRT log"
+        raise PTQError(f"TensorRT {trt.__version__} failed to build a {settings.precision} engine from "
+                       f"{onnx_path}: {details}. A smaller max_batch or a larger workspace may help.")
+    if timing_cache is not None:
+        write_atomic(Path(timing_cache), bytes(config.get_timing_cache().serialize()))
+    metadata = {
+        "tensorrt_version": trt.__version__,
+        "precision": settings.precision,
+        "settings": settings.to_dict(),
+        "profile": profile,
+        "onnx_file": onnx_path.name,
+        "network_layers": network.num_layers,
+        "parse_seconds": round(parse_seconds, 3),
+        "build_seconds": round(build_seconds, 3),
+        "convtranspose_nodes": convtranspose_names(onnx_path),
+    }
+    return bytes(serialized), metadata
+
+
+def default_cache_dir() -> Path:
+    """Where engines are cached: ``$SLICER_PTQ_CACHE/tensorrt`` (``~/.cache/slicer-ptq/tensorrt``)."""
+    from .fetch import cache_dir
+
+    return cache_dir() / "tensorrt"
+
+
+def engine_key(onnx_path: Path, settings: BuildSettings, device: int = 0) -> EngineKey:
+    """The cache key of the engine ``settings`` would build from ``onnx_path`` on ``device``.
+
+    Holds the model file's SHA-256, the precision with the quantization
+    settings that made the file (from ``quantization.json`` beside it, when
+    present), the TensorRT version, the GPU name and compute capability,
+    the optimization profile and the builder settings.
+    """
+    import tensorrt as trt
+
+    from .fetch import sha256_of
+
+    onnx_path = Path(onnx_path)
+    gpu_name, capability = gpu_identity(device)
+    quantization: Dict[str, Any] = {"precision": settings.precision,
+                                    "producer_settings": _producer_settings(onnx_path)}
+    if settings.precision == "fp16":
+        quantization["fp16_recipe"] = FP16_RECIPE
+    return EngineKey(model_sha256=sha256_of(onnx_path), quantization=quantization,
+                     tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
+                     profile=profile_shapes(onnx_path, settings), builder=settings.builder_fields())
+
+
+def engine_for(onnx_path: Path, settings: BuildSettings, cache_dir: Optional[Path] = None,
+               device: int = 0) -> CachedEngine:
+    """The engine of ``onnx_path`` for ``settings``: from the cache, or built and cached.
+
+    int8 takes a QDQ model, checked first against TensorRT's Q/DQ rules
+    (errors raise PTQError, warnings go into the engine's metadata); fp16
+    and fp32 take the float model. A cached engine whose key or file does
+    not match is rebuilt, never loaded.
+    """
+    from .qdq_check import assert_valid
+
+    onnx_path = Path(onnx_path)
+    quantized = has_qdq(onnx_path)
+    warnings: List[str] = []
+    if settings.precision == "int8":
+        if not quantized:
+            raise PTQError(f"{onnx_path} has no Q/DQ nodes, so TensorRT cannot build INT8 kernels from it. "
+                           "Quantize it first (slicer-ptq quantize --placement tensorrt) and give model.int8.onnx.")
+        warnings = [str(finding) for finding in assert_valid(onnx_path, target="tensorrt")]
+    elif quantized:
+        raise PTQError(f"{onnx_path} is a quantized (Q/DQ) model; {settings.precision} engines are built from "
+                       "the float model (model.fp32.onnx).")
+    cache = EngineCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    key = engine_key(onnx_path, settings, device)
+    timing_cache = cache.timing_cache_path(key.tensorrt_version, key.gpu_name, key.compute_capability)
+
+    def build() -> Tuple[bytes, Dict[str, Any]]:
+        log.info("Building a TensorRT %s engine for %s (profile %s); this takes a while once per GPU.",
+                 settings.precision, onnx_path.name, key.profile)
+        if settings.precision != "fp16":
+            engine, metadata = build_serialized_engine(onnx_path, settings, timing_cache)
+        else:
+            with tempfile.TemporaryDirectory(prefix="slicer-ptq-fp16-") as folder:
+                fp16_model = convert_to_fp16(onnx_path, Path(folder) / (onnx_path.stem + ".fp16.onnx"))
+                engine, metadata = build_serialized_engine(fp16_model, settings, timing_cache)
+            metadata["convtranspose_nodes"] = convtranspose_names(onnx_path)
+        metadata.update({"source_onnx": str(onnx_path), "gpu_name": key.gpu_name,
+                         "compute_capability": key.compute_capability, "qdq_warnings": warnings})
+        return engine, metadata
+
+    return cache.get_or_build(key, build)
+
+
+def _producer_settings(onnx_path: Path) -> Dict[str, Any]:
+    """The settings slicer-ptq recorded when it wrote ``onnx_path`` (empty if none)."""
+    from .pipeline import REPORT_NAME
+
+    report_file = onnx_path.parent / REPORT_NAME
+    if not report_file.is_file():
+        return {}
+    try:
+        report = json.loads(report_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    if onnx_path.name not in (report.get("files") or {}).values():
+        return {}
+    return report.get("settings") or {}
+
+
+def _attach_timing_cache(config, timing_cache: Optional[Path]) -> None:
+    """Load the persisted timing cache; a stale or corrupt one is replaced by an empty cache."""
+    data = b""
+    if timing_cache is not None and Path(timing_cache).is_file():
+        data = Path(timing_cache).read_bytes()
+    try:
+        cache = config.create_timing_cache(data)
+    except (RuntimeError, TypeError, ValueError):
+        cache = None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("TensorRT rejected the timing cache %s (other TensorRT version or GPU); starting an "
+                    "empty one.", timing_cache)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+def _load_onnx(path: Path, load_weights: bool):
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise PTQError(f"ONNX model {path} does not exist. Give the path of a .onnx file.")
+    try:
+        return onnx.load(str(path), load_external_data=load_weights)
+    except (OSError, ValueError, DecodeError) as exc:
+        raise PTQError(f"Cannot read ONNX model {path}: {exc}. Re-export it.") from exc
+
+
+def _save_onnx_atomic(model, out_path: Path) -> None:
+    import onnx
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=".partial-", suffix=".onnx", dir=out_path.parent)
+    os.close(handle)
+    try:
+        onnx.save(model, temp_name)
+        os.replace(temp_name, out_path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,108 @@
+"""The whole job on the real shipped model: quantize, segment, compare; and its failure modes."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from SlicerPTQLib import pipeline
+from SlicerPTQLib.errors import PTQError
+from SlicerPTQLib.metrics import dice
+from SlicerPTQLib.volumes import read_volume
+
+
+@pytest.fixture(scope="module")
+def quantized(shipped_model_path, calibration_paths, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ptq")
+    return pipeline.quantize(shipped_model_path, calibration_paths[:2], out, num_crops=4)
+
+
+def test_quantize_writes_the_artifacts(quantized):
+    names = sorted(p.name for p in quantized.out_dir.iterdir())
+    assert names == ["model.fp32.onnx", "model.int8.onnx", "model.json", "quantization.json"]
+    report = json.loads((quantized.out_dir / "quantization.json").read_text())
+    assert report["size_mb"]["quantized_onnx"] <= 0.3 * report["size_mb"]["fp32_onnx"]
+    assert report["settings"]["method"] == "max"
+
+
+def test_int8_agrees_with_fp32_on_a_real_volume(quantized, shipped_model_path, evaluation_cases):
+    _, image, _ = evaluation_cases[0]
+    fp32, _ = pipeline.segment(shipped_model_path, image)
+    int8, timings = pipeline.segment(quantized.quantized_onnx, image, runtime="openvino")
+    assert int8.array.shape == read_volume(image).array.shape
+    np.testing.assert_allclose(int8.affine, read_volume(image).affine)
+    assert dice(int8.array, fp32.array, [1])[1] >= 0.99
+    assert timings["total_s"] > 0
+
+
+def test_cli_end_to_end(quantized, evaluation_cases, tmp_path):
+    _, image, _ = evaluation_cases[0]
+    out = tmp_path / "brain.seg.nrrd"
+    done = subprocess.run([sys.executable, "-m", "SlicerPTQLib.cli", "--progress-json", "segment",
+                           str(quantized.quantized_onnx), str(image), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert any("progress" in line for line in lines)
+    assert lines[-1]["result"]["labels"] == str(out)
+    assert out.is_file()
+
+
+def test_second_run_without_out_dir_is_served_from_the_cache(shipped_model_path, calibration_paths,
+                                                             tmp_path, monkeypatch):
+    monkeypatch.setenv("SLICER_PTQ_CACHE", str(tmp_path))
+    first = pipeline.quantize(shipped_model_path, calibration_paths[:1], num_crops=1)
+    second = pipeline.quantize(shipped_model_path, calibration_paths[:1], num_crops=1)
+    assert "cached" not in first.report and second.report["cached"] is True
+    assert second.quantized_onnx == first.quantized_onnx
+    other = pipeline.quantize(shipped_model_path, calibration_paths[:1], num_crops=1, method="percentile")
+    assert other.out_dir != first.out_dir
+
+
+def test_output_folder_that_is_a_file(shipped_model_path, calibration_paths, tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("x")
+    done = subprocess.run([sys.executable, "-m", "SlicerPTQLib.cli", "quantize", str(shipped_model_path),
+                           "--calib", str(calibration_paths[0]), "--out", str(target)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "is a file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bad_calibration_volume_leaves_nothing_behind(shipped_model_path, tmp_path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a volume")
+    out = tmp_path / "out"
+    with pytest.raises(PTQError, match="broken.nii.gz"):
+        pipeline.quantize(shipped_model_path, [broken], out)
+    assert list(out.iterdir()) == []
+
+
+def test_empty_calibration_set(shipped_model_path, tmp_path):
+    with pytest.raises(PTQError, match="calibration"):
+        pipeline.quantize(shipped_model_path, [], tmp_path / "out")
+
+
+def test_unknown_method_and_bits(shipped_model_path, calibration_paths, tmp_path):
+    with pytest.raises(PTQError, match="percentile"):
+        pipeline.quantize(shipped_model_path, calibration_paths, tmp_path, method="kl")
+    with pytest.raises(PTQError, match="Weight bits"):
+        pipeline.quantize(shipped_model_path, calibration_paths, tmp_path, weight_bits=5)
+
+
+def test_segment_needs_metadata(tmp_path, quantized, evaluation_cases):
+    lonely = tmp_path / "lonely.onnx"
+    lonely.write_bytes(quantized.quantized_onnx.read_bytes())
+    with pytest.raises(PTQError, match="No metadata"):
+        pipeline.segment(lonely, evaluation_cases[0][1])
+
+
+def test_model_input_channels_must_match(quantized, evaluation_cases, tmp_path):
+    from SlicerPTQLib.spec import ModelSpec
+
+    spec = ModelSpec.load(quantized.out_dir / "model.json")
+    spec.in_channels = 2
+    with pytest.raises(PTQError, match="channel"):
+        pipeline.quantize(quantized.fp32_onnx, [evaluation_cases[0][1]], tmp_path / "o", spec=spec, num_crops=1)

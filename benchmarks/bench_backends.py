@@ -1,0 +1,699 @@
+"""SlicerPTQ against what users already run, on the same patches and volumes, in one run.
+
+Backends (each in its own worker process, so its peak memory is its own):
+PyTorch eager FP32 (what MONAI users run), ONNX Runtime FP32, OpenVINO FP32
+(precision hint f32 set explicitly), OpenVINO BF16, OpenVINO's own
+quantizer NNCF INT8 (same FP32 ONNX, same calibration crops), SlicerPTQ
+INT8 for each calibration method, and SlicerPTQ low-bit weights when
+``SlicerPTQLib.lowbit`` is there.
+
+Measured per backend: per-patch latency (median, p90 after warm-up; backends
+interleaved in a shuffled order every round, so machine noise hits all
+alike), whole-volume wall time split into preprocessing / network /
+blending / restoring, peak RSS (``resource.getrusage`` in the worker), file
+size, quantization time, Dice vs the reference masks and vs PyTorch FP32,
+and the executed precision of every OpenVINO layer. A sliding-window
+profile (a real volume at its native size, several windows) shows where the
+whole-volume time goes once the network is INT8.
+
+Run (about 10 minutes on 2 cores; --quick about 4)::
+
+    python benchmarks/bench_backends.py [--quick] [--out DIR]
+
+Writes ``DIR/benchmark.json``, ``DIR/benchmark.md``, per-volume slice files
+(``slices/*.npz``) and ``DIR/report/index.html`` (SlicerPTQLib.report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+METHODS = ("max", "percentile", "entropy", "mse")
+DEFAULT_METHOD = "max"
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Sliding-window settings of the profile: MONAI's usual overlap and blending.
+PROFILE_OVERLAP = 0.5
+PROFILE_MODE = "gaussian"
+
+
+@dataclass
+class Variant:
+    """One backend + model file to measure."""
+
+    key: str
+    label: str
+    backend: str
+    path: str
+    precision: Optional[str] = None
+    size_mb: Optional[float] = None
+    quantize_s: Optional[float] = None
+    note: str = ""
+    extra: Dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+class _TimedRuntime:
+    """Wraps a runtime to add up the seconds spent inside ``predict`` (the network alone)."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+        self.name = runtime.name
+        self.precision = runtime.precision
+        self.predict_s = 0.0
+        self.calls = 0
+
+    def predict(self, batch):
+        start = time.perf_counter()
+        output = self.runtime.predict(batch)
+        self.predict_s += time.perf_counter() - start
+        self.calls += 1
+        return output
+
+
+class _NullRuntime:
+    """Returns zeros of the right shape at once: what is left is the sliding window's own cost."""
+
+    name = "none"
+    precision = "none"
+
+    def __init__(self, out_channels: int):
+        self.out_channels = out_channels
+
+    def predict(self, batch):
+        return np.zeros((batch.shape[0], self.out_channels, *batch.shape[2:]), dtype=np.float32)
+
+
+def _worker(conn, variant: Dict, spec_path: str, threads: int) -> None:
+    """Serve one variant: load its runtime, then answer the parent's commands until "close"."""
+    from SlicerPTQLib.metrics import peak_rss_mb
+
+    rss_imports = None
+    try:
+        from SlicerPTQLib.inference import segment_volume, sliding_window
+        from SlicerPTQLib.runtimes import create_runtime
+        from SlicerPTQLib.spec import ModelSpec
+        from SlicerPTQLib.volumes import read_volume
+
+        rss_imports = peak_rss_mb()
+        spec = ModelSpec.load(Path(spec_path))
+        start = time.perf_counter()
+        runtime = create_runtime(Path(variant["path"]), variant["backend"], precision=variant["precision"],
+                                 threads=threads)
+        load_s = time.perf_counter() - start
+        conn.send(("ready", {"load_s": load_s, "precision": runtime.precision, "rss_imports_mb": rss_imports}))
+    except Exception as exc:  # reported to the parent, which records the variant as failed
+        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
+        return
+    patch = None
+    volumes = {}
+    while True:
+        command, argument = conn.recv()
+        try:
+            if command == "close":
+                runtime.close()
+                conn.send(("ok", None))
+                return
+            if command == "patch":
+                patch = np.load(argument)
+                conn.send(("ok", None))
+            elif command == "forward":
+                begin = time.perf_counter()
+                runtime.predict(patch)
+                conn.send(("ok", time.perf_counter() - begin))
+            elif command == "volume":
+                if argument not in volumes:
+                    volumes[argument] = read_volume(Path(argument))
+                timed = _TimedRuntime(runtime)
+                labels, timings = segment_volume(timed, volumes[argument], spec)
+                timings = dict(timings)
+                timings["forward_s"] = timed.predict_s
+                timings["blend_s"] = max(timings["network_s"] - timed.predict_s, 0.0)
+                conn.send(("ok", (labels.array, timings)))
+            elif command == "sliding_window":
+                image = np.load(argument["image"])
+                timed = _TimedRuntime(runtime)
+                begin = time.perf_counter()
+                sliding_window(timed, image, argument["roi"], overlap=argument["overlap"], mode=PROFILE_MODE)
+                total = time.perf_counter() - begin
+                conn.send(("ok", {"total_s": total, "forward_s": timed.predict_s, "windows": timed.calls}))
+            elif command == "layers":
+                conn.send(("ok", runtime.layer_precisions()))
+            elif command == "memory":
+                conn.send(("ok", {"peak_rss_mb": peak_rss_mb(), "rss_imports_mb": rss_imports}))
+            else:
+                conn.send(("error", f"unknown command {command}"))
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+class Worker:
+    """The parent's handle on one variant's worker process."""
+
+    def __init__(self, context, variant: Variant, spec_path: Path, threads: int):
+        self.variant = variant
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker, args=(child, asdict(variant), str(spec_path), threads),
+                                       daemon=True)
+        self.process.start()
+        child.close()
+        self.info: Dict = {}
+        self.error: Optional[str] = None
+
+    def wait_ready(self) -> None:
+        status, payload = self.conn.recv()
+        if status == "ready":
+            self.info = payload
+        else:
+            self.error = payload
+
+    def ask(self, command: str, argument=None):
+        """Send a command; returns its answer, or None after recording the error."""
+        if self.error:
+            return None
+        self.conn.send((command, argument))
+        status, payload = self.conn.recv()
+        if status == "error":
+            self.error = f"{command}: {payload}"
+            return None
+        return payload
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            if not self.error:
+                self.ask("close")
+            self.process.join(timeout=30)
+            if self.process.is_alive():
+                self.process.terminate()
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _size_mb(*paths: Path) -> float:
+    return sum(Path(p).stat().st_size for p in paths if Path(p).is_file()) / 2**20
+
+
+def _lowbit_reason() -> str:
+    try:
+        from SlicerPTQLib import lowbit  # noqa: F401
+    except ImportError as exc:
+        return f"SlicerPTQLib.lowbit is not importable ({exc})"
+    return ""
+
+
+def build_variants(model: Path, calibration: Sequence[Path], out: Path, methods: Sequence[str], num_crops: int,
+                   lowbit: bool, nncf: bool = True, seed: int = 0):
+    """Quantize with SlicerPTQ (each method, low-bit) and NNCF; returns (variants, spec path, skipped, first result)."""
+    from SlicerPTQLib.calibration import sample_crops
+    from SlicerPTQLib.nncf_baseline import quantize_with_nncf
+    from SlicerPTQLib.pipeline import prepared_arrays, quantize
+
+    variants: List[Variant] = []
+    skipped: List[Dict] = []
+    quantized: Dict[str, Variant] = {}
+    first = None
+    for method in methods:
+        _log(f"SlicerPTQ INT8 quantization, method {method}, {num_crops} crops")
+        start = time.perf_counter()
+        result = quantize(model, calibration, out / f"slicerptq_int8_{method}", method=method,
+                          num_crops=num_crops, seed=seed)
+        seconds = time.perf_counter() - start
+        first = first or result
+        quantized[method] = Variant(
+            key=f"slicerptq_int8_{method}", label=f"SlicerPTQ INT8 ({method})", backend="openvino",
+            path=str(result.quantized_onnx), size_mb=_size_mb(result.quantized_onnx), quantize_s=seconds,
+            extra={"qdq": result.report.get("qdq", {})})
+    spec_path = first.quantized_onnx.with_name("model.json")
+    fp32_onnx = first.fp32_onnx
+    variants += [
+        Variant("torch_fp32", "PyTorch eager FP32", "torch", str(model), "fp32", _size_mb(model)),
+        Variant("onnxruntime_fp32", "ONNX Runtime FP32", "onnxruntime", str(fp32_onnx), "fp32",
+                _size_mb(fp32_onnx)),
+        Variant("openvino_fp32", "OpenVINO FP32", "openvino", str(fp32_onnx), "fp32", _size_mb(fp32_onnx)),
+        Variant("openvino_bf16", "OpenVINO BF16", "openvino", str(fp32_onnx), "bf16", _size_mb(fp32_onnx)),
+    ]
+
+    if nncf:
+        _log(f"NNCF INT8 quantization on the same {num_crops} crops")
+        arrays = prepared_arrays(calibration, first.spec)
+        crops = sample_crops(arrays, first.spec.roi_size, num_crops, seed)
+        nncf_result = quantize_with_nncf(fp32_onnx, crops, out / "nncf_int8" / "model.int8.xml")
+        variants.append(Variant("nncf_int8", "NNCF INT8 (OpenVINO)", "openvino", str(nncf_result.xml),
+                                size_mb=nncf_result.size_mb, quantize_s=nncf_result.seconds,
+                                note=f"preset {nncf_result.preset}, {nncf_result.num_crops} crops; starts from "
+                                     "the FP32 ONNX (export not counted)"))
+    variants += [quantized[m] for m in methods]
+
+    reason = _lowbit_reason() if lowbit else "not asked for (--no-lowbit)"
+    if reason:
+        skipped.append({"label": "SlicerPTQ W4A8 (low-bit weights)", "reason": reason})
+    else:
+        _log("SlicerPTQ low-bit quantization, 4-bit weights")
+        try:
+            start = time.perf_counter()
+            result = quantize(model, calibration, out / "slicerptq_w4a8", method=DEFAULT_METHOD,
+                              num_crops=num_crops, seed=seed, weight_bits=4)
+            seconds = time.perf_counter() - start
+            files = [result.quantized_onnx] + ([result.packed_weights] if result.packed_weights else [])
+            variants.append(Variant("slicerptq_w4a8", "SlicerPTQ W4A8 (ADMM)", "openvino",
+                                    str(result.quantized_onnx), size_mb=_size_mb(result.quantized_onnx),
+                                    quantize_s=seconds,
+                                    note=(f"packed 4-bit weights {_size_mb(*files[1:]):.2f} MB"
+                                          if len(files) > 1 else "")))
+        except Exception as exc:  # a failing optional variant must not sink the whole benchmark
+            skipped.append({"label": "SlicerPTQ W4A8 (low-bit weights)", "reason": f"{type(exc).__name__}: {exc}"})
+    return variants, spec_path, skipped, first
+
+
+def _middle_slices(array: np.ndarray) -> List[np.ndarray]:
+    return [np.take(array, array.shape[axis] // 2, axis=axis) for axis in range(3)]
+
+
+def save_slices(path: Path, image: np.ndarray, fp32: np.ndarray, int8: np.ndarray, fp32_label: str,
+                int8_label: str) -> None:
+    """Three orthogonal middle slices of image / FP32 labels / INT8 labels, for the report."""
+    arrays = {"fp32_label": np.array(fp32_label), "int8_label": np.array(int8_label)}
+    for name, volume in (("image", image.astype(np.float32)), ("fp32", fp32.astype(np.uint8)),
+                         ("int8", int8.astype(np.uint8))):
+        for axis, plane in enumerate(_middle_slices(volume)):
+            arrays[f"{name}_{axis}"] = plane
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def measure(variants: List[Variant], spec_path: Path, cases, out: Path, threads: int, repeats: int,
+            warmup: int, volume_repeats: int, profile: bool, seed: int = 0) -> Dict:
+    """Start one worker per variant and run the interleaved measurements."""
+    from SlicerPTQLib.metrics import mean_dice
+    from SlicerPTQLib.preprocess import prepare
+    from SlicerPTQLib.shipped import reference_mask
+    from SlicerPTQLib.spec import ModelSpec
+    from SlicerPTQLib.volumes import read_volume
+
+    spec = ModelSpec.load(spec_path)
+    labels = sorted(spec.labels)
+    context = mp.get_context("spawn")
+    _log(f"starting {len(variants)} workers ({threads} threads each)")
+    workers = [Worker(context, variant, spec_path, threads) for variant in variants]
+    for worker in workers:
+        worker.wait_ready()
+        if worker.error:
+            _log(f"{worker.variant.label} failed to load: {worker.error.splitlines()[0]}")
+    rng = random.Random(seed)
+    try:
+        # The same real patch for everyone: the first evaluation volume, preprocessed.
+        first_image = read_volume(Path(cases[0][1]))
+        network_input, _ = prepare(first_image, spec)
+        patch = _fit_patch(network_input, spec.roi_size)
+        patch_file = out / "patch.npy"
+        np.save(patch_file, patch[None])
+        for worker in workers:
+            worker.ask("patch", str(patch_file))
+
+        _log(f"per-patch latency: {warmup} warm-up + {repeats} interleaved rounds, patch {list(patch[None].shape)}")
+        times: Dict[str, List[float]] = {w.variant.key: [] for w in workers}
+        for _ in range(warmup):
+            for worker in workers:
+                worker.ask("forward")
+        for _ in range(repeats):
+            order = list(workers)
+            rng.shuffle(order)
+            for worker in order:
+                seconds = worker.ask("forward")
+                if seconds is not None:
+                    times[worker.variant.key].append(seconds)
+
+        _log(f"whole volumes: {len(cases)} volume(s) x {volume_repeats} round(s)")
+        volume_rows = []
+        for name, image_path, mask_path in cases:
+            reference = reference_mask(Path(mask_path)).array
+            per_variant: Dict[str, Dict] = {}
+            label_maps: Dict[str, np.ndarray] = {}
+            for _ in range(volume_repeats):
+                order = list(workers)
+                rng.shuffle(order)
+                for worker in order:
+                    answer = worker.ask("volume", str(image_path))
+                    if answer is None:
+                        continue
+                    label_map, timings = answer
+                    label_maps[worker.variant.key] = label_map
+                    per_variant.setdefault(worker.variant.key, {"runs": []})["runs"].append(timings)
+            baseline = label_maps.get("torch_fp32")
+            for key, entry in per_variant.items():
+                runs = entry.pop("runs")
+                entry["timings"] = {stage: float(np.median([r[stage] for r in runs])) for stage in runs[0]}
+                entry["total_s"] = entry["timings"]["total_s"]
+                entry["dice_vs_reference"] = mean_dice(label_maps[key], reference, labels)
+                entry["dice_vs_fp32"] = (mean_dice(label_maps[key], baseline, labels)
+                                         if baseline is not None else None)
+            row = {"volume": name, "shape": list(reference.shape), "results": per_variant}
+            int8_key = f"slicerptq_int8_{DEFAULT_METHOD}"
+            if baseline is not None and int8_key in label_maps:
+                slices = Path("slices") / f"{name}.npz"
+                save_slices(out / slices, read_volume(Path(image_path)).array, baseline, label_maps[int8_key],
+                            "PyTorch FP32", f"SlicerPTQ INT8 ({DEFAULT_METHOD})")
+                row["slices"] = slices.as_posix()
+            volume_rows.append(row)
+
+        profile_result = None
+        if profile:
+            profile_result = sliding_window_profile(workers, first_image, spec, out)
+
+        layers = {}
+        memory = {}
+        for worker in workers:
+            if worker.variant.backend == "openvino":
+                found = worker.ask("layers")
+                if found:
+                    layers[worker.variant.key] = found
+            memory[worker.variant.key] = worker.ask("memory")
+        errors = {w.variant.key: w.error for w in workers if w.error}
+        infos = {w.variant.key: w.info for w in workers}
+    finally:
+        for worker in workers:
+            worker.close()
+    return {"times": times, "volumes": volume_rows, "layers": layers, "memory": memory, "errors": errors,
+            "infos": infos, "profile": profile_result, "patch_shape": list(patch[None].shape)}
+
+
+def _fit_patch(image: np.ndarray, roi: Sequence[int]) -> np.ndarray:
+    """A (C, *roi) patch from a (C, D, H, W) image: centre crop, zero-padded where the image is smaller."""
+    patch = np.zeros((image.shape[0], *roi), dtype=np.float32)
+    source, target = [slice(None)], [slice(None)]
+    for size, length in zip(image.shape[1:], roi):
+        start = max((size - length) // 2, 0)
+        width = min(size, length)
+        source.append(slice(start, start + width))
+        target.append(slice(0, width))
+    patch[tuple(target)] = image[tuple(source)]
+    return patch
+
+
+def sliding_window_profile(workers: List[Worker], volume, spec, out: Path) -> Dict:
+    """Where whole-volume time goes when there are many windows.
+
+    The first evaluation volume is reoriented and intensity-normalised like
+    the model's input but kept at its native size (rounded up to the
+    model's spatial multiple), then run through the sliding window (roi =
+    the model's, overlap 0.5, gaussian blending) by PyTorch FP32, NNCF INT8
+    and SlicerPTQ INT8; a runtime that returns zeros at once gives the
+    blending/stitching cost alone.
+    """
+    import nibabel as nib
+
+    from SlicerPTQLib.inference import sliding_window, window_count
+    from SlicerPTQLib.preprocess import normalize_intensity, plan_grid
+
+    _log("sliding-window profile")
+    grid = plan_grid(volume, spec)
+    transform = nib.orientations.ornt_transform(grid.start_ornt, grid.target_ornt)
+    native = nib.orientations.apply_orientation(np.asarray(volume.array, dtype=np.float32), transform)
+    multiple = spec.spatial_multiple
+    shape = [int(np.ceil(size / multiple) * multiple) for size in native.shape]
+    image = np.zeros([1] + shape, dtype=np.float32)
+    image[(0,) + tuple(slice(0, s) for s in native.shape)] = normalize_intensity(native, spec.intensity)
+    image_file = out / "profile_image.npy"
+    np.save(image_file, image)
+
+    rows = {}
+    for worker in workers:
+        if worker.variant.key in ("torch_fp32", f"slicerptq_int8_{DEFAULT_METHOD}", "nncf_int8"):
+            answer = worker.ask("sliding_window", {"image": str(image_file), "roi": list(spec.roi_size),
+                                                   "overlap": PROFILE_OVERLAP})
+            if answer:
+                answer["blend_s"] = max(answer["total_s"] - answer["forward_s"], 0.0)
+                answer["stitch_share"] = answer["blend_s"] / answer["total_s"] if answer["total_s"] else None
+                rows[worker.variant.key] = answer
+    start = time.perf_counter()
+    sliding_window(_NullRuntime(spec.out_channels), image, spec.roi_size, overlap=PROFILE_OVERLAP,
+                   mode=PROFILE_MODE)
+    stitching_only = time.perf_counter() - start
+    image_file.unlink()
+    return {"image_shape": shape, "roi": list(spec.roi_size), "overlap": PROFILE_OVERLAP, "mode": PROFILE_MODE,
+            "windows": window_count(shape, spec.roi_size, PROFILE_OVERLAP), "stitching_only_s": stitching_only,
+            "runs": rows}
+
+
+def summarise(model_name: str, variants: List[Variant], measured: Dict, skipped: List[Dict], calibration,
+              threads: int) -> Dict:
+    """One model's section of the benchmark JSON, with the headline ratios."""
+    torch_median = None
+    rows = []
+    for variant in variants:
+        times = measured["times"].get(variant.key) or []
+        row = {"key": variant.key, "label": variant.label, "backend": variant.backend, "file": variant.path,
+               "precision": (measured["infos"].get(variant.key) or {}).get("precision", variant.precision),
+               "size_mb": variant.size_mb, "quantize_s": variant.quantize_s, "note": variant.note}
+        if times:
+            row.update({"patch_median_s": float(np.median(times)), "patch_p90_s": _pct(times, 90),
+                        "patch_times_s": times})
+        memory = measured["memory"].get(variant.key)
+        if memory:
+            row["peak_rss_mb"] = memory["peak_rss_mb"]
+            row["rss_after_imports_mb"] = memory["rss_imports_mb"]
+        results = [vol["results"][variant.key] for vol in measured["volumes"] if variant.key in vol["results"]]
+        if results:
+            row["volume_mean_s"] = float(np.mean([r["total_s"] for r in results]))
+            row["dice_vs_reference_mean"] = float(np.mean([r["dice_vs_reference"] for r in results]))
+            if all(r["dice_vs_fp32"] is not None for r in results):
+                row["dice_vs_fp32_mean"] = float(np.mean([r["dice_vs_fp32"] for r in results]))
+        layers = measured["layers"].get(variant.key)
+        if layers:
+            convs = [layer for layer in layers if layer["type"] in ("Convolution", "Deconvolution")]
+            row["int8_layers"] = {"conv_int8": sum(1 for layer in convs if layer["precision"] in ("int8", "uint8")),
+                                  "conv_total": len(convs),
+                                  "all_int8": sum(1 for layer in layers if layer["precision"] in ("int8", "uint8")),
+                                  "all_total": len(layers)}
+        if variant.key in measured["errors"]:
+            row["error"] = measured["errors"][variant.key]
+        if variant.key == "torch_fp32":
+            torch_median = row.get("patch_median_s")
+        rows.append(row)
+    for row in rows:
+        if torch_median and row.get("patch_median_s"):
+            row["speedup_vs_torch"] = torch_median / row["patch_median_s"]
+    summary, findings = headline(rows, measured.get("profile"))
+    return {"name": model_name, "patch_shape": measured["patch_shape"], "threads": threads,
+            "calibration": [Path(p).name for p in calibration], "variants": rows, "skipped": skipped,
+            "volumes": measured["volumes"], "layer_precisions": measured["layers"],
+            "profile": measured.get("profile"), "summary": summary, "findings": findings}
+
+
+def headline(rows: List[Dict], profile: Optional[Dict]):
+    """The acceptance ratios, computed from this run's numbers, and sentences stating them."""
+    by_key = {row["key"]: row for row in rows}
+    summary: Dict = {}
+    findings: List[str] = []
+    nncf = by_key.get("nncf_int8", {})
+    torch_row = by_key.get("torch_fp32", {})
+    ours = [row for row in rows if row["key"].startswith("slicerptq_int8") and row.get("patch_median_s")]
+    for row in ours:
+        method = row["key"].rsplit("_", 1)[-1]
+        entry = {}
+        if nncf.get("patch_median_s"):
+            entry["patch_speed_vs_nncf"] = nncf["patch_median_s"] / row["patch_median_s"]
+        if nncf.get("dice_vs_reference_mean") is not None and row.get("dice_vs_reference_mean") is not None:
+            entry["dice_minus_nncf"] = row["dice_vs_reference_mean"] - nncf["dice_vs_reference_mean"]
+        if torch_row.get("volume_mean_s") and row.get("volume_mean_s"):
+            entry["volume_speedup_vs_torch"] = torch_row["volume_mean_s"] / row["volume_mean_s"]
+        if torch_row.get("patch_median_s"):
+            entry["patch_speedup_vs_torch"] = torch_row["patch_median_s"] / row["patch_median_s"]
+        summary[method] = entry
+    for method, entry in summary.items():
+        parts = []
+        if "patch_speed_vs_nncf" in entry:
+            parts.append(f"per patch {entry['patch_speed_vs_nncf']:.2f}x NNCF's speed "
+                         f"({'meets' if entry['patch_speed_vs_nncf'] >= 1.0 else 'misses'} >= 1.0)")
+        if "dice_minus_nncf" in entry:
+            parts.append(f"Dice vs reference {entry['dice_minus_nncf']:+.4f} vs NNCF")
+        if "volume_speedup_vs_torch" in entry:
+            parts.append(f"whole volume {entry['volume_speedup_vs_torch']:.2f}x faster than PyTorch FP32 "
+                         f"({'meets' if entry['volume_speedup_vs_torch'] >= 3.0 else 'misses'} >= 3x)")
+        findings.append(f"SlicerPTQ INT8 ({method}): " + "; ".join(parts) + ".")
+    if profile and profile.get("runs"):
+        for key, run in profile["runs"].items():
+            findings.append(f"Sliding window {profile['image_shape']} ({run['windows']} windows of "
+                            f"{profile['roi']}, overlap {profile['overlap']}) with {key}: {run['total_s']:.2f} s, "
+                            f"of which network {run['forward_s']:.2f} s and blending/stitching "
+                            f"{run['blend_s']:.2f} s ({100 * (run['stitch_share'] or 0):.0f}%).")
+    return summary, findings
+
+
+def markdown(benchmark: Dict) -> str:
+    """The benchmark as markdown tables (one per model, plus Dice per volume)."""
+    from SlicerPTQLib.evaluation import format_table
+
+    cpu = benchmark["cpu"]
+    lines = [f"CPU: {cpu.get('model')}; INT8 path: {cpu.get('int8_path')} ({' '.join(cpu.get('isa', []))}); "
+             f"{benchmark['threads']} threads per backend; command: `{benchmark['command']}`", ""]
+    for model in benchmark["models"]:
+        lines.append(f"### {model['name']} (patch {model['patch_shape']})")
+        lines.append("")
+        table = []
+        for row in model["variants"]:
+            layers = row.get("int8_layers")
+            table.append({
+                "backend": row["label"],
+                "patch median s": row.get("patch_median_s"), "patch p90 s": row.get("patch_p90_s"),
+                "x PyTorch": _fixed(row.get("speedup_vs_torch"), 2),
+                "volume s": _fixed(row.get("volume_mean_s"), 3), "file MB": _fixed(row.get("size_mb"), 2),
+                "peak RSS MB": _fixed(row.get("peak_rss_mb"), 0), "quantize s": _fixed(row.get("quantize_s"), 1),
+                "Dice ref": row.get("dice_vs_reference_mean"), "Dice vs FP32": row.get("dice_vs_fp32_mean"),
+                "INT8 conv": f"{layers['conv_int8']}/{layers['conv_total']}" if layers else "",
+            })
+        lines.append(format_table(table))
+        lines.append("")
+        per_volume = []
+        for volume in model["volumes"]:
+            entry = {"volume": volume["volume"]}
+            for row in model["variants"]:
+                result = volume["results"].get(row["key"])
+                entry[row["label"]] = result["dice_vs_reference"] if result else None
+            per_volume.append(entry)
+        if per_volume:
+            lines.append("Dice vs reference per volume")
+            lines.append("")
+            lines.append(format_table(per_volume))
+            lines.append("")
+        for skipped in model.get("skipped", []):
+            lines.append(f"- not run: {skipped['label']}: {skipped['reason']}")
+        for finding in model.get("findings", []):
+            lines.append(f"- {finding}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _fixed(value, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<UTC time>)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and crops (about 4 minutes)")
+    parser.add_argument("--threads", type=int, default=2, help="threads per backend (default 2)")
+    parser.add_argument("--repeats", type=int, help="interleaved timed patch rounds (default 15, quick 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per backend first")
+    parser.add_argument("--volume-repeats", type=int, help="whole-volume rounds per volume (default 2, quick 1)")
+    parser.add_argument("--num-crops", type=int, help="calibration crops (default 20, quick 8)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="SlicerPTQ calibration methods (default all)")
+    parser.add_argument("--max-volumes", type=int, help="use only the first N evaluation volumes")
+    parser.add_argument("--no-lowbit", action="store_true", help="skip the low-bit (4-bit weight) variant")
+    parser.add_argument("--no-profile", action="store_true", help="skip the many-window sliding-window profile")
+    parser.add_argument("--no-report", action="store_true", help="do not render the HTML report")
+    parser.add_argument("--only", nargs="+", metavar="KEY",
+                        help="measure only these variants (keys: torch_fp32 onnxruntime_fp32 openvino_fp32 "
+                             "openvino_bf16 nncf_int8 slicerptq_int8_<method> slicerptq_w4a8)")
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (5 if args.quick else 15)
+    args.volume_repeats = args.volume_repeats or (1 if args.quick else 2)
+    args.num_crops = args.num_crops or (8 if args.quick else 20)
+    args.methods = args.methods or list(METHODS)
+    if DEFAULT_METHOD not in args.methods:
+        args.methods = [DEFAULT_METHOD] + args.methods
+    return args
+
+
+def run(args: argparse.Namespace, command: str) -> Path:
+    """Run the whole benchmark; returns the JSON path."""
+    # Pinned before anything starts a thread pool; spawned workers inherit it.
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[variable] = str(args.threads)
+    import torch
+
+    from SlicerPTQLib import shipped
+    from SlicerPTQLib.cpu_info import cpu_info
+
+    torch.set_num_threads(args.threads)
+    out = args.out or RESULTS / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model = shipped.shipped_model()
+    calibration = shipped.calibration_volumes()
+    cases = shipped.evaluation_volumes()[: args.max_volumes]
+    _log(f"model {model.name}; calibration {[p.name for p in calibration]}; evaluation {[c[0] for c in cases]}")
+    wanted = set(args.only or [])
+    lowbit = not args.no_lowbit and (not wanted or "slicerptq_w4a8" in wanted)
+    variants, spec_path, skipped, _ = build_variants(model, calibration, out / "models", args.methods,
+                                                     args.num_crops, lowbit, nncf=not wanted or "nncf_int8" in wanted)
+    if wanted:
+        variants = [variant for variant in variants if variant.key in wanted]
+    measured = measure(variants, spec_path, cases, out, args.threads, args.repeats, args.warmup,
+                       args.volume_repeats, not args.no_profile)
+    section = summarise("deepbet brain extraction (LinkNet3d, shipped)", variants, measured, skipped,
+                        calibration, args.threads)
+    benchmark = {
+        "kind": "slicer-ptq-benchmark", "version": 1,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command, "cpu": cpu_info(), "threads": args.threads,
+        "settings": {"quick": args.quick, "repeats": args.repeats, "warmup": args.warmup,
+                     "volume_repeats": args.volume_repeats, "num_crops": args.num_crops,
+                     "methods": args.methods, "versions": _versions()},
+        "models": [section],
+    }
+    benchmark["wall_s"] = time.perf_counter() - started
+    json_path = out / "benchmark.json"
+    _write_atomic(json_path, json.dumps(benchmark, indent=2, default=str))
+    _write_atomic(out / "benchmark.md", markdown(benchmark))
+    if not args.no_report:
+        from SlicerPTQLib.report import build_report
+
+        index = build_report(json_path, out / "report")
+        _log(f"report: {index}")
+    print(markdown(benchmark))
+    _log(f"done in {time.perf_counter() - started:.0f} s: {json_path}")
+    return json_path
+
+
+def _versions() -> Dict[str, str]:
+    versions = {}
+    for name in ("torch", "onnxruntime", "openvino", "nncf", "monai"):
+        try:
+            versions[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            versions[name] = "missing"
+    return versions
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    command = "python benchmarks/bench_backends.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    run(args, command.strip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

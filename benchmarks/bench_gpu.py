@@ -1,0 +1,236 @@
+"""TensorRT on an NVIDIA GPU: FP32 vs FP16 vs INT8 engines of one model, in one run.
+
+The model (default: the shipped deepbet brain-extraction network) is
+quantized with the TensorRT Q/DQ placement on real calibration volumes,
+then three strongly typed engines are built (FP32 and FP16 from the float
+ONNX, INT8 from the QDQ ONNX) and measured on a real volume:
+
+- per-patch GPU compute time: CUDA events around ``execute_async_v3`` only
+  (no host copies), mean and median over repeats, at batch 1 and at
+  ``--max-batch`` (reported per patch);
+- whole-volume wall time: preprocessing, sliding window with host<->device
+  copies and blending, restoring labels (median of ``--volume-repeats``);
+- engine file size, build (or cache hit) time;
+- Dice of each engine's labels vs the FP32 engine's, and vs the reference
+  mask of the volume;
+- which layers ran INT8 (engine inspector), ConvTranspose layers flagged.
+
+Run on a machine with an NVIDIA GPU, CUDA and TensorRT::
+
+    pip install tensorrt-cu12        # plus a CUDA build of torch
+    python benchmarks/bench_gpu.py [--max-batch 2] [--out benchmarks/results/gpu_tensorrt.json]
+
+Prints a table and writes JSON. Without a usable GPU/TensorRT it prints
+why in one sentence and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PRECISIONS = ("fp32", "fp16", "int8")
+EXIT_NO_GPU = 2
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="TorchScript/ONNX model (default: shipped deepbet)")
+    parser.add_argument("--calib", type=Path, nargs="+", help="calibration volumes (default: shipped ones)")
+    parser.add_argument("--volume", type=Path, help="volume to segment (default: first shipped evaluation volume)")
+    parser.add_argument("--reference", type=Path, help="reference mask of --volume (>0 = foreground)")
+    parser.add_argument("--method", default="max", help="calibration method (max, percentile, entropy, mse)")
+    parser.add_argument("--num-crops", type=int, default=20)
+    parser.add_argument("--max-batch", type=int, default=2, help="patches per engine call")
+    parser.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimization level")
+    parser.add_argument("--repeats", type=int, default=50, help="timed engine calls per setting")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--volume-repeats", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=RESULTS / "gpu_work", help="quantized models go here")
+    parser.add_argument("--cache-dir", type=Path, help="engine cache (default ~/.cache/slicer-ptq/tensorrt)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "gpu_tensorrt.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    from SlicerPTQLib.errors import PTQError
+    from SlicerPTQLib.runtimes.tensorrt_runtime import tensorrt_available
+
+    usable, reason = tensorrt_available()
+    if not usable:
+        print(f"bench_gpu: cannot benchmark TensorRT on this machine: {reason}.", file=sys.stderr)
+        return EXIT_NO_GPU
+    try:
+        results = run(args, reason)
+    except PTQError as exc:
+        print(f"bench_gpu: {exc}", file=sys.stderr)
+        return 1
+    print_table(results)
+    write_json(results, args.out)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def run(args: argparse.Namespace, machine: str) -> Dict:
+    import torch
+
+    from SlicerPTQLib import shipped
+    from SlicerPTQLib.pipeline import quantize, read_any
+
+    model = args.model or shipped.shipped_model()
+    calibration = args.calib or shipped.calibration_volumes()[:3]
+    if args.volume is not None:
+        volume_path, reference_path = args.volume, args.reference
+    else:
+        _, volume_path, reference_path = shipped.evaluation_volumes()[0]
+    quantized = quantize(model, calibration, out_dir=args.work, method=args.method, num_crops=args.num_crops,
+                         placement="tensorrt")
+    spec = quantized.spec
+    volume = read_any(volume_path)
+    reference = None
+    if reference_path is not None:
+        reference = shipped.reference_mask(Path(reference_path)).array
+    patch = center_patch(volume, spec)
+
+    engines: Dict[str, Dict] = {}
+    labels: Dict[str, np.ndarray] = {}
+    for precision in PRECISIONS:
+        onnx_path = quantized.quantized_onnx if precision == "int8" else quantized.fp32_onnx
+        engines[precision], labels[precision] = measure_engine(args, onnx_path, precision, spec, volume, patch)
+    for precision in PRECISIONS:
+        engines[precision]["dice_vs_fp32"] = mean_dice(labels[precision], labels["fp32"])
+        if reference is not None:
+            engines[precision]["dice_vs_reference"] = mean_dice(labels[precision], reference)
+    fp32, int8 = engines["fp32"], engines["int8"]
+    return {
+        "machine": {"gpu": torch.cuda.get_device_name(0), "tensorrt_runtime": machine,
+                    "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+        "model": str(model), "volume": str(volume_path), "roi": list(spec.roi_size),
+        "max_batch": args.max_batch, "calibration": [str(path) for path in calibration],
+        "engines": engines,
+        "int8_vs_fp32": {
+            "patch_speedup_batch1": fp32["patch_batch1"]["median_ms"] / int8["patch_batch1"]["median_ms"],
+            "volume_speedup": fp32["volume_median_s"] / int8["volume_median_s"],
+            "engine_size_ratio": int8["engine_mb"] / fp32["engine_mb"],
+        },
+    }
+
+
+def center_patch(volume, spec) -> np.ndarray:
+    """The roi-sized patch at the centre of the preprocessed volume (C, D, H, W)."""
+    from SlicerPTQLib.preprocess import prepare
+
+    image, _ = prepare(volume, spec)
+    roi = tuple(spec.roi_size)
+    padded = np.pad(image, [(0, 0)] + [(0, max(0, r - s)) for s, r in zip(image.shape[1:], roi)])
+    starts = [(s - r) // 2 for s, r in zip(padded.shape[1:], roi)]
+    return np.ascontiguousarray(padded[:, starts[0]:starts[0] + roi[0], starts[1]:starts[1] + roi[1],
+                                       starts[2]:starts[2] + roi[2]], dtype=np.float32)
+
+
+def measure_engine(args, onnx_path: Path, precision: str, spec, volume, patch: np.ndarray):
+    from SlicerPTQLib.inference import segment_volume
+    from SlicerPTQLib.runtimes import int8_summary
+    from SlicerPTQLib.runtimes.tensorrt_runtime import TensorRTRuntime
+
+    started = time.perf_counter()
+    runtime = TensorRTRuntime(onnx_path, precision=precision, roi=spec.roi_size, max_batch=args.max_batch,
+                              cache_dir=args.cache_dir, optimization_level=args.optimization_level)
+    ready_s = time.perf_counter() - started
+    try:
+        result = {
+            "onnx": str(onnx_path),
+            "engine": str(runtime.engine_path),
+            "engine_mb": runtime.engine_path.stat().st_size / 2 ** 20,
+            "ready_s": ready_s,
+            "build_s": runtime.metadata.get("build_seconds"),
+            "patch_batch1": gpu_patch_times(runtime, patch, 1, args.warmup, args.repeats),
+            f"patch_batch{runtime.max_batch}": gpu_patch_times(runtime, patch, runtime.max_batch,
+                                                               args.warmup, args.repeats),
+        }
+        seconds, labels = [], None
+        for _ in range(max(1, args.volume_repeats) + 1):
+            out, timings = segment_volume(runtime, volume, spec, batch_size=runtime.max_batch)
+            seconds.append(timings["total_s"])
+            labels = out.array
+        # The first pass pays CUDA/cuDNN lazy initialisation: leave it out.
+        result["volume_s"] = seconds[1:]
+        result["volume_median_s"] = float(np.median(seconds[1:]))
+        layers = runtime.layer_precisions()
+        result["layers"] = int8_summary(layers)
+        result["convtranspose"] = [layer for layer in layers if layer.get("convtranspose")]
+        result["qdq_warnings"] = runtime.metadata.get("qdq_warnings", [])
+    finally:
+        runtime.close()
+    return result, labels
+
+
+def gpu_patch_times(runtime, patch: np.ndarray, batch: int, warmup: int, repeats: int) -> Dict[str, float]:
+    """GPU milliseconds of one engine call on ``batch`` copies of ``patch`` (CUDA events, no copies)."""
+    import torch
+
+    inputs = torch.from_numpy(np.repeat(patch[None], batch, axis=0)).to(runtime.device)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            runtime.run_device(inputs)
+        runtime.stream.synchronize()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(runtime.stream)
+            runtime.run_device(inputs)
+            end.record(runtime.stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return {"batch": batch, "mean_ms": float(np.mean(times)), "median_ms": float(np.median(times)),
+            "median_ms_per_patch": float(np.median(times)) / batch, "runs": repeats}
+
+
+def mean_dice(labels: np.ndarray, reference: np.ndarray) -> float:
+    from SlicerPTQLib.metrics import mean_dice as dice
+
+    return dice(np.asarray(labels), np.asarray(reference))
+
+
+def print_table(results: Dict) -> None:
+    batch = results["max_batch"]
+    header = (f"{'engine':6} {'MB':>7} {'b1 med ms':>10} {'b1 mean ms':>11} {f'b{batch} ms/patch':>13} "
+              f"{'volume s':>9} {'Dice/FP32':>10} {'Dice/ref':>9} {'conv INT8':>10}")
+    print(f"TensorRT on {results['machine']['gpu']} ({results['machine']['tensorrt_runtime']}), "
+          f"roi {results['roi']}")
+    print(header)
+    print("-" * len(header))
+    for precision, row in results["engines"].items():
+        batched = next(value for key, value in row.items() if key.startswith("patch_batch") and key != "patch_batch1")
+        layers = row["layers"]
+        print(f"{precision:6} {row['engine_mb']:7.2f} {row['patch_batch1']['median_ms']:10.3f} "
+              f"{row['patch_batch1']['mean_ms']:11.3f} {batched['median_ms_per_patch']:13.3f} "
+              f"{row['volume_median_s']:9.3f} {row['dice_vs_fp32']:10.4f} "
+              f"{row.get('dice_vs_reference', float('nan')):9.4f} "
+              f"{layers['conv_int8']:>4}/{layers['conv_total']:<5}")
+    ratios = results["int8_vs_fp32"]
+    print(f"INT8 vs FP32: patch {ratios['patch_speedup_batch1']:.2f}x faster, volume "
+          f"{ratios['volume_speedup']:.2f}x faster, engine {ratios['engine_size_ratio']:.2f}x the size")
+    for layer in results["engines"]["int8"]["convtranspose"]:
+        if layer.get("note"):
+            print(f"  {layer['name']}: {layer['note']}")
+
+
+def write_json(results: Dict, out: Path) -> None:
+    from SlicerPTQLib.engine_cache import write_atomic
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, (json.dumps(results, indent=2) + "\n").encode())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
