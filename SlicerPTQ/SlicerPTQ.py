@@ -125,7 +125,9 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._updatingGui = True
         try:
-            self.onModelSearchChanged(self.ui.modelSearchLineEdit.text)
+            listed = self.ui.modelListWidget.currentItem()
+            if listed is None or listed.data(qt.Qt.UserRole) != self._parameterNode.model:
+                self.onModelSearchChanged(self.ui.modelSearchLineEdit.text)
             checked = set(self._parameterNode.calibrationVolumes)
             for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
                 self.ui.calibrationVolumesComboBox.setCheckState(node, qt.Qt.Checked if node in checked else qt.Qt.Unchecked)
@@ -154,6 +156,7 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelSelected(self, item, previous=None):
         if item is not None and self._parameterNode is not None:
+            self.ui.modelDetailsLabel.text = item.toolTip()
             self._parameterNode.model = item.data(qt.Qt.UserRole)
 
     def onLoadModelFile(self):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-from pathlib import Path
 
 import nibabel as nib
 import nrrd
@@ -133,6 +132,15 @@ def test_nrrd_with_a_single_frame_axis_is_squeezed(tmp_path):
                                  "kinds": ["list", "domain", "domain", "domain"]})
     volume = read_volume(path)
     assert np.array_equal(volume.array, _ramp())
+    assert np.allclose(volume.affine[:3, :3], np.diag([-1.0, -2.0, 3.0]))
+
+
+def test_detached_nhdr_header_is_read(tmp_path):
+    path = tmp_path / "detached.nhdr"
+    nrrd.write(str(path), _ramp(), {"space": "left-posterior-superior",
+                                    "space directions": np.diag([1.0, 2.0, 3.0])}, detached_header=True)
+    volume = read_volume(path)
+    assert volume.name == "detached" and np.array_equal(volume.array, _ramp())
     assert np.allclose(volume.affine[:3, :3], np.diag([-1.0, -2.0, 3.0]))
 
 

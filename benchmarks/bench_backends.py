@@ -98,18 +98,37 @@ class _NullRuntime:
         return np.zeros((batch.shape[0], self.out_channels, *batch.shape[2:]), dtype=np.float32)
 
 
-def _worker(conn, variant: Dict, spec_path: str, threads: int) -> None:
-    """Serve one variant: load its runtime, then answer the parent's commands until "close"."""
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (10^6 bytes).
+
+    On Linux ``getrusage``'s ``ru_maxrss`` survives ``execve``: a worker
+    spawned by a large parent starts at the parent's peak (measured here:
+    a 30 MB child reported the 530 MB of its parent). ``VmHWM`` in
+    /proc/self/status is the peak of this process's own memory map.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
     from SlicerPTQLib.metrics import peak_rss_mb
 
+    return peak_rss_mb()
+
+
+def _worker(conn, variant: Dict, spec_path: str, threads: int) -> None:
+    """Serve one variant: load its runtime, then answer the parent's commands until "close"."""
     rss_imports = None
     try:
+        # What the first segmentation would otherwise import lazily (MONAI's sliding window).
+        import monai.inferers  # noqa: F401
+
         from SlicerPTQLib.inference import segment_volume, sliding_window
         from SlicerPTQLib.runtimes import create_runtime
         from SlicerPTQLib.spec import ModelSpec
         from SlicerPTQLib.volumes import read_volume
 
-        rss_imports = peak_rss_mb()
+        rss_imports = _peak_rss_mb()
         spec = ModelSpec.load(Path(spec_path))
         start = time.perf_counter()
         runtime = create_runtime(Path(variant["path"]), variant["backend"], precision=variant["precision"],
@@ -154,7 +173,7 @@ def _worker(conn, variant: Dict, spec_path: str, threads: int) -> None:
             elif command == "layers":
                 conn.send(("ok", runtime.layer_precisions()))
             elif command == "memory":
-                conn.send(("ok", {"peak_rss_mb": peak_rss_mb(), "rss_imports_mb": rss_imports}))
+                conn.send(("ok", {"peak_rss_mb": _peak_rss_mb(), "rss_imports_mb": rss_imports}))
             else:
                 conn.send(("error", f"unknown command {command}"))
         except Exception as exc:
@@ -348,7 +367,13 @@ def measure(variants: List[Variant], spec_path: Path, cases, out: Path, threads:
                 if seconds is not None:
                     times[worker.variant.key].append(seconds)
 
-        _log(f"whole volumes: {len(cases)} volume(s) x {volume_repeats} round(s)")
+        _log("whole volumes: one untimed warm-up segmentation per backend")
+        cold = {}
+        for worker in workers:
+            answer = worker.ask("volume", str(cases[0][1]))
+            if answer is not None:
+                cold[worker.variant.key] = answer[1]["total_s"]
+        _log(f"whole volumes: {len(cases)} volume(s) x {volume_repeats} interleaved round(s)")
         volume_rows = []
         for name, image_path, mask_path in cases:
             reference = reference_mask(Path(mask_path)).array
@@ -399,7 +424,7 @@ def measure(variants: List[Variant], spec_path: Path, cases, out: Path, threads:
         for worker in workers:
             worker.close()
     return {"times": times, "volumes": volume_rows, "layers": layers, "memory": memory, "errors": errors,
-            "infos": infos, "profile": profile_result, "patch_shape": list(patch[None].shape)}
+            "infos": infos, "cold": cold, "profile": profile_result, "patch_shape": list(patch[None].shape)}
 
 
 def _fit_patch(image: np.ndarray, roi: Sequence[int]) -> np.ndarray:
@@ -490,6 +515,8 @@ def summarise(model_name: str, variants: List[Variant], measured: Dict, skipped:
                                   "conv_total": len(convs),
                                   "all_int8": sum(1 for layer in layers if layer["precision"] in ("int8", "uint8")),
                                   "all_total": len(layers)}
+        if variant.key in measured["cold"]:
+            row["first_volume_s"] = measured["cold"][variant.key]
         if variant.key in measured["errors"]:
             row["error"] = measured["errors"][variant.key]
         if variant.key == "torch_fp32":
@@ -599,6 +626,19 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def default_crops(spec, calibration: Sequence[Path]) -> int:
+    """Calibration crops: one per volume when the patch is the whole resized volume, else 20.
+
+    With ``resize == roi_size`` every crop of a volume is the volume itself,
+    so 20 crops from 4 volumes are 5 copies of each and give the same
+    ranges as 4 (max) or the same histograms up to scale (percentile,
+    entropy, mse) at a fifth of the cost.
+    """
+    if spec.resize is not None and tuple(spec.resize) == tuple(spec.roi_size):
+        return len(calibration)
+    return 20
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<UTC time>)")
@@ -607,7 +647,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="interleaved timed patch rounds (default 15, quick 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per backend first")
     parser.add_argument("--volume-repeats", type=int, help="whole-volume rounds per volume (default 2, quick 1)")
-    parser.add_argument("--num-crops", type=int, help="calibration crops (default 20, quick 8)")
+    parser.add_argument("--num-crops", type=int,
+                        help="calibration crops (default: one per calibration volume when the model takes the "
+                             "whole volume resized to its patch, as deepbet does, since more crops would only "
+                             "repeat them; else 20)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="SlicerPTQ calibration methods (default all)")
     parser.add_argument("--max-volumes", type=int, help="use only the first N evaluation volumes")
     parser.add_argument("--no-lowbit", action="store_true", help="skip the low-bit (4-bit weight) variant")
@@ -619,7 +662,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (5 if args.quick else 15)
     args.volume_repeats = args.volume_repeats or (1 if args.quick else 2)
-    args.num_crops = args.num_crops or (8 if args.quick else 20)
     args.methods = args.methods or list(METHODS)
     if DEFAULT_METHOD not in args.methods:
         args.methods = [DEFAULT_METHOD] + args.methods
@@ -635,6 +677,7 @@ def run(args: argparse.Namespace, command: str) -> Path:
 
     from SlicerPTQLib import shipped
     from SlicerPTQLib.cpu_info import cpu_info
+    from SlicerPTQLib.spec import ModelSpec, sidecar_path
 
     torch.set_num_threads(args.threads)
     out = args.out or RESULTS / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -645,6 +688,7 @@ def run(args: argparse.Namespace, command: str) -> Path:
     calibration = shipped.calibration_volumes()
     cases = shipped.evaluation_volumes()[: args.max_volumes]
     _log(f"model {model.name}; calibration {[p.name for p in calibration]}; evaluation {[c[0] for c in cases]}")
+    args.num_crops = args.num_crops or default_crops(ModelSpec.load(sidecar_path(model)), calibration)
     wanted = set(args.only or [])
     lowbit = not args.no_lowbit and (not wanted or "slicerptq_w4a8" in wanted)
     variants, spec_path, skipped, _ = build_variants(model, calibration, out / "models", args.methods,

@@ -8,15 +8,15 @@ tissue classes of the ITK example T1 head (``KmeansTest_T1UCharRaw`` and its
 Apache-2.0; the labels are a k-means tool output, not expert labels).
 
 The volume is reoriented to RAS and resampled to 2 mm, intensities are
-quantile-normalised; training draws random 64^3 crops (batch 2, Dice+CE
-loss, Adam) for ``--steps`` steps on 2 CPU threads. Weights are cached in
+quantile-normalised; training draws random 64^3 crops (batch 1, Dice+CE
+loss, AdamW, one-cycle schedule) for ``--steps`` steps on 2 CPU threads. Weights are cached in
 ``<cache>/trained/`` under a key of the architecture, its arguments, the
 data checksums and the training settings (never committed); a second run
 reuses them. Each record says what was trained, on what, for how long and
 the final Dice on the training volume (sliding window, mean over classes
 1-5).
 
-    python benchmarks/train_small_models.py --steps 150 --out benchmarks/results
+    python benchmarks/train_small_models.py --steps 100 --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from SlicerPTQLib import architectures
 from SlicerPTQLib.fetch import Source, cache_dir, fetch_all
 from SlicerPTQLib.spec import Intensity, ModelSpec
 
-TRAINING_VERSION = 1  # bump when the recipe changes so cached weights are retrained
+TRAINING_VERSION = 1
+BATCH = 1  # bump when the recipe changes so cached weights are retrained
 NUM_CLASSES = 6
 ROI = (64, 64, 64)
 SPACING = (2.0, 2.0, 2.0)
@@ -90,7 +91,7 @@ def _pad_to_roi(image: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.n
 
 def weights_key(name: str, args: Dict, steps: int, seed: int) -> str:
     """Cache key of one trained model: architecture, arguments, data and recipe."""
-    payload = json.dumps({"arch": name, "args": args, "steps": steps, "seed": seed, "roi": ROI,
+    payload = json.dumps({"arch": name, "args": args, "steps": steps, "seed": seed, "roi": ROI, "batch": BATCH,
                           "spacing": SPACING, "version": TRAINING_VERSION,
                           "data": [IMAGE.member_sha256, LABELS.member_sha256]}, sort_keys=True, default=list)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -136,7 +137,7 @@ def train_one(name: str, steps: int, seed: int = 0, learning_rate: Optional[floa
     image, labels, sources = training_data()
     padded_image, padded_labels = _pad_to_roi(image, labels)
     module = architectures.build(entry.name, args)
-    lr = learning_rate or (3e-4 if entry.family == "transformer" else 1e-3)
+    lr = learning_rate or (5e-4 if entry.family == "transformer" else 1e-3)
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-5)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -145,7 +146,7 @@ def train_one(name: str, steps: int, seed: int = 0, learning_rate: Optional[floa
     module.train()
     loss_value = float("nan")
     for step in range(steps):
-        starts = [rng.integers(0, room + 1) for _ in range(2)]
+        starts = [rng.integers(0, room + 1) for _ in range(BATCH)]
         crops = [tuple(slice(int(s), int(s) + r) for s, r in zip(start, ROI)) for start in starts]
         x = torch.from_numpy(np.stack([padded_image[(slice(None),) + c] for c in crops]))
         y = torch.from_numpy(np.stack([padded_labels[c] for c in crops])[:, None])
@@ -174,7 +175,7 @@ def train_one(name: str, steps: int, seed: int = 0, learning_rate: Optional[floa
         "arch": entry.name, "config": "small", "arch_args": args, "weights": str(weights),
         "parameters": int(sum(p.numel() for p in module.parameters())),
         "data": sources, "grid": list(labels.shape), "classes": NUM_CLASSES, "roi": list(ROI),
-        "steps": steps, "batch": 2, "learning_rate": lr, "seed": seed, "threads": torch.get_num_threads(),
+        "steps": steps, "batch": BATCH, "learning_rate": lr, "seed": seed, "threads": torch.get_num_threads(),
         "seconds": seconds, "final_loss": loss_value,
         "train_dice": {str(k): v for k, v in scores.items()},
         "train_mean_dice": float(np.mean(list(scores.values()))),
@@ -212,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="*", default=list(architectures.REGISTRY), help="registry names")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -232,7 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     (options.out / "trained_models.md").write_text(
         "# Small models trained for the architecture benchmark\n\n"
         f"Data: {IMAGE.label} {IMAGE.member} (+ k-means 6-class labels), RAS, 2 mm, crops {ROI}, "
-        f"batch 2, {options.threads} CPU threads.\n\n" + markdown(records) + "\n")
+        f"batch {BATCH}, {options.threads} CPU threads.\n\n" + markdown(records) + "\n")
     print(markdown(records))
     return 0 if all("error" not in r for r in records) else 1
 

@@ -59,7 +59,8 @@ class Architecture:
     whether onnxruntime's ``quant_pre_process`` may run on the export
     (it constant-folds SwinUNETR's window masks into a huge constant).
     ``out_arg``: how the class count is passed (``"out_channels"`` or
-    ``"class_ids"`` for VISTA3D's class prompts).
+    ``"class_ids"`` for VISTA3D's class prompts). ``min_size``: smallest
+    patch dim (SwinUNETR's instance norm at 1/32 needs more than 1 voxel).
     """
 
     name: str
@@ -75,6 +76,7 @@ class Architecture:
     ort_preprocess: bool = True
     out_arg: str = "out_channels"
     notes: str = ""
+    min_size: int = 1
     small_multiples: Dict[str, int] = field(default_factory=dict)
 
     def default_roi(self, config: str = "small") -> Tuple[int, int, int]:
@@ -90,9 +92,10 @@ class Architecture:
         """``roi`` as 3 ints, or PTQError when the network cannot take it."""
         roi = tuple(int(v) for v in roi)
         multiple = self.multiple(config)
-        if len(roi) != 3 or any(v <= 0 or v % multiple for v in roi):
-            raise PTQError(f"{self.name} needs a patch size of 3 positive multiples of {multiple}, "
-                           f"got {roi}. Use e.g. {self.default_roi(config)}.")
+        smallest = max(self.min_size, multiple)
+        if len(roi) != 3 or any(v < smallest or v % multiple for v in roi):
+            raise PTQError(f"{self.name} needs a patch size of 3 multiples of {multiple}, each at least "
+                           f"{smallest}; got {roi}. Use e.g. {self.default_roi(config)}.")
         return roi  # type: ignore[return-value]
 
 
@@ -153,7 +156,7 @@ _ENTRIES = (
         configs={"small": dict(spatial_dims=3, feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 6, 6)),
                  "paper": dict(spatial_dims=3, feature_size=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24))},
         rois={"small": _CUBE64, "paper": _CUBE96}, spatial_multiple=32, family="transformer",
-        dynamic_spatial=False, fixed_roi=True, ort_preprocess=False,
+        dynamic_spatial=False, fixed_roi=True, ort_preprocess=False, min_size=64,
         source="Hatamizadeh et al., Swin UNETR, BrainLes 2021, arXiv:2201.01266 (MONAI SwinUNETR)",
         notes="window shapes and shift masks are baked in at export: static; no quant_pre_process"),
     Architecture(
@@ -161,7 +164,7 @@ _ENTRIES = (
         configs={"small": dict(spatial_dims=3, feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 6, 6)),
                  "paper": dict(spatial_dims=3, feature_size=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24))},
         rois={"small": _CUBE64, "paper": _CUBE96}, spatial_multiple=32, family="transformer",
-        dynamic_spatial=False, fixed_roi=True, ort_preprocess=False,
+        dynamic_spatial=False, fixed_roi=True, ort_preprocess=False, min_size=64,
         source="He et al., SwinUNETR-V2, MICCAI 2023 (MONAI SwinUNETR use_v2=True)",
         notes="as SwinUNETR, plus a residual conv block before each stage"),
     Architecture(

@@ -13,6 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import preprocess
 from .errors import PTQError
 from .progress import ProgressCallback, track
 from .runtimes.base import Runtime
@@ -121,8 +122,6 @@ def segment_volume(runtime: Runtime, volume: Volume, spec: ModelSpec, batch_size
     seconds spent: ``preprocess_s``, ``network_s`` (windows and blending),
     ``restore_s`` (labels and resampling back), ``total_s``.
     """
-    from . import preprocess
-
     start = time.perf_counter()
     image, grid = preprocess.prepare(volume, spec)
     if image.shape[0] != spec.in_channels:

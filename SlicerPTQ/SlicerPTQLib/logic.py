@@ -243,9 +243,13 @@ class PTQLogic:
 
         return available_backends()
 
-    def resolveRuntime(self, runtime: Optional[str], modelPath: Path) -> str:
-        """``None``/"auto": TensorRT when a CUDA GPU can run it, else OpenVINO (torch for TorchScript)."""
-        if Path(modelPath).suffix.lower() != ".onnx":
+    def resolveRuntime(self, runtime: Optional[str], modelPath: Optional[Path] = None) -> str:
+        """The backend for an ONNX model: ``None``/"auto" is TensorRT when a CUDA GPU can run it, else
+        OpenVINO. A TorchScript ``modelPath`` (an original, unquantized network) runs in torch."""
+        if modelPath is not None and Path(modelPath).suffix.lower() != ".onnx":
+            if runtime not in (None, "", "auto", "torch"):
+                raise PTQError(f"{Path(modelPath).name} is not an ONNX model, so it runs in PyTorch, not "
+                               f"'{runtime}'. Build (quantize) it first to run it with {runtime}.")
             return "torch"
         available = self.availableRuntimes()
         if runtime in (None, "", "auto"):
@@ -354,7 +358,7 @@ class PTQLogic:
         choice = _precision(precision)
         model_path = self.resolveModel(model)
         volumes = [slicer_nodes.volume_from_node(node) for node in calibrationVolumeNodes]
-        backend = self.resolveRuntime(runtime, Path("model.onnx"))
+        backend = self.resolveRuntime(runtime)
         placement = "tensorrt" if backend == "tensorrt" else "cpu"
         settings = {"method": method, "num_crops": int(numCrops), "weight_bits": choice.weight_bits,
                     "placement": placement}
@@ -397,13 +401,15 @@ class PTQLogic:
             fp32_path = _fp32_beside(model_path)
             choice = _precision(precision) if precision else None
         backend = self.resolveRuntime(runtime, model_path)
-        runs = [{"model": model_path, "precision": choice.runtime_precision(backend) if choice else None,
-                 "title": choice.key.upper() if choice else model_path.name}]
+        run_precision = choice.runtime_precision(backend) if choice else None
+        title = (choice.key if choice.quantized else run_precision).upper() if choice else model_path.name
+        runs = [{"model": model_path, "precision": run_precision, "title": title}]
         if compareWithFP32:
-            if fp32_path is None or fp32_path == model_path:
+            if fp32_path is None:
                 raise PTQError("Compare with FP32 needs a quantized model with its FP32 ONNX beside it "
                                "(build one with Apply or PTQLogic.quantize), not the original network.")
-            runs.append({"model": fp32_path, "precision": "fp32", "title": "FP32"})
+            if (fp32_path, "fp32") != (model_path, runs[0]["precision"]):  # else it already is the FP32 run
+                runs.append({"model": fp32_path, "precision": "fp32", "title": "FP32"})
         spec = ModelSpec.load(sidecar_path(model_path)) if sidecar_path(model_path).is_file() else None
         if spec is None:
             raise PTQError(f"No metadata beside {model_path} (expected {sidecar_path(model_path)}). Quantize the "

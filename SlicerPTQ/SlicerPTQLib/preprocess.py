@@ -268,4 +268,3 @@ def _linear_axis(array: np.ndarray, axis: int, out_size: int) -> np.ndarray:
     weight_shape[axis] = out_size
     weight = (src - lower).astype(np.float32).reshape(weight_shape)
     return np.take(array, lower, axis=axis) * (1 - weight) + np.take(array, upper, axis=axis) * weight
-

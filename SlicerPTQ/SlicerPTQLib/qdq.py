@@ -7,9 +7,10 @@ an INT8 network:
   output channel, stored as int8 initializers feeding a
   ``DequantizeLinear`` (zero-point 0; Conv axis 0, ConvTranspose axis 1
   because its weight is ``(C_in, C_out/groups, k...)``, MatMul ``(K, N)``
-  and Gemm ``(K, N)`` axis 1, Gemm with ``transB`` axis 0); biases stay
-  float. No float copy of a quantized weight is kept, so the file is
-  about 4x smaller;
+  and Gemm ``(K, N)`` axis 1, Gemm with ``transB`` axis 0); the
+  "tensorrt" placement quantizes ConvTranspose per input channel (axis 0)
+  instead, as TensorRT requires. Biases stay float. No float copy of a
+  quantized weight is kept, so the file is about 4x smaller;
 - activations: one ``QuantizeLinear -> DequantizeLinear`` pair per chosen
   tensor, symmetric per tensor, int8 zero-point 0 (asymmetric uint8 made
   OpenVINO run ConvTranspose3d in FP32), shared by all its consumers.
@@ -57,12 +58,14 @@ class Placement:
     ``input_ops``: ops whose float activation inputs are quantized (Add
     only when both inputs are activations, i.e. a residual; MatMul/Gemm
     only when the other input is a constant weight). ``output_ops``: ops
-    whose float outputs are quantized.
+    whose float outputs are quantized. ``conv_transpose_axis``: the
+    ConvTranspose weight axis that gets one scale per channel.
     """
 
     name: str
     input_ops: FrozenSet[str]
     output_ops: FrozenSet[str]
+    conv_transpose_axis: int = 1
     description: str = ""
 
 
@@ -70,13 +73,6 @@ _COMPUTE_INPUTS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "MaxPool
                              "AveragePool", "Add"})
 
 PLACEMENTS: Dict[str, Placement] = {
-    "tensorrt": Placement(
-        name="tensorrt",
-        input_ops=_COMPUTE_INPUTS,
-        output_ops=frozenset({"ConvTranspose"}),
-        description="Q/DQ on the activation inputs of Conv, ConvTranspose, MatMul, Gemm, "
-                    "pooling and residual Add, and on ConvTranspose outputs so TensorRT "
-                    "fuses them into INT8 deconvolutions."),
     "cpu": Placement(
         name="cpu",
         input_ops=_COMPUTE_INPUTS | {"Concat"},
@@ -86,6 +82,16 @@ PLACEMENTS: Dict[str, Placement] = {
         description="Dense placement for OpenVINO: also quantize the outputs of norms, "
                     "activations and Add and the inputs of Concat, so int8 flows from "
                     "layer to layer without float reorders."),
+    "tensorrt": Placement(
+        name="tensorrt",
+        input_ops=_COMPUTE_INPUTS,
+        output_ops=frozenset({"ConvTranspose"}),
+        conv_transpose_axis=0,
+        description="Q/DQ on the activation inputs of Conv, ConvTranspose, MatMul, Gemm, "
+                    "pooling and residual Add, and on ConvTranspose outputs so TensorRT "
+                    "fuses them into INT8 deconvolutions; ConvTranspose weights per input "
+                    "channel (axis 0), the only per-channel layout TensorRT's INT8 "
+                    "deconvolution supports (NVIDIA/TensorRT #2380, #1694)."),
 }
 
 
@@ -107,7 +113,10 @@ class QuantizationReport:
     fp32_bytes: int
     int8_bytes: int
     output_path: str = ""
+    #: weight initializer -> "rounded" (here) or "given" (``weight_quant``)
     weight_sources: Dict[str, str] = field(default_factory=dict)
+    #: weight initializer -> axis of its per-channel scales
+    weight_axes: Dict[str, int] = field(default_factory=dict)
 
     @property
     def size_ratio(self) -> float:
@@ -120,7 +129,8 @@ class QuantizationReport:
         return data
 
 
-WeightQuant = Mapping[str, Tuple[np.ndarray, np.ndarray]]
+#: ``{weight initializer: (int8 values, per-channel scales[, axis])}``.
+WeightQuant = Mapping[str, Sequence]
 
 
 def quantize_onnx(fp32_onnx: Path, out_path: Path,
@@ -134,8 +144,9 @@ def quantize_onnx(fp32_onnx: Path, out_path: Path,
     ``calibration``: crops ``(C, D, H, W)`` (ranges are collected with the
     ``method`` observer) or a ready ``{tensor name: amax}`` table.
     ``weight_quant``: ``{weight initializer: (int8 values with the weight's
-    shape, per-channel scales along the op's channel axis)}`` used verbatim
-    instead of rounding (e.g. from a low-bit solver). ``keep_float``: node
+    shape, per-channel scales[, axis])}`` used verbatim instead of rounding
+    (e.g. from a low-bit solver); without an axis the scales run along the
+    output-channel axis (ConvTranspose: 1, whatever the placement). ``keep_float``: node
     names that must read float inputs and keep float weights.
     """
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
@@ -146,7 +157,7 @@ def quantize_onnx(fp32_onnx: Path, out_path: Path,
     _check_node_names(model.graph, keep_float)
 
     tensors = choose_activation_tensors(model, PLACEMENTS[placement], keep_float)
-    weights = choose_weights(model, keep_float)
+    weights = choose_weights(model, PLACEMENTS[placement], keep_float)
     if isinstance(calibration, Mapping):
         missing = [name for name in tensors if name not in calibration]
         if missing:
@@ -157,15 +168,17 @@ def quantize_onnx(fp32_onnx: Path, out_path: Path,
     else:
         ranges = collect_ranges(fp32_onnx, tensors, calibration, method, progress_callback)
 
-    sources = rewrite_graph(model, ranges, weights, keep_float, dict(weight_quant or {}))
+    written = rewrite_graph(model, ranges, weights, keep_float, dict(weight_quant or {}))
     quantized, floating = _count_ops(model.graph)
     _save_atomic(model, out_path)
     return QuantizationReport(
         placement=placement, method=method if not isinstance(calibration, Mapping) else "given",
         quantized_ops=quantized, float_ops=floating, kept_float=sorted(keep_float),
-        activation_amax=ranges, quantized_weights=len(sources),
+        activation_amax=ranges, quantized_weights=len(written),
         fp32_bytes=_file_bytes(fp32_onnx), int8_bytes=_file_bytes(out_path),
-        output_path=str(out_path), weight_sources=sources)
+        output_path=str(out_path),
+        weight_sources={name: source for name, (source, _) in written.items()},
+        weight_axes={name: axis for name, (_, axis) in written.items()})
 
 
 def _load_for_qdq(path: Path):
@@ -251,48 +264,64 @@ def _reads_float(node, keep_float: FrozenSet[str]) -> bool:
             or node.name in keep_float or node.op_type in ("QuantizeLinear", "DequantizeLinear"))
 
 
-def weight_axis(node, weight: np.ndarray) -> int:
-    """The output-channel axis of ``node``'s weight (see module docstring)."""
+def weight_axis(node, weight: np.ndarray, conv_transpose_axis: int = 1) -> int:
+    """The per-channel axis of ``node``'s weight (see module docstring)."""
     if node.op_type == "Conv":
         return 0
     if node.op_type == "ConvTranspose":
-        return 1
+        return conv_transpose_axis
     if node.op_type == "Gemm":
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         return 0 if trans_b else 1
     return weight.ndim - 1  # MatMul (..., K, N)
 
 
-def choose_weights(model, keep_float: FrozenSet[str] = frozenset()) -> Dict[str, Tuple[int, str]]:
-    """Float weight initializers to store as INT8: ``{name: (axis, op type)}``.
+@dataclass(frozen=True)
+class WeightSite:
+    """A weight initializer to store as INT8.
+
+    ``axis``: where rounded weights get their scales under the placement;
+    ``output_axis``: the output-channel axis, the default axis of
+    caller-supplied ``weight_quant`` scales (they differ only for
+    ConvTranspose under the "tensorrt" placement).
+    """
+
+    op_type: str
+    axis: int
+    output_axis: int
+
+
+def choose_weights(model, placement: Placement,
+                   keep_float: FrozenSet[str] = frozenset()) -> Dict[str, WeightSite]:
+    """Float weight initializers of Conv/ConvTranspose/Gemm/MatMul to store as INT8.
 
     A weight shared by several nodes is quantized once; all of them must
     agree on the axis and none may be kept float.
     """
-    graph = model.graph
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    constants = onnx_graph.constant_arrays(graph)
-    readers = onnx_graph.consumers(graph)
     import onnx
 
-    chosen: Dict[str, Tuple[int, str]] = {}
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    readers = onnx_graph.consumers(graph)
+    chosen: Dict[str, WeightSite] = {}
     for node in graph.node:
         if node.op_type not in WEIGHTED_OPS or node.name in keep_float or len(node.input) < 2:
             continue
         name = node.input[1]
         tensor = initializers.get(name)
-        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT:
+        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT or name in chosen:
             continue
-        weight = constants[name]
-        if weight.ndim < 2 or (node.op_type in ("Conv", "ConvTranspose") and weight.ndim < 3):
+        rank = len(tensor.dims)
+        if rank < 2 or (node.op_type in ("Conv", "ConvTranspose") and rank < 3):
             continue
-        axis = weight_axis(node, weight)
-        uses = readers[name]
-        if any(reader.name in keep_float or reader.op_type not in WEIGHTED_OPS
-               or reader.input[1] != name or weight_axis(reader, weight) != axis
-               for reader in uses):
+        shape_only = np.empty([0] * rank)
+        axis = weight_axis(node, shape_only, placement.conv_transpose_axis)
+        if any(reader.name in keep_float or reader.op_type != node.op_type
+               or list(reader.input[1:2]) != [name]
+               or weight_axis(reader, shape_only, placement.conv_transpose_axis) != axis
+               for reader in readers[name]):
             continue
-        chosen[name] = (axis, node.op_type)
+        chosen[name] = WeightSite(node.op_type, axis, weight_axis(node, shape_only))
     return chosen
 
 
@@ -310,8 +339,16 @@ def quantize_weight(weight: np.ndarray, axis: int) -> Tuple[np.ndarray, np.ndarr
     return q.astype(np.int8), scales.astype(np.float32)
 
 
-def _checked_weight_quant(name: str, weight: np.ndarray, axis: int,
-                          given: Tuple[np.ndarray, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+def _checked_weight_quant(name: str, weight: np.ndarray, site: WeightSite,
+                          given: Sequence) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Validate one ``weight_quant`` entry ``(q, scales[, axis])``; return it with its axis."""
+    if len(given) not in (2, 3):
+        raise PTQError(f"weight_quant[{name!r}] must be (int8 values, scales) or "
+                       "(int8 values, scales, axis).")
+    axis = int(given[2]) if len(given) == 3 else site.output_axis
+    if not 0 <= axis < weight.ndim:
+        raise PTQError(f"weight_quant[{name!r}] axis {axis} is outside the weight's "
+                       f"{weight.ndim} dims.")
     q, scales = np.asarray(given[0]), np.asarray(given[1], dtype=np.float32).reshape(-1)
     if q.shape != weight.shape:
         raise PTQError(f"weight_quant[{name!r}] has int8 values of shape {q.shape} but the "
@@ -322,13 +359,13 @@ def _checked_weight_quant(name: str, weight: np.ndarray, axis: int,
             or np.any(scales <= 0):
         raise PTQError(f"weight_quant[{name!r}] needs {weight.shape[axis]} positive scales "
                        f"(one per channel along axis {axis}), got shape {scales.shape}.")
-    return q.astype(np.int8), scales
+    return q.astype(np.int8), scales, axis
 
 
-def rewrite_graph(model, ranges: Mapping[str, float], weights: Mapping[str, Tuple[int, str]],
+def rewrite_graph(model, ranges: Mapping[str, float], weights: Mapping[str, WeightSite],
                   keep_float: FrozenSet[str] = frozenset(),
-                  weight_quant: Optional[WeightQuant] = None) -> Dict[str, str]:
-    """Insert the Q/DQ pairs in place; return ``{weight: "rounded" | "given"}``."""
+                  weight_quant: Optional[WeightQuant] = None) -> Dict[str, Tuple[str, int]]:
+    """Insert the Q/DQ pairs in place; return ``{weight: ("rounded" | "given", axis)}``."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -353,16 +390,17 @@ def rewrite_graph(model, ranges: Mapping[str, float], weights: Mapping[str, Tupl
     dequantized: Dict[str, str] = {}   # original tensor -> its DequantizeLinear output
     front_nodes, pairs_after = [], {}
 
-    sources: Dict[str, str] = {}
+    sources: Dict[str, Tuple[str, int]] = {}
     float_weights = {tensor.name: tensor for tensor in graph.initializer if tensor.name in weights}
-    for name, (axis, _) in weights.items():
+    for name, site in weights.items():
         weight = numpy_helper.to_array(float_weights[name])
         if name in weight_quant:
-            q, scales = _checked_weight_quant(name, weight, axis, weight_quant[name])
-            sources[name] = "given"
+            q, scales, axis = _checked_weight_quant(name, weight, site, weight_quant[name])
+            sources[name] = ("given", axis)
         else:
+            axis = site.axis
             q, scales = quantize_weight(weight, axis)
-            sources[name] = "rounded"
+            sources[name] = ("rounded", axis)
         q_name, scale_name = fresh(f"{name}_int8"), fresh(f"{name}_scale")
         zp_name, out_name = fresh(f"{name}_zero_point"), fresh(f"{name}_dequantized")
         new_initializers += [numpy_helper.from_array(q, q_name),

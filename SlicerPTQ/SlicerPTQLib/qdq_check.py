@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -112,8 +112,6 @@ class _Checker:
     """Walks one graph once; each ``_check_*`` method appends findings."""
 
     def __init__(self, model, target: str) -> None:
-        import onnx
-
         self.target = target
         self.graph = model.graph
         self.opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
@@ -130,7 +128,6 @@ class _Checker:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.graph_outputs = {output.name for output in self.graph.output}
-        self.names = {id(node): node.name or f"{node.op_type}#{index}" for index, node in enumerate(self.graph.node)}
 
     def run(self) -> List[Finding]:
         quant_nodes = [node for node in self.graph.node if node.op_type in _QUANT_OPS]
@@ -152,7 +149,7 @@ class _Checker:
 
     # -- helpers -----------------------------------------------------------
     def _add(self, severity: str, node, message: str) -> None:
-        name = node if isinstance(node, str) else self.names[id(node)]
+        name = node if isinstance(node, str) else _node_name(node)
         self.findings.append(Finding(severity, name, message))
 
     def _for_tensorrt(self) -> bool:
@@ -305,7 +302,7 @@ class _Checker:
 
     def _check_weight_axis(self, node, consumer, axis: int, rank: int) -> None:
         op = consumer.op_type
-        consumer_name = self.names[id(consumer)]
+        consumer_name = _node_name(consumer)
         if op == "Conv" and axis != 0:
             self._add(ERROR, node, f"Conv weights of {consumer_name} are quantized on axis {axis}; "
                                    "per-channel Conv weights must use the output-channel axis 0")
@@ -354,7 +351,7 @@ class _Checker:
         for dequantize in consumers:
             if dequantize.op_type == "DequantizeLinear" and not self._same_parameters(node, dequantize):
                 self._add(WARNING, dequantize, f"scale or zero point differs from its QuantizeLinear "
-                                               f"{self.names[id(node)]}; a Q/DQ pair must share them")
+                                               f"{_node_name(node)}; a Q/DQ pair must share them")
 
     def _same_parameters(self, quantize, dequantize) -> bool:
         for index in (1, 2):
@@ -404,12 +401,11 @@ class _Checker:
         return False
 
 
+def _node_name(node) -> str:
+    """The node's name, or ``op_type(first output)`` for unnamed nodes."""
+    return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
+
+
 def _all_zero(*values: Optional[np.ndarray]) -> bool:
     """True when every given zero point is absent or all zeros (they then agree)."""
     return all(value is None or not np.any(value.astype(np.float64)) for value in values)
-
-
-def summarize(findings: Sequence[Finding]) -> Dict[str, int]:
-    """Counts per severity, for reports: ``{"error": n, "warning": m}``."""
-    return {ERROR: sum(f.severity == ERROR for f in findings),
-            WARNING: sum(f.severity == WARNING for f in findings)}

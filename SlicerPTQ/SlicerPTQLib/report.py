@@ -28,6 +28,11 @@ FAMILY_COLORS = {"baseline": "#8c8c8c", "bf16": "#6a9fd4", "nncf": "#e09b3d", "s
                  "lowbit": "#2a6f97"}
 PRECISION_COLORS = {"int8": "#3a9a5b", "uint8": "#7bc47f", "fp32": "#d62728", "bf16": "#6a9fd4",
                     "fp16": "#9467bd", "int32": "#bbbbbb", "int64": "#bbbbbb", "bool": "#bbbbbb"}
+#: Whole-volume stages as ``inference.segment_volume`` times them, and the benchmark's finer split.
+STAGES = ("preprocess_s", "network_s", "restore_s")
+STAGES_SPLIT = ("preprocess_s", "forward_s", "blend_s", "restore_s")
+STAGE_NAMES = {"preprocess_s": "preprocess", "network_s": "sliding window", "forward_s": "network forward",
+               "blend_s": "windows + blending", "restore_s": "labels + resample back"}
 IMAGE_SIZES = {"latency": (8.0, 4.5), "size": (8.0, 4.5), "volume_time": (8.0, 4.5), "dice": (8.0, 4.5),
                "overlay": (9.0, 9.0), "layers": (10.0, 4.0)}
 
@@ -149,12 +154,9 @@ def _volume_time_chart(model: Dict, path: Path) -> Optional[Path]:
                 if any(v["key"] in vol.get("results", {}) for vol in volumes)]
     if not variants:
         return None
-    stages: List[str] = []
-    for vol in volumes:
-        for result in vol["results"].values():
-            for stage in (result.get("timings") or {}):
-                if stage.endswith("_s") and stage != "total_s" and stage not in stages:
-                    stages.append(stage)
+    found = {stage for vol in volumes for result in vol["results"].values() for stage in (result.get("timings") or {})}
+    # network_s = forward_s + blend_s when the benchmark split it: stack the finer stages.
+    stages = [stage for stage in (STAGES_SPLIT if set(STAGES_SPLIT) <= found else STAGES) if stage in found]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=IMAGE_SIZES["volume_time"])
     positions = np.arange(len(variants))
@@ -171,12 +173,12 @@ def _volume_time_chart(model: Dict, path: Path) -> Optional[Path]:
         for index, stage in enumerate(stages):
             widths = np.array([mean_of(v["key"], lambda r, s=stage: (r.get("timings") or {}).get(s))
                                for v in variants])
-            ax.barh(positions, widths, left=left, color=cmap(index % 10), label=stage[:-2])
+            ax.barh(positions, widths, left=left, color=cmap(index % 10), label=STAGE_NAMES[stage])
             left += widths
         other = np.clip(np.array(totals) - left, 0, None)
         if other.max() > 0.01 * max(totals):
             ax.barh(positions, other, left=left, color="#dddddd", label="other")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     else:
         ax.barh(positions, totals, color=[FAMILY_COLORS[family(v["key"])] for v in variants])
     for position, total in zip(positions, totals):
@@ -184,7 +186,7 @@ def _volume_time_chart(model: Dict, path: Path) -> Optional[Path]:
     ax.set_yticks(positions, [v["label"] for v in variants], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("whole-volume wall time, mean over volumes (s)")
-    ax.set_title("Whole volume: read-to-label-map time by stage", fontsize=10)
+    ax.set_title("Whole volume (loaded image to label map): time by stage", fontsize=10)
     ax.set_xlim(0, max(totals) * 1.25 if max(totals) > 0 else 1)
     fig.tight_layout()
     return _save(fig, path)

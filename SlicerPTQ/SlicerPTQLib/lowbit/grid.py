@@ -24,7 +24,7 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 # Starting clipping ratios (fraction of max|v|) for the scale fit: 2-bit
 # grids want ~0.5-0.7, 8-bit ones ~1.
-_CLIP_RATIOS = tuple(r / 20 for r in range(4, 21))
+_CLIP_RATIOS = tuple(r / 12 for r in range(3, 13))
 
 
 def level_limit(bits: int) -> int:
@@ -38,48 +38,60 @@ def level_limit(bits: int) -> int:
 def round_to_grid(values: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Integers ``q`` (same shape as ``values`` (C, n)) nearest to ``values / scale[:, None]``."""
     limit = level_limit(bits)
-    return torch.clamp(torch.round(values / scale[:, None]), -limit, limit)
+    return torch.div(values, scale[:, None]).round_().clamp_(-limit, limit)
 
 
-def _row_error(values: torch.Tensor, scale: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    return ((values - scale[:, None] * q) ** 2).sum(dim=1)
+def project(values: torch.Tensor, scale: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One refit-and-round step onto the grid for rows ``values`` (C, n) from ``scale`` (C,).
+
+    Round with the current scale, refit the least-squares scale for those
+    integers, round again: each half-step can only lower the squared
+    error. Returns ``(scale, q)``.
+    """
+    q = round_to_grid(values, scale, bits)
+    cross = (q * values).sum(dim=1)
+    norm = (q * q).sum(dim=1)
+    fitted = torch.where((norm > 0) & (cross > 0), cross / norm.clamp_min(1e-30), scale)
+    return fitted, round_to_grid(values, fitted, bits)
 
 
 def refine_scale(values: torch.Tensor, scale: torch.Tensor, bits: int,
-                 rounds: int = 20) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 rounds: int = 8) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Alternate rounding and least-squares scale from ``scale`` (C,) for rows of ``values`` (C, n).
 
-    Returns ``(scale, q, squared error per row)`` of the best iterate seen
-    per row (not just the last), so a fit that cycles still improves.
+    Returns ``(scale, q, squared error per row)`` for the best scale seen
+    per row (not just the last), so a fit that cycles still improves. The
+    error of a scale ``a`` with ``q = round(v / a)`` is
+    ``|v|^2 - 2 a <q, v> + a^2 <q, q>``, read off the sums the fit needs.
     """
-    scale = scale.clone()
-    q = round_to_grid(values, scale, bits)
-    best_error = _row_error(values, scale, q)
-    best_scale, best_q = scale.clone(), q.clone()
-    for _ in range(rounds):
+    energy = (values * values).sum(dim=1)
+    best_scale = scale.clone()
+    best_error = torch.full_like(energy, float("inf"))
+    for _ in range(rounds + 1):
+        q = round_to_grid(values, scale, bits)
+        cross = (q * values).sum(dim=1)
         norm = (q * q).sum(dim=1)
-        fitted = (q * values).sum(dim=1) / norm.clamp_min(1e-30)
-        # Rows that rounded to all zeros (or whose fit is not positive) keep their scale.
-        scale = torch.where((norm > 0) & (fitted > 0), fitted, scale)
-        new_q = round_to_grid(values, scale, bits)
-        error = _row_error(values, scale, new_q)
+        error = energy - 2.0 * scale * cross + scale * scale * norm
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_scale = torch.where(better, scale, best_scale)
-        best_q = torch.where(better[:, None], new_q, best_q)
-        if torch.equal(new_q, q):
+        fitted = cross / norm.clamp_min(1e-30)
+        # Rows that rounded to all zeros (or whose fit is not positive) keep their scale.
+        fitted = torch.where((norm > 0) & (fitted > 0), fitted, scale)
+        if torch.equal(fitted, scale):
             break
-        q = new_q
-    return best_scale, best_q, best_error
+        scale = fitted
+    return best_scale, round_to_grid(values, best_scale, bits), best_error.clamp_min(0.0)
 
 
 def fit_scale(values: torch.Tensor, bits: int, warm_start: Optional[torch.Tensor] = None,
-              rounds: int = 20) -> Tuple[torch.Tensor, torch.Tensor]:
+              rounds: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
     """MSE-fitted per-row scale and grid integers for ``values`` (C, n).
 
     Tries clipping ratios of ``max |v|`` (and ``warm_start`` (C,) when
-    given) and keeps, per row, the scale with the lowest squared error.
-    Returns ``(scale (C,), q (C, n))``; all-zero rows get scale 1 and q 0.
+    given), refines each by alternation and keeps, per row, the scale with
+    the lowest squared error. Returns ``(scale (C,), q (C, n))``; all-zero
+    rows get scale 1 and q 0.
     """
     limit = level_limit(bits)
     peak = values.abs().amax(dim=1)
@@ -87,14 +99,13 @@ def fit_scale(values: torch.Tensor, bits: int, warm_start: Optional[torch.Tensor
     starts = [peak * ratio / limit for ratio in _CLIP_RATIOS]
     if warm_start is not None:
         starts.append(warm_start)
-    best_scale = best_q = best_error = None
+    best_scale = best_error = None
     for start in starts:
-        scale, q, error = refine_scale(values, start, bits, rounds)
+        scale, _, error = refine_scale(values, start, bits, rounds)
         if best_error is None:
-            best_scale, best_q, best_error = scale, q, error
+            best_scale, best_error = scale, error
             continue
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_scale = torch.where(better, scale, best_scale)
-        best_q = torch.where(better[:, None], q, best_q)
-    return best_scale, best_q
+    return best_scale, round_to_grid(values, best_scale, bits)

@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
 
+from ..calibration import collect_ranges
 from ..errors import PTQError
 from ..progress import ProgressCallback, track
+from ..qdq import FLOAT_OPS, PLACEMENTS, SHAPE_OPS, choose_activation_tensors
 from .admm import solve_admm, solve_rtn
 from .attention import pool_to, voxel_weights
 from .features import LayerMatrix
-from .graph import Layer, boundary_layers, find_layers, insert_fake_quant
-from .grid import level_limit
+from .graph import Layer, boundary_layers, find_layers, insert_fake_quant, node_label
+from .grid import fit_scale, level_limit
 from .result import LayerReport, LowBitResult
 from .runner import IncrementalRunner
 
@@ -35,63 +37,60 @@ SOLVERS = ("admm", "rtn")
 def quantize_weights(fp32_onnx: Path, sample: np.ndarray, weight_bits: int, solver: str = "admm",
                      activation_ranges: Optional[Dict[str, float]] = None, attention: bool = True,
                      regularizer: bool = True, keep_first_last_8bit: bool = True, iterations: int = 200,
-                     progress_callback: Optional[ProgressCallback] = None, *, activation_bits: int = 8,
+                     progress_callback: Optional[ProgressCallback] = None, *, placement: str = "cpu",
+                     keep_float: Iterable[str] = frozenset(), activation_bits: int = 8,
                      device: Optional[str] = None) -> LowBitResult:
     """Low-bit weights for every Conv/ConvTranspose/Gemm/MatMul of ``fp32_onnx``.
 
     ``sample``: one preprocessed calibration input (C, *spatial) float32
-    (center-cropped or padded when the model's input shape is fixed).
-    ``activation_ranges``: ``{tensor: amax}`` of the activations the INT8
-    model quantizes (they get the same Q/DQ here); None quantizes every
-    layer input with ``max |x|`` of the FP32 network on ``sample``.
-    ``activation_bits`` other than 8 are simulated only. First and last
-    layers stay 8-bit with ``keep_first_last_8bit``.
+    (center-cropped or zero-padded when the model's input shape is fixed).
+    Activations get the Q/DQ pairs the QDQ writer puts with ``placement``
+    and ``keep_float``, with ``activation_ranges`` ({tensor: amax}, as
+    given to the writer) or, when None, ``max |x|`` of the FP32 network on
+    ``sample``. ``activation_bits`` other than 8 are simulated only (INT8
+    kernels run 8-bit activations). First and last layers stay 8-bit with
+    ``keep_first_last_8bit``; nodes in ``keep_float`` are left alone.
 
     Example::
 
         result = quantize_weights(Path("model.fp32.onnx"), crop, 4)
-        quantize_onnx(..., weight_quant=result.weight_quant)
+        quantize_onnx(fp32, out, ranges, weight_quant=result.weight_quant)
     """
     started = time.perf_counter()
-    if solver not in SOLVERS:
-        raise PTQError(f"Unknown low-bit solver {solver!r}; choose one of {', '.join(SOLVERS)}.")
-    level_limit(weight_bits)
-    if not 2 <= activation_bits <= 8:
-        raise PTQError(f"Activation bits must be between 2 and 8, got {activation_bits}.")
-    if iterations < 1:
-        raise PTQError(f"The solver needs at least one iteration, got {iterations}.")
+    _check_arguments(solver, weight_bits, activation_bits, iterations, placement)
+    keep_float = frozenset(keep_float)
     model = _load(Path(fp32_onnx))
     layers, notes = find_layers(model)
+    skipped = [layer.name for layer in layers if layer.node_name in keep_float]
+    layers = [layer for layer in layers if layer.node_name not in keep_float]
+    notes += [f"{name}: kept float (keep_float)." for name in skipped]
     if not layers:
         raise PTQError(f"{fp32_onnx} has no Conv, ConvTranspose, Gemm or MatMul with constant float32 "
-                       "weights, so there is nothing to quantize to low bits. Give the FP32 ONNX export.")
+                       "weights to quantize (or all are in keep_float). Give the FP32 ONNX export.")
     boundary = boundary_layers(model, layers) if keep_first_last_8bit else set()
     feeds = _feeds(model, sample, fp32_onnx)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    fp32 = IncrementalRunner(model, feeds)
-    voxel_map = _attention_map(model, feeds, torch_device) if attention else None
-    targets = _activation_targets(model, layers, activation_ranges)
+    if activation_ranges is None:
+        tensors = choose_activation_tensors(model, PLACEMENTS[placement], keep_float)
+        activation_ranges = collect_ranges(Path(fp32_onnx), tensors, list(next(iter(feeds.values()))), "max")
+    targets = _activation_targets(model, activation_ranges, keep_float)
     simulated, quantizers = insert_fake_quant(model, targets, activation_bits)
     deployed = IncrementalRunner(simulated, feeds)
     limit = 2 ** (activation_bits - 1) - 1
-    for tensor, amax in (activation_ranges or {}).items():
-        deployed.set_initializer(quantizers[tensor].scale, _scale(amax, limit))
+    for tensor, amax in activation_ranges.items():
+        deployed.set_initializer(quantizers[tensor].scale, np.array(max(float(amax), 1e-8) / limit, np.float32))
+    fp32 = IncrementalRunner(model, feeds)
+    voxel_map = _attention_map(model, feeds, torch_device) if attention else None
 
     weight_quant: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
     reports: List[LayerReport] = []
     initializers = {t.name: t for t in model.graph.initializer}
-    measured: Set[str] = set()  # activations whose scale was measured on the FP32 network
     for layer in track(layers, "low-bit weights", callback=progress_callback):
         layer_started = time.perf_counter()
         bits = 8 if layer.name in boundary else weight_bits
-        quantizer = quantizers.get(layer.input)
-        if activation_ranges is None and quantizer is not None and layer.input not in measured:
-            (fp_input,) = fp32.compute([layer.input])
-            deployed.set_initializer(quantizer.scale, _scale(float(np.abs(fp_input).max()), limit))
-            measured.add(layer.input)
-        layer_input = quantizer.output if quantizer is not None and _reads_quantized(layer, targets) else layer.input
-        (x,) = deployed.compute([layer_input])
+        reads_quantized = layer.name in targets.get(layer.input, ())
+        (x,) = deployed.compute([quantizers[layer.input].output if reads_quantized else layer.input])
         (y,) = fp32.compute([layer.output])
         weight = numpy_helper.to_array(initializers[layer.weight]).astype(np.float32)
         q, scales, rtn_error, solved_error, note = _solve_layer(
@@ -102,11 +101,23 @@ def quantize_weights(fp32_onnx: Path, sample: np.ndarray, weight_bits: int, solv
                                    axis=layer.out_axis, rtn_error=rtn_error, admm_error=solved_error,
                                    seconds=time.perf_counter() - layer_started, note=note))
     settings = {"attention": attention, "regularizer": regularizer, "keep_first_last_8bit": keep_first_last_8bit,
-                "iterations": iterations, "activation_ranges": "given" if activation_ranges else "max of FP32",
-                "device": str(torch_device)}
+                "iterations": iterations, "placement": placement, "device": str(torch_device),
+                "activation_tensors": len(activation_ranges)}
     return LowBitResult(weight_quant=weight_quant, layers=reports, seconds=time.perf_counter() - started,
                         weight_bits=weight_bits, activation_bits=activation_bits, solver=solver,
                         settings=settings, notes=notes)
+
+
+def _check_arguments(solver: str, weight_bits: int, activation_bits: int, iterations: int, placement: str) -> None:
+    if solver not in SOLVERS:
+        raise PTQError(f"Unknown low-bit solver {solver!r}; choose one of {', '.join(SOLVERS)}.")
+    level_limit(weight_bits)
+    if not 2 <= activation_bits <= 8:
+        raise PTQError(f"Activation bits must be between 2 and 8, got {activation_bits}.")
+    if iterations < 1:
+        raise PTQError(f"The solver needs at least one iteration, got {iterations}.")
+    if placement not in PLACEMENTS:
+        raise PTQError(f"Unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}.")
 
 
 def _load(path: Path) -> onnx.ModelProto:
@@ -157,29 +168,22 @@ def _attention_map(model: onnx.ModelProto, feeds: Dict[str, np.ndarray], device:
     return torch.from_numpy(voxel_weights(prediction)).to(device)
 
 
-def _activation_targets(model: onnx.ModelProto, layers: List[Layer],
-                        ranges: Optional[Dict[str, float]]) -> Dict[str, Optional[Set[str]]]:
-    if ranges is None:
-        targets: Dict[str, Optional[Set[str]]] = {}
-        for layer in layers:
-            targets.setdefault(layer.input, set()).add(layer.name)
-        return targets
-    known = {name for node in model.graph.node for name in node.output}
-    known |= {i.name for i in model.graph.input}
+def _activation_targets(model: onnx.ModelProto, ranges: Dict[str, float],
+                        keep_float: FrozenSet[str]) -> Dict[str, Set[str]]:
+    """Tensor -> nodes that read its Q/DQ copy (all but float-only readers, as the QDQ writer does)."""
+    known = {name for node in model.graph.node for name in node.output} | {i.name for i in model.graph.input}
     unknown = sorted(set(ranges) - known)
     if unknown:
         raise PTQError(f"Activation ranges name tensors that are not in the model: {unknown[:5]}. "
                        "Calibrate the ranges on this same FP32 ONNX file.")
-    return {tensor: None for tensor in ranges}
-
-
-def _reads_quantized(layer: Layer, targets: Dict[str, Optional[Set[str]]]) -> bool:
-    readers = targets.get(layer.input)
-    return layer.input in targets and (readers is None or layer.name in readers)
-
-
-def _scale(amax: float, limit: int) -> np.ndarray:
-    return np.array(max(float(amax), 1e-12) / limit, dtype=np.float32)
+    readers: Dict[str, Set[str]] = {tensor: set() for tensor in ranges}
+    for node in model.graph.node:
+        if node.op_type in FLOAT_OPS or node.op_type in SHAPE_OPS or node.name in keep_float:
+            continue
+        for name in node.input:
+            if name in readers:
+                readers[name].add(node_label(node))
+    return readers
 
 
 def _dequantize(q: np.ndarray, scales: np.ndarray, axis: int) -> np.ndarray:
@@ -195,8 +199,6 @@ def _solve_layer(layer: Layer, weight: np.ndarray, x: np.ndarray, y: np.ndarray,
     rows = torch.from_numpy(matrix.to_rows(weight).astype(np.float32)).to(device)
     if layer.op_type == "ConvTranspose" and layer.groups > 1:
         # Per-channel scales along axis 1 span several groups: quantize those rows directly.
-        from .grid import fit_scale
-
         scale, q = fit_scale(rows, bits)
         return (_int8(matrix.from_rows(q.cpu().numpy())), scale.cpu().numpy().astype(np.float32),
                 None, None, "grouped ConvTranspose: round-to-nearest")

@@ -121,6 +121,8 @@ class IncrementalRunner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         if self._threads:
             options.intra_op_num_threads = self._threads
+        # Threads that sleep instead of spinning: the host is often shared with other work.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(part.SerializeToString(), options, providers=["CPUExecutionProvider"])
         values = session.run(outputs, {name: self._cache[name] for name in fed})
         self._cache.update(zip(outputs, values))

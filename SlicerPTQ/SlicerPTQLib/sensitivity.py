@@ -1,0 +1,269 @@
+"""Mixed precision by layer sensitivity: keep the layers INT8 hurts most in float.
+
+1. Collect activation ranges once on the calibration crops.
+2. Quantize one layer at a time (every other node kept float) and measure
+   the network output against FP32 on the same crops (relative MSE and
+   agreement Dice of the argmax labels). The FP32 outputs are computed once.
+3. Starting from the fully quantized model, keep the worst layers in float
+   (``keep_float``) until a user-set :class:`Budget` is met: 1, 2, 4, 8, ...
+   layers, then a bisection between the last failing and first passing
+   count, so a model of N layers costs about 2 log2 N evaluations.
+
+A "layer" is a Conv, ConvTranspose, MatMul or Gemm with a constant weight
+(what runs in INT8 kernels); keeping it float removes its weight and input
+quantization. If the budget is still missed with all of them float, the
+remaining quantized nodes (residual Add, Concat, pooling, ...) go float too.
+
+Example::
+
+    result = mixed_precision(Path("m.fp32.onnx"), Path("m.int8.onnx"), crops, Budget("dice", 0.99))
+    result.keep_float  # node names left in float, pass to pipeline.quantize(keep_float=...)
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import PTQError
+from .progress import ProgressCallback, track
+
+METRICS = ("dice", "mse")
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The accuracy to keep: ``metric`` "dice" (agreement Dice with FP32 >=
+    ``threshold``) or "mse" (output MSE / output energy <= ``threshold``)."""
+
+    metric: str = "dice"
+    threshold: float = 0.99
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise PTQError(f"Unknown accuracy metric '{self.metric}'. Choose one of: {', '.join(METRICS)}.")
+        if self.metric == "dice" and not 0.0 < self.threshold <= 1.0:
+            raise PTQError(f"A Dice budget must lie in (0, 1], got {self.threshold}.")
+        if self.metric == "mse" and not self.threshold >= 0.0:
+            raise PTQError(f"A relative MSE budget must be >= 0, got {self.threshold}.")
+
+    def met(self, error: "OutputError") -> bool:
+        """True when ``error`` is within the budget."""
+        if self.metric == "dice":
+            return error.dice >= self.threshold
+        return error.relative_mse <= self.threshold
+
+
+@dataclass(frozen=True)
+class OutputError:
+    """How far a quantized model's outputs are from FP32 over the crops.
+
+    ``relative_mse``: sum of squared differences / sum of squared FP32
+    outputs; ``dice``: mean over crops of the mean Dice of the label maps
+    (argmax over channels; a single channel is thresholded at 0).
+    """
+
+    relative_mse: float
+    dice: float
+
+
+@dataclass
+class LayerSensitivity:
+    """Error of the model with only this node quantized."""
+
+    name: str
+    op_type: str
+    relative_mse: float
+    dice: float
+
+
+@dataclass
+class SensitivityResult:
+    """What :func:`mixed_precision` chose and measured."""
+
+    keep_float: List[str]
+    budget: Budget
+    met: bool
+    full_int8: OutputError
+    final: OutputError
+    layers: List[LayerSensitivity]
+    evaluations: int
+    seconds: float
+    quantized_path: str
+    backend: str
+    report: Dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["layers_total"] = len(self.layers)
+        return data
+
+
+def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> OutputError:
+    """:class:`OutputError` of ``outputs`` against ``reference``, each ``(B, K, D, H, W)``."""
+    from .metrics import mean_dice
+
+    squared, energy, dices = 0.0, 0.0, []
+    for ref, out in zip(reference, outputs):
+        ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+        squared += float(np.sum((out64 - ref64) ** 2))
+        energy += float(np.sum(ref64 ** 2))
+        for ref_item, out_item in zip(ref, out):
+            dices.append(mean_dice(_labels(ref_item), _labels(out_item)))
+    return OutputError(relative_mse=squared / max(energy, 1e-30), dice=float(np.mean(dices)))
+
+
+def _labels(output: np.ndarray) -> np.ndarray:
+    if output.shape[0] == 1:
+        return (output[0] > 0).astype(np.uint8)
+    return output.argmax(axis=0).astype(np.uint8)
+
+
+class _Evaluator:
+    """Runs FP32 and quantized variants of one model on fixed crops."""
+
+    def __init__(self, fp32_onnx: Path, crops: Sequence[np.ndarray], backend: str, threads: Optional[int],
+                 workdir: Path):
+        self.fp32_onnx = fp32_onnx
+        self.batches = [np.asarray(crop, dtype=np.float32)[None] for crop in crops]
+        self.backend = backend
+        self.threads = threads
+        self.workdir = workdir
+        self.evaluations = 0
+        self.reference = self._run(fp32_onnx)
+
+    def _run(self, path: Path) -> List[np.ndarray]:
+        from .runtimes import create_runtime
+
+        runtime = create_runtime(path, self.backend, threads=self.threads)
+        try:
+            return [runtime.predict(batch) for batch in self.batches]
+        finally:
+            runtime.close()
+
+    def error(self, quantize: Callable[[Path], object]) -> OutputError:
+        path = self.workdir / f"variant{self.evaluations}.onnx"
+        quantize(path)
+        self.evaluations += 1
+        try:
+            return output_error(self.reference, self._run(path))
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def quantized_nodes(int8_onnx: Path) -> List[Tuple[str, str]]:
+    """``(name, op type)`` of the nodes reading INT8 (Q/DQ) inputs in a QDQ file, in graph order."""
+    from . import onnx_graph
+
+    graph = onnx_graph.load_model(int8_onnx).graph
+    dq_outputs = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    return [(node.name, node.op_type) for node in graph.node
+            if node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            and any(name in dq_outputs for name in node.input)]
+
+
+def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray], budget: Budget = Budget(),
+                    method: str = "max", placement: str = "cpu", backend: str = "onnxruntime",
+                    threads: Optional[int] = None, analyse_when_met: bool = False,
+                    progress_callback: Optional[ProgressCallback] = None) -> SensitivityResult:
+    """Write a QDQ model of ``fp32_onnx`` to ``out_path`` that meets ``budget`` on ``crops``.
+
+    ``crops``: calibration patches ``(C, D, H, W)`` (ranges and errors both
+    use them). ``backend``: runtime that measures the error ("onnxruntime",
+    the reference executor of Q/DQ graphs, or "openvino"). The result lists
+    the per-layer sensitivities (worst first) and the node names kept float.
+    When the fully quantized model already meets the budget, the per-layer
+    pass is skipped (``layers`` stays empty) unless ``analyse_when_met``.
+    """
+    from .calibration import collect_ranges
+    from .qdq import PLACEMENTS, choose_activation_tensors, quantize_onnx
+    from . import onnx_graph
+
+    fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
+    if len(crops) == 0:
+        raise PTQError("Sensitivity analysis needs calibration crops; pass at least one.")
+    if placement not in PLACEMENTS:
+        raise PTQError(f"Unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}.")
+    started = time.perf_counter()
+    model = onnx_graph.load_model(fp32_onnx)
+    named = [node.name for node in model.graph.node if node.name]
+    ranges = collect_ranges(fp32_onnx, choose_activation_tensors(model, PLACEMENTS[placement]), crops, method)
+    del model
+
+    def quantizer(keep_float) -> Callable[[Path], object]:
+        return lambda path: quantize_onnx(fp32_onnx, path, ranges, placement=placement,
+                                          keep_float=frozenset(keep_float))
+
+    workdir = Path(tempfile.mkdtemp(prefix="ptq-sensitivity-"))
+    try:
+        evaluator = _Evaluator(fp32_onnx, crops, backend, threads, workdir)
+        full_path = workdir / "full.int8.onnx"
+        quantizer(())(full_path)
+        evaluator.evaluations += 1
+        full_error = output_error(evaluator.reference, evaluator._run(full_path))
+        in_int8 = quantized_nodes(full_path)
+        layers = [(name, op) for name, op in in_int8 if op in LAYER_OPS and name]
+        glue = [name for name, op in in_int8 if op not in LAYER_OPS and name]
+
+        sensitivities = []
+        if budget.met(full_error) and not analyse_when_met:
+            layers = []
+        for name, op in track(layers, "layer sensitivity", callback=progress_callback):
+            others = [other for other in named if other != name]
+            error = evaluator.error(quantizer(others))
+            sensitivities.append(LayerSensitivity(name, op, error.relative_mse, error.dice))
+        sensitivities.sort(key=lambda s: (-s.relative_mse, s.dice))
+        order = [s.name for s in sensitivities]
+
+        errors: Dict[int, OutputError] = {0: full_error}
+
+        def error_with(count: int) -> OutputError:
+            if count not in errors:
+                keep = order[:count] if count <= len(order) else order + glue
+                errors[count] = evaluator.error(quantizer(keep))
+            return errors[count]
+
+        chosen = _smallest_passing(budget, error_with, len(order), has_glue=bool(glue))
+        keep_float = [] if chosen is None else (order[:chosen] if chosen <= len(order) else order + glue)
+        report = quantize_onnx(fp32_onnx, out_path, ranges, placement=placement, keep_float=frozenset(keep_float))
+        final = errors[chosen] if chosen is not None else errors[max(errors)]
+        return SensitivityResult(keep_float=keep_float, budget=budget, met=chosen is not None,
+                                 full_int8=full_error, final=final, layers=sensitivities,
+                                 evaluations=evaluator.evaluations, seconds=time.perf_counter() - started,
+                                 quantized_path=str(out_path), backend=backend, report=report.to_dict())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _smallest_passing(budget: Budget, error_with: Callable[[int], OutputError], layer_count: int,
+                      has_glue: bool) -> Optional[int]:
+    """Smallest count of worst layers kept float that meets ``budget`` (None: none does).
+
+    ``layer_count + 1`` stands for "all layers and the other quantized nodes".
+    """
+    if budget.met(error_with(0)):
+        return 0
+    failing, count = 0, 1
+    while count < layer_count and not budget.met(error_with(count)):
+        failing, count = count, count * 2
+    if count >= layer_count:
+        count = layer_count
+        if not budget.met(error_with(count)):
+            if has_glue and budget.met(error_with(layer_count + 1)):
+                return layer_count + 1
+            return None
+    passing = count
+    while passing - failing > 1:
+        middle = (passing + failing) // 2
+        if budget.met(error_with(middle)):
+            passing = middle
+        else:
+            failing = middle
+    return passing

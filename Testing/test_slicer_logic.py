@@ -1,0 +1,265 @@
+"""The Slicer logic end to end on the real shipped model and a real head MRI.
+
+Volume node -> array -> INT8 inference -> segmentation node, in process and
+through the real worker subprocess, compared voxel by voxel with the label
+map the ``slicer-ptq segment`` command writes for the same input. The input
+is stored with permuted, flipped axes, an oblique direction matrix and
+anisotropic spacing, so any slip between (i, j, k), (k, j, i), LPS and RAS
+shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
+vtk = pytest.importorskip("vtk")
+
+from SlicerPTQLib import shipped, slicer_nodes  # noqa: E402
+from SlicerPTQLib.errors import PTQError  # noqa: E402
+from SlicerPTQLib.volume import Volume  # noqa: E402
+from SlicerPTQLib.volumes import read_volume  # noqa: E402
+
+CORE_MODULES = ("pipeline", "cli", "qdq", "calibration", "preprocess", "inference", "metrics", "export")
+
+
+def _require_core() -> None:
+    for name in CORE_MODULES:
+        try:
+            importlib.import_module(f"SlicerPTQLib.{name}")
+        except ImportError as exc:
+            pytest.skip(f"SlicerPTQLib.{name} is not importable yet: {exc}")
+
+
+@pytest.fixture(scope="module")
+def scene():
+    _require_core()
+    mrml_scene = slicer.vtkMRMLScene()
+    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations_logic.SetMRMLScene(mrml_scene)
+    hierarchy_logic = slicer.vtkSlicerSubjectHierarchyModuleLogic()
+    hierarchy_logic.SetMRMLScene(mrml_scene)
+    previous = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = mrml_scene
+    yield mrml_scene
+    segmentations_logic.SetMRMLScene(None)
+    hierarchy_logic.SetMRMLScene(None)
+    slicer.mrmlScene = previous
+
+
+def reoriented(volume: Volume, strides=(2, 1, 3), flip_axis=0, permutation=(2, 0, 1), degrees=12.0) -> Volume:
+    """The same head stored differently: strided, flipped, axes permuted, then tilted in the scanner.
+
+    Array and affine change together, so every voxel keeps its physical
+    place (up to the rigid tilt): still a head the network can segment.
+    """
+    array, affine = np.asarray(volume.array), np.array(volume.affine, dtype=float)
+    array = array[::strides[0], ::strides[1], ::strides[2]]
+    affine[:3, :3] = affine[:3, :3] * np.array(strides, dtype=float)
+    affine[:3, 3] += affine[:3, flip_axis] * (array.shape[flip_axis] - 1)
+    affine[:3, flip_axis] *= -1
+    array = np.flip(array, axis=flip_axis)
+    array = np.ascontiguousarray(array.transpose(permutation))
+    affine[:3, :3] = affine[:3, list(permutation)]
+    angle = np.deg2rad(degrees)
+    tilt = np.eye(4)
+    tilt[1:3, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    return Volume(array=array, affine=tilt @ affine, name=volume.name)
+
+
+@pytest.fixture(scope="module")
+def head(evaluation_cases):
+    """MNI152 T1 (PyPI) and its brain mask, both reoriented the same way."""
+    name, image, mask = evaluation_cases[0]
+    return reoriented(read_volume(image)), reoriented(shipped.reference_mask(mask))
+
+
+@pytest.fixture(scope="module")
+def built(scene, shipped_model_path, calibration_paths):
+    """The shipped model quantized (INT8, max, 2 crops) in process; reused from the build cache."""
+    from SlicerPTQLib.logic import PTQLogic
+
+    calibration_node = slicer_nodes.add_volume_node(scene, read_volume(calibration_paths[0]), "calibration")
+    return PTQLogic(inProcess=True).quantize(str(shipped_model_path), [calibration_node], numCrops=2)
+
+
+@pytest.fixture(scope="module")
+def input_node(scene, head):
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "subject"), "MR study")
+    node = slicer_nodes.add_volume_node(scene, head[0], "MNI152 oblique")
+    hierarchy.CreateItem(study, node)  # what Slicer's DICOM import / Data module does
+    return node
+
+
+@pytest.fixture(scope="module")
+def in_process(built, input_node):
+    from SlicerPTQLib.logic import PTQLogic
+
+    return PTQLogic(inProcess=True).segment(built, input_node, compareWithFP32=True)
+
+
+def test_input_is_really_oblique_and_anisotropic(input_node):
+    direction = vtk.vtkMatrix4x4()
+    input_node.GetIJKToRASDirectionMatrix(direction)
+    matrix = np.array([[direction.GetElement(r, c) for c in range(3)] for r in range(3)])
+    assert not np.allclose(np.abs(matrix), np.eye(3), atol=0.05)
+    assert len({round(s, 3) for s in input_node.GetSpacing()}) == 3
+
+
+def test_segmentation_node_named_coloured_and_placed(in_process, input_node, built):
+    segmentation_node, table = in_process
+    segmentation = segmentation_node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == len(built.spec.labels) == 1
+    segment = segmentation.GetNthSegment(0)
+    assert segment.GetName() == "brain"
+    assert np.allclose(segment.GetColor(), built.spec.color(1))
+    assert "SCT^12738006^Brain" in segment.GetTerminology()
+    role = segmentation_node.GetReferenceImageGeometryReferenceRole()
+    assert segmentation_node.GetNodeReferenceID(role) == input_node.GetID()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(input_node.GetScene())
+    study = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(input_node))
+    assert hierarchy.GetItemLevel(study) == "Study"
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentation_node)) == study
+
+
+def test_segment_matches_the_cli_label_map_in_ras(in_process, input_node, built, tmp_path):
+    """Slicer writes the input; ``slicer-ptq segment`` labels it; Slicer reads the result back."""
+    segmentation_node, _ = in_process
+    scene = input_node.GetScene()
+    writer = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(writer)
+    writer.SetFileName(str(tmp_path / "input.nrrd"))
+    assert writer.WriteData(input_node)
+    cli = shutil.which("slicer-ptq")
+    command = ([cli] if cli else [sys.executable, "-m", "SlicerPTQLib.cli"]) + [
+        "segment", str(built.quantizedModel), str(tmp_path / "input.nrrd"), "--out", str(tmp_path / "labels.nrrd"),
+        "--runtime", "openvino"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    cli_labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "cli labels")
+    reader = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(reader)
+    reader.SetFileName(str(tmp_path / "labels.nrrd"))
+    assert reader.ReadData(cli_labels)
+    assert np.allclose(slicer_nodes.volume_from_node(cli_labels).affine,
+                       slicer_nodes.volume_from_node(input_node).affine, atol=1e-4)
+    exported = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "exported segment")
+    segment_ids = vtk.vtkStringArray()
+    segment_ids.InsertNextValue(segmentation_node.GetSegmentation().GetNthSegmentID(0))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+        segmentation_node, segment_ids, exported, cli_labels)
+    from_segment = slicer.util.arrayFromVolume(exported)
+    from_cli = slicer.util.arrayFromVolume(cli_labels)
+    assert from_cli.shape == from_segment.shape
+    assert from_cli.sum() > 100_000  # a brain, not an empty map
+    assert np.array_equal(from_segment > 0, from_cli == 1)
+
+
+def test_brain_overlaps_the_reference_mask(in_process, input_node, built, head):
+    from SlicerPTQLib.metrics import dice
+
+    labels = slicer_nodes.labels_from_segmentation(in_process[0], input_node, built.spec)
+    assert dice(labels.array, head[1].array, [1])[1] > 0.9
+
+
+def test_compare_table_reports_time_size_and_dice_per_model(in_process):
+    rows = in_process[1]["rows"]
+    assert [row["model"] for row in rows] == ["INT8", "FP32"]
+    int8, fp32 = rows
+    assert int8["runtime"] == fp32["runtime"] == "openvino"
+    assert int8["Dice vs FP32"] > 0.97 and fp32["Dice vs FP32"] == 1.0
+    assert int8["time (s)"] > 0 and fp32["time (s)"] > 0
+    assert int8["size (MB)"] < fp32["size (MB)"] / 3
+
+
+def test_worker_process_gives_the_same_segmentation(built, input_node, in_process):
+    """The default path: the pipeline runs in a ``slicer-ptq`` worker subprocess."""
+    from SlicerPTQLib.logic import PTQLogic
+
+    progress = []
+    segmentation_node, table = PTQLogic().segment(built, input_node, progress=lambda *step: progress.append(step))
+    assert segmentation_node is not in_process[0]
+    assert progress and progress[-1][1] == progress[-1][2]
+    worker_labels = slicer_nodes.labels_from_segmentation(segmentation_node, input_node, built.spec)
+    in_process_labels = slicer_nodes.labels_from_segmentation(in_process[0], input_node, built.spec)
+    assert np.array_equal(worker_labels.array, in_process_labels.array)
+    assert [row["model"] for row in table["rows"]] == ["INT8"]
+
+
+def test_cancelling_a_real_worker_leaves_nothing_behind(built, input_node):
+    from SlicerPTQLib.logic import PTQLogic
+
+    scene = input_node.GetScene()
+    segmentations_before = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    job = PTQLogic().startSegment(built, input_node)
+    work_dirs = [path for path in job.cleanupPaths if path.exists()]
+    assert work_dirs and (work_dirs[0] / "input.nrrd").is_file()
+    time.sleep(1.0)
+    assert not job.poll()
+    job.cancel()
+    assert job.finished and job.cancelled and job.error == "Cancelled."
+    assert job.worker.process.returncode is not None
+    assert not any(path.exists() for path in work_dirs)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segmentations_before
+
+
+def test_catalog_model_resolves_to_the_shipped_weights(scene, shipped_model_path):
+    from SlicerPTQLib.logic import PTQLogic
+
+    assert PTQLogic().resolveModel("deepbet-brain-extraction") == shipped_model_path
+
+
+def test_bad_requests_name_the_problem(scene, built, input_node, shipped_model_path, tmp_path):
+    from SlicerPTQLib.logic import PTQLogic
+
+    logic = PTQLogic(inProcess=True)
+    with pytest.raises(PTQError, match="Unknown calibration method 'minmax'"):
+        logic.quantize(str(shipped_model_path), [input_node], method="minmax")
+    with pytest.raises(PTQError, match="at least one calibration volume"):
+        logic.quantize(str(shipped_model_path), [])
+    with pytest.raises(PTQError, match="Unknown precision 'int4'"):
+        logic.segment(built, input_node, precision="int4")
+    with pytest.raises(PTQError, match="neither a catalog model"):
+        logic.segment(str(tmp_path / "nothing.onnx"), input_node)
+    with pytest.raises(PTQError, match="not an ONNX model, so it runs in PyTorch"):
+        logic.segment("deepbet-brain-extraction", input_node, runtime="openvino")
+    with pytest.raises(PTQError, match="Compare with FP32 needs a quantized model"):
+        logic.segment("deepbet-brain-extraction", input_node, compareWithFP32=True)
+    bare = tmp_path / "bare.onnx"
+    shutil.copyfile(built.quantizedModel, bare)
+    with pytest.raises(PTQError, match="No metadata beside"):
+        logic.segment(str(bare), input_node)
+    if logic.availableRuntimes()["tensorrt"]:
+        with pytest.raises(PTQError, match="Runtime 'tensorrt' cannot run here"):
+            logic.segment(built, input_node, runtime="tensorrt")
+
+
+@pytest.mark.slow
+def test_gui_apply_builds_and_segments_through_workers(scene, shipped_model_path, calibration_paths, input_node,
+                                                       tmp_path, monkeypatch):
+    """What Apply does: a fresh build in a worker, published atomically, then segmentation in a worker."""
+    from SlicerPTQLib.logic import PTQLogic
+
+    monkeypatch.setenv("SLICER_PTQ_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(shipped_model_path.parent, tmp_path / "model")
+    model = tmp_path / "model" / shipped_model_path.name
+    calibration = slicer_nodes.add_volume_node(scene, read_volume(calibration_paths[0]), "calibration 2")
+    stages = []
+    job = PTQLogic().startBuildAndSegment(str(model), [calibration], input_node, numCrops=2, compareWithFP32=True,
+                                          progress=lambda stage, done, total: stages.append(stage))
+    segmentation_node, table = job.wait()
+    assert "calibrate" in stages
+    builds = list((tmp_path / "cache" / "builds").iterdir())
+    assert len(builds) == 1 and not builds[0].name.startswith(".")
+    assert {"model.fp32.onnx", "model.int8.onnx", "model.json", "quantization.json"} <= {p.name for p in builds[0].iterdir()}
+    assert not any(path.exists() for path in job.cleanupPaths)
+    assert table["rows"][0]["Dice vs FP32"] > 0.97
+    assert segmentation_node.GetSegmentation().GetNthSegment(0).GetName() == "brain"
