@@ -154,7 +154,7 @@ def test_batchnorm_after_conv_is_folded(tmp_path):
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 6, 6, 6])],
         [numpy_helper.from_array(weight, "w")]
         + [numpy_helper.from_array(a.astype(np.float32), n) for a, n in zip(bn, names)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     layers, _ = find_layers(model)
     assert layers[0].folded == "bn" and layers[0].output == "bn"
     runner = IncrementalRunner(model, {"input": real_input(1, (1, 2, 6, 6, 6))})

@@ -86,9 +86,8 @@ def render(summary: Dict) -> str:
                      "INT8 layers": (f"{r['int8_layers']['conv_int8']}/{r['int8_layers']['conv_total']} conv"
                                      if "int8_layers" in r else "")}
                     for r in summary["patch_latency"]]
-    cpu = summary["cpu"]
     return "\n\n".join([
-        f"CPU: {cpu.get('model', '?')} ({', '.join(cpu.get('int8_isa', [])) or 'no INT8 ISA found'})",
+        f"CPU: {summary['cpu']['description']}",
         f"Size: FP32 ONNX {sizes['fp32_onnx']:.2f} MB -> INT8 ONNX {sizes['quantized_onnx']:.2f} MB "
         f"({summary['size_ratio_int8_vs_fp32_onnx']:.2f}x)",
         "Per-patch latency\n" + format_table(latency_rows),

@@ -41,6 +41,8 @@ def evaluate_models(fp32_model: Path, quantized_model: Path, images: Sequence[Vo
     quantized = create_runtime(Path(quantized_model), quantized_runtime)
     rows = []
     try:
+        for runtime in (fp32, quantized):
+            _warm_up(runtime, (1, spec.in_channels, *spec.roi_size))
         for index in track(range(len(images)), "evaluate", callback=progress):
             image = read_any(images[index])
             fp32_labels, fp32_times = segment_volume(fp32, image, spec)
@@ -65,6 +67,13 @@ def evaluate_models(fp32_model: Path, quantized_model: Path, images: Sequence[Vo
         fp32.close()
         quantized.close()
     return rows
+
+
+def _warm_up(runtime, shape, calls: int = 2) -> None:
+    """Compile and settle the runtime (first calls include compilation) before anything is timed."""
+    patch = np.zeros(shape, dtype=np.float32)
+    for _ in range(calls):
+        runtime.predict(patch)
 
 
 def format_table(rows: List[Dict], columns: Optional[Sequence[str]] = None) -> str:
