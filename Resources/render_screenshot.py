@@ -72,8 +72,9 @@ def main(out: Path) -> None:
                        "dashed: FP32 model contour\n"
                        f"input: {name} T1, calibrated on {len(calibration)} unlabeled volumes",
               color="#cccccc", fontsize=8.5, va="top")
-    fig.text(0.01, 0.04, "Rendered from the module's logic (PTQLogic + segmentation node) on real data; "
-                         "times measured on the build machine (2 CPU cores).", color="#999999", fontsize=8)
+    fig.text(0.01, 0.04, "Rendered from the module's logic (PTQLogic + segmentation node) on real data. Time: whole "
+                         "volume, one fresh run per model as the module does it (model compilation included), "
+                         "measured on a shared 2-core machine.", color="#999999", fontsize=8)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100, facecolor=fig.get_facecolor())
     print(f"wrote {out}; rows: {rows}")

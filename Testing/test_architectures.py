@@ -56,6 +56,7 @@ def test_small_config_exports_and_runs_int8_on_the_cpu(name, tmp_path):
     from SlicerPTQLib.export import export_onnx, onnx_input_spec
     from SlicerPTQLib.qdq import quantize_onnx
     from SlicerPTQLib.runtimes import create_runtime
+    from SlicerPTQLib.sensitivity import attention_score_nodes
 
     entry = architectures.get(name)
     roi = tuple(max(size, entry.min_size) for size in ROI)
@@ -66,7 +67,7 @@ def test_small_config_exports_and_runs_int8_on_the_cpu(name, tmp_path):
 
     rng = np.random.default_rng(0)
     crops = [rng.standard_normal((1, *roi)).astype(np.float32) for _ in range(2)]
-    report = quantize_onnx(fp32, tmp_path / "m.int8.onnx", crops)
+    report = quantize_onnx(fp32, tmp_path / "m.int8.onnx", crops, keep_float=attention_score_nodes(fp32))
     assert report.quantized_weights > 0
     assert report.int8_bytes < 0.5 * report.fp32_bytes  # int8 weights, no constant-folded masks
 
@@ -83,18 +84,21 @@ def test_small_config_exports_and_runs_int8_on_the_cpu(name, tmp_path):
 
 
 def test_transformer_policy_quantizes_linears_keeps_norms_and_softmax_float(tmp_path):
-    """Linear layers (MatMul with a constant weight) get INT8 weights; LayerNorm,
-    Softmax and the activation x activation MatMuls of attention keep float weights."""
+    """Linear layers (MatMul with a constant weight) get INT8 weights and inputs;
+    LayerNorm, Softmax and, with attention_score_nodes kept float, the attention
+    score path (q.k^T, softmax.v) read float tensors only."""
     import torch
 
     from SlicerPTQLib.export import export_onnx
     from SlicerPTQLib.qdq import quantize_onnx
+    from SlicerPTQLib.sensitivity import attention_score_nodes
 
     torch.manual_seed(0)
     module = architectures.build("TransUNet", architectures.config_args("TransUNet", roi=ROI))
     fp32 = export_onnx(module, tmp_path / "t.fp32.onnx", 1, (1, 1, *ROI), dynamic_spatial=False)
     crops = [np.random.default_rng(1).standard_normal((1, *ROI)).astype(np.float32)]
-    quantize_onnx(fp32, tmp_path / "t.int8.onnx", crops)
+    score_nodes = attention_score_nodes(fp32)
+    quantize_onnx(fp32, tmp_path / "t.int8.onnx", crops, keep_float=score_nodes)
     graph = onnx_graph.load_model(tmp_path / "t.int8.onnx").graph
     producers = onnx_graph.producers(graph)
     constants = onnx_graph.constant_arrays(graph)
@@ -113,6 +117,8 @@ def test_transformer_policy_quantizes_linears_keeps_norms_and_softmax_float(tmp_
     assert len(linear) == 2 * 4  # per layer: qkv, proj, two MLP linears
     assert len(attention) == 2 * 2  # per layer: scores and weighted sum
     assert all(from_dequantize(node.input[0]) for node in linear)
+    assert sorted(node.name for node in attention) == sorted(score_nodes)
+    assert not any(from_dequantize(name) for node in attention for name in node.input)
     for node in graph.node:
         if node.op_type in ("Softmax", "LayerNormalization"):
             assert not any(from_dequantize(name) for name in node.input), node.name

@@ -198,7 +198,7 @@ def test_admm_beats_round_to_nearest_on_a_real_layer(shipped_onnx, real_crop, bi
     weights = pool_to(torch.from_numpy(voxel_weights(prediction)), y.shape[2:])
     matrix = LayerMatrix(layer)
     (eq,) = matrix.equations(x, y, weights, torch.device("cpu"))
-    w0 = torch.from_numpy(matrix.to_rows(numpy_helper.to_array(
+    w0 = torch.from_numpy(matrix.to_rows(np.array(numpy_helper.to_array(
         next(t for t in model.graph.initializer if t.name == layer.weight)))).float()
     rtn = solve_rtn(eq, w0, bits)
     solved = solve_admm(eq, w0, bits, rtn, iterations=100)
@@ -283,7 +283,7 @@ def test_bad_arguments_are_user_errors(tmp_path):
         lowbit.quantize_weights(tmp_path / "bad.onnx", sample, 4)
 
 
-def test_runner_runs_each_node_once_and_guards_late_weight_changes(tmp_path):
+def test_runner_matches_a_full_run_and_guards_late_weight_changes(tmp_path):
     path = export(TinySegNet(), tmp_path / "tiny.onnx", (1, 1, 16, 16, 16))
     model = onnx.load(str(path))
     layers, _ = find_layers(model)

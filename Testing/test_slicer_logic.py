@@ -263,3 +263,13 @@ def test_gui_apply_builds_and_segments_through_workers(scene, shipped_model_path
     assert not any(path.exists() for path in job.cleanupPaths)
     assert table["rows"][0]["Dice vs FP32"] > 0.97
     assert segmentation_node.GetSegmentation().GetNthSegment(0).GetName() == "brain"
+
+
+def test_precision_choices_map_to_what_each_runtime_runs():
+    from SlicerPTQLib.logic import PRECISIONS
+
+    assert PRECISIONS["int8"].runtime_precision("openvino") is None  # a Q/DQ file runs INT8 by itself
+    assert PRECISIONS["w2a8"].weight_bits == 2 and PRECISIONS["w4a8"].weight_bits == 4
+    assert PRECISIONS["fp16"].runtime_precision("openvino") == "bf16"
+    assert PRECISIONS["fp16"].runtime_precision("tensorrt") == "fp16"
+    assert PRECISIONS["fp32"].runtime_precision("openvino") == "fp32"

@@ -44,14 +44,16 @@ COMPUTE_TYPES = frozenset({"Convolution", "Deconvolution", "GroupConvolution", "
 CROP_BUDGET = 0.995  # agreement Dice on calibration crops; stricter than the 0.99 asked on volumes
 
 
-def cached_record(name: str, steps: int, seed: int = 0) -> Optional[Dict]:
-    """The training record of ``name`` if its weights are in the cache."""
+def cached_record(name: str, steps: Optional[int]) -> Optional[Dict]:
+    """The training record of ``name`` in the cache (``steps`` None: the most trained one)."""
     from SlicerPTQLib.fetch import cache_dir
 
     entry = architectures.get(name)
-    args = architectures.config_args(entry.name, "small", out_channels=training.NUM_CLASSES, roi=training.ROI)
-    record_file = cache_dir() / "trained" / f"{entry.name}-{training.weights_key(entry.name, args, steps, seed)}.json"
-    return json.loads(record_file.read_text()) if record_file.is_file() else None
+    records = [json.loads(path.read_text()) for path in (cache_dir() / "trained").glob(f"{entry.name}-*.json")]
+    records = [r for r in records if Path(r["weights"]).is_file() and r["arch"] == entry.name
+               and r.get("version", training.TRAINING_VERSION) == training.TRAINING_VERSION
+               and (steps is None or r["steps"] == steps)]
+    return max(records, key=lambda r: r["steps"]) if records else None
 
 
 def torch_latency(module, shape, repeats: int = 3) -> float:
@@ -104,7 +106,7 @@ def bench_one(name: str, out_dir: Path, steps: int, threads: int, calibration_im
     from SlicerPTQLib.metrics import dice, mean_dice, time_forward
     from SlicerPTQLib.qdq import quantize_onnx
     from SlicerPTQLib.runtimes import available_backends, create_runtime
-    from SlicerPTQLib.sensitivity import Budget, mixed_precision
+    from SlicerPTQLib.sensitivity import Budget, attention_score_nodes, mixed_precision
 
     entry = architectures.get(name)
     roi = training.ROI
@@ -136,7 +138,9 @@ def bench_one(name: str, out_dir: Path, steps: int, threads: int, calibration_im
         stage = "calibrate+quantize"
         crops = sample_crops([image for _, image in calibration_images], roi, 8, seed=0)
         int8 = folder / "model.int8.onnx"
-        report = quantize_onnx(fp32, int8, crops, method="max", placement="cpu")
+        policy_float = attention_score_nodes(fp32)
+        report = quantize_onnx(fp32, int8, crops, method="max", placement="cpu", keep_float=policy_float)
+        row["attention_float_nodes"] = len(policy_float)
         row["size_mb"] = {"fp32": fp32.stat().st_size / 2**20, "int8": int8.stat().st_size / 2**20}
         row["size_ratio"] = row["size_mb"]["fp32"] / row["size_mb"]["int8"]
         row["qdq_quantized_ops"] = report.quantized_ops
@@ -149,7 +153,7 @@ def bench_one(name: str, out_dir: Path, steps: int, threads: int, calibration_im
                               "full_int8_crop_dice": sensitivity.full_int8.dice,
                               "full_int8_crop_rel_mse": sensitivity.full_int8.relative_mse,
                               "final_crop_dice": sensitivity.final.dice,
-                              "kept_float": sensitivity.keep_float, "layers_analysed": len(sensitivity.layers),
+                              "kept_float": sensitivity.fallback, "layers_analysed": len(sensitivity.layers),
                               "evaluations": sensitivity.evaluations, "seconds": sensitivity.seconds,
                               "worst_layers": [vars(s) for s in sensitivity.layers[:5]]}
 
@@ -243,7 +247,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="*", default=list(architectures.REGISTRY))
-    parser.add_argument("--steps", type=int, default=100, help="training steps of the cached weights to use")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="use cached weights trained this many steps (default: the most trained)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     options = parser.parse_args(argv)

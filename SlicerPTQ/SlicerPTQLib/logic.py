@@ -18,7 +18,6 @@ Console example (inside 3D Slicer)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -49,7 +48,6 @@ class Precision:
     """A build choice: quantized weight bits, or a float model and its runtime precision."""
 
     key: str
-    title: str
     weight_bits: int = 8
     quantized: bool = True
 
@@ -62,12 +60,14 @@ class Precision:
         return "fp32"
 
 
+#: int8: 8-bit weights and activations; w4a8/w2a8: low-bit weights (layer-wise ADMM) on INT8
+#: kernels; fp16 (BF16 on the CPU) and fp32 run the float model of the same build.
 PRECISIONS: Dict[str, Precision] = {p.key: p for p in (
-    Precision("int8", "INT8 (8-bit weights and activations)"),
-    Precision("w4a8", "W4A8 (4-bit weights, 8-bit activations)", weight_bits=4),
-    Precision("w2a8", "W2A8 (2-bit weights, 8-bit activations)", weight_bits=2),
-    Precision("fp16", "FP16 (BF16 on the CPU), not quantized", quantized=False),
-    Precision("fp32", "FP32, not quantized", quantized=False),
+    Precision("int8"),
+    Precision("w4a8", weight_bits=4),
+    Precision("w2a8", weight_bits=2),
+    Precision("fp16", quantized=False),
+    Precision("fp32", quantized=False),
 )}
 
 
@@ -362,7 +362,7 @@ class PTQLogic:
         placement = "tensorrt" if backend == "tensorrt" else "cpu"
         settings = {"method": method, "num_crops": int(numCrops), "weight_bits": choice.weight_bits,
                     "placement": placement}
-        destination = Path(outDir) if outDir is not None else _build_cache_folder(model_path, volumes, settings)
+        destination = Path(outDir) if outDir is not None else _build_folder(model_path, volumes, settings)
         cached = BuiltModel.fromFolder(destination, choice.key) if outDir is None else None
         return _BuildPlan(model_path, volumes, settings, destination, choice, placement, cached)
 
@@ -489,21 +489,14 @@ def _precision(key: Optional[str]) -> Precision:
     return PRECISIONS[key]
 
 
-def _build_cache_folder(model_path: Path, volumes: Sequence[Volume], settings: Dict) -> Path:
-    """``<cache>/builds/slicer-<key>``: the key covers model file, its spec, settings and every calibration voxel."""
-    from .fetch import cache_dir
-    from .models import file_sha256
+def _build_folder(model_path: Path, volumes: Sequence[Volume], settings: Dict) -> Path:
+    """The shared build cache folder (see :func:`pipeline.build_folder`), prefixed for builds made here."""
+    from .pipeline import build_folder
 
-    digest = hashlib.sha256(file_sha256(model_path).encode())
     spec_file = sidecar_path(model_path)
-    digest.update(spec_file.read_bytes() if spec_file.is_file() else b"")
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    for volume in volumes:
-        array = np.ascontiguousarray(volume.array)
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
-        digest.update(np.asarray(volume.affine, dtype=np.float64).tobytes())
-    return cache_dir() / "builds" / f"slicer-{digest.hexdigest()[:20]}"
+    spec = ModelSpec.load(spec_file) if spec_file.is_file() else ModelSpec(name=Path(model_path).name)
+    folder = build_folder(model_path, spec, volumes, settings)
+    return folder.with_name(f"slicer-{folder.name}")
 
 
 def _publish_build(build: Path, destination: Path, precision: str) -> BuiltModel:

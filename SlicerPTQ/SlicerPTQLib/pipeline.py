@@ -83,16 +83,26 @@ def prepared_arrays(sources: Sequence[VolumeSource], spec: ModelSpec,
                                                                      callback=progress)]
 
 
-def _settings_key(loaded: LoadedModel, sources: Sequence[VolumeSource], settings: Dict) -> str:
+def build_folder(model_source: Path, spec: ModelSpec, calibration: Sequence[VolumeSource], settings: Dict) -> Path:
+    """``<cache>/builds/<key>``: the key covers the model file, its spec, the settings and every calibration voxel."""
     import hashlib
 
-    digest = hashlib.sha256(file_sha256(loaded.source).encode())
+    import numpy as np
+
+    from .fetch import cache_dir
+
+    digest = hashlib.sha256(file_sha256(Path(model_source)).encode())
+    digest.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    digest.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
-    for source in sources:
-        digest.update(file_sha256(Path(source)).encode() if not isinstance(source, Volume)
-                      else source.array.tobytes()[:1 << 20])
-    return digest.hexdigest()[:20]
+    for source in calibration:
+        if isinstance(source, Volume):
+            array = np.ascontiguousarray(source.array)
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+            digest.update(np.asarray(source.affine, dtype=np.float64).tobytes())
+        else:
+            digest.update(file_sha256(Path(source)).encode())
+    return cache_dir() / "builds" / digest.hexdigest()[:20]
 
 
 def _cached(out_dir: Path) -> Optional[QuantizeResult]:
@@ -136,9 +146,7 @@ def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_d
                 "weight_bits": weight_bits, "lowbit_solver": lowbit_solver if weight_bits < 8 else None,
                 "keep_float": sorted(keep_float), "roi": list(loaded.spec.roi_size)}
     if out_dir is None:
-        from .fetch import cache_dir
-
-        out_dir = cache_dir() / "builds" / _settings_key(loaded, calibration, settings)
+        out_dir = build_folder(loaded.source, loaded.spec, calibration, settings)
         hit = _cached(out_dir)
         if hit is not None:
             return hit

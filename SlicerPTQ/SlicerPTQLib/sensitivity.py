@@ -89,6 +89,9 @@ class SensitivityResult:
     """What :func:`mixed_precision` chose and measured."""
 
     keep_float: List[str]
+    #: layers the sensitivity pass put in float / nodes float by policy (attention scores)
+    fallback: List[str]
+    policy_float: List[str]
     budget: Budget
     met: bool
     full_int8: OutputError
@@ -158,6 +161,46 @@ class _Evaluator:
             path.unlink(missing_ok=True)
 
 
+#: Ops an attention-score tensor passes through between the q.k^T product
+#: and its Softmax (scaling, bias and mask addition, window reshapes).
+_SCORE_PATH_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Reshape", "Transpose", "Unsqueeze", "Squeeze",
+                             "Where", "Cast", "Expand"})
+
+
+def attention_score_nodes(fp32_onnx: Path) -> List[str]:
+    """Names of the attention-score nodes of a transformer graph, to keep in float.
+
+    These are the MatMul/Einsum nodes that multiply two activations (q.k^T
+    and softmax.v) and every node from a q.k^T product to its Softmax
+    (scale, relative-position bias and shift-mask Adds, window reshapes).
+    INT8 on this path costs accuracy and gains little; an Add of two
+    quantized score tensors also makes OpenVINO's low-precision pass fail
+    to compile SwinUNETR. Empty for CNNs.
+    """
+    from . import onnx_graph
+
+    graph = onnx_graph.load_model(fp32_onnx).graph
+    constants = onnx_graph.constant_arrays(graph)
+    readers = onnx_graph.consumers(graph)
+    chosen: Dict[str, None] = {}
+    products = [node for node in graph.node if node.op_type in ("MatMul", "Einsum")
+                and len(node.input) > 1 and not any(name in constants for name in node.input)]
+    for product in products:
+        chosen[product.name] = None
+        frontier, path = list(product.output), []
+        for _ in range(8):  # the score path is short; stop rather than wander through the graph
+            next_nodes = [reader for name in frontier for reader in readers.get(name, [])]
+            if not next_nodes or any(node.op_type == "Softmax" for node in next_nodes):
+                if next_nodes:
+                    chosen.update((node.name, None) for node in path)
+                break
+            if not all(node.op_type in _SCORE_PATH_OPS for node in next_nodes):
+                break
+            path += next_nodes
+            frontier = [name for node in next_nodes for name in node.output]
+    return [name for name in chosen if name]
+
+
 def quantized_nodes(int8_onnx: Path) -> List[Tuple[str, str]]:
     """``(name, op type)`` of the nodes reading INT8 (Q/DQ) inputs in a QDQ file, in graph order."""
     from . import onnx_graph
@@ -172,6 +215,7 @@ def quantized_nodes(int8_onnx: Path) -> List[Tuple[str, str]]:
 def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray], budget: Budget = Budget(),
                     method: str = "max", placement: str = "cpu", backend: str = "onnxruntime",
                     threads: Optional[int] = None, analyse_when_met: bool = False,
+                    keep_attention_float: bool = True,
                     progress_callback: Optional[ProgressCallback] = None) -> SensitivityResult:
     """Write a QDQ model of ``fp32_onnx`` to ``out_path`` that meets ``budget`` on ``crops``.
 
@@ -181,6 +225,8 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
     the per-layer sensitivities (worst first) and the node names kept float.
     When the fully quantized model already meets the budget, the per-layer
     pass is skipped (``layers`` stays empty) unless ``analyse_when_met``.
+    With ``keep_attention_float`` the :func:`attention_score_nodes` are
+    float in every variant ("fully quantized" means all other nodes).
     """
     from .calibration import collect_ranges
     from .qdq import PLACEMENTS, choose_activation_tensors, quantize_onnx
@@ -194,12 +240,13 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
     started = time.perf_counter()
     model = onnx_graph.load_model(fp32_onnx)
     named = [node.name for node in model.graph.node if node.name]
+    policy_float = attention_score_nodes(fp32_onnx) if keep_attention_float else []
     ranges = collect_ranges(fp32_onnx, choose_activation_tensors(model, PLACEMENTS[placement]), crops, method)
     del model
 
     def quantizer(keep_float) -> Callable[[Path], object]:
         return lambda path: quantize_onnx(fp32_onnx, path, ranges, placement=placement,
-                                          keep_float=frozenset(keep_float))
+                                          keep_float=frozenset(policy_float) | frozenset(keep_float))
 
     workdir = Path(tempfile.mkdtemp(prefix="ptq-sensitivity-"))
     try:
@@ -231,10 +278,11 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
             return errors[count]
 
         chosen = _smallest_passing(budget, error_with, len(order), has_glue=bool(glue))
-        keep_float = [] if chosen is None else (order[:chosen] if chosen <= len(order) else order + glue)
+        fallback = [] if chosen is None else (order[:chosen] if chosen <= len(order) else order + glue)
+        keep_float = policy_float + fallback
         report = quantize_onnx(fp32_onnx, out_path, ranges, placement=placement, keep_float=frozenset(keep_float))
         final = errors[chosen] if chosen is not None else errors[max(errors)]
-        return SensitivityResult(keep_float=keep_float, budget=budget, met=chosen is not None,
+        return SensitivityResult(keep_float=keep_float, fallback=fallback, policy_float=policy_float, budget=budget, met=chosen is not None,
                                  full_int8=full_error, final=final, layers=sensitivities,
                                  evaluations=evaluator.evaluations, seconds=time.perf_counter() - started,
                                  quantized_path=str(out_path), backend=backend, report=report.to_dict())
