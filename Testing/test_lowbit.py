@@ -192,14 +192,14 @@ def real_crop(calibration_paths) -> np.ndarray:
 def test_admm_beats_round_to_nearest_on_a_real_layer(shipped_onnx, real_crop, bits):
     model = onnx.load(str(shipped_onnx))
     layers, _ = find_layers(model)
-    layer = next(l for l in layers if l.name == "/down1/block1/double_conv/3/Conv")
+    layer = next(item for item in layers if item.name == "/down1/block1/double_conv/3/Conv")
     runner = IncrementalRunner(model, {"input": real_crop[None]})
     (x, y, prediction) = runner.compute([layer.input, layer.output, "output"])
     weights = pool_to(torch.from_numpy(voxel_weights(prediction)), y.shape[2:])
     matrix = LayerMatrix(layer)
     (eq,) = matrix.equations(x, y, weights, torch.device("cpu"))
-    w0 = torch.from_numpy(matrix.to_rows(np.array(numpy_helper.to_array(
-        next(t for t in model.graph.initializer if t.name == layer.weight)))).float()
+    initializer = next(t for t in model.graph.initializer if t.name == layer.weight)
+    w0 = torch.from_numpy(matrix.to_rows(np.array(numpy_helper.to_array(initializer)))).float()
     rtn = solve_rtn(eq, w0, bits)
     solved = solve_admm(eq, w0, bits, rtn, iterations=100)
     assert solved.error < 0.6 * rtn.error
@@ -265,6 +265,19 @@ def test_quantize_weights_feeds_the_qdq_writer(tmp_path):
     quantize_onnx(path, out, [sample], weight_quant=result.weight_quant)
     probabilities = cpu_session(out).run(None, {"input": sample[None]})[0]
     assert probabilities.shape == (1, 2, 16, 16, 16) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+
+
+def test_keep_float_and_simulated_4bit_activations(tmp_path):
+    path = export(TinySegNet(), tmp_path / "tiny.onnx", (1, 1, 16, 16, 16))
+    model = onnx.load(str(path))
+    layers, _ = find_layers(model)
+    sample = real_input(7, (1, 16, 16, 16))
+    result = lowbit.quantize_weights(path, sample, 3, iterations=10, activation_bits=4,
+                                     keep_float=[layers[2].node_name])
+    assert layers[2].weight not in result.weight_quant and len(result.weight_quant) == len(layers) - 1
+    assert "simulated" in result.summary()["activations"]
+    middle = result.weight_quant[layers[1].weight][0]
+    assert np.abs(middle).max() <= 3
 
 
 def test_bad_arguments_are_user_errors(tmp_path):

@@ -48,6 +48,13 @@ def producers(graph) -> Dict[str, object]:
     return {name: node for node in graph.node for name in node.output}
 
 
+def constant_names(graph) -> set:
+    """Names of every constant tensor (initializers and ``Constant`` outputs), no copies."""
+    names = {tensor.name for tensor in graph.initializer}
+    names |= {node.output[0] for node in graph.node if node.op_type == "Constant"}
+    return names
+
+
 def constant_arrays(graph) -> Dict[str, np.ndarray]:
     """Every constant tensor: initializers and ``Constant`` node outputs."""
     from onnx import numpy_helper

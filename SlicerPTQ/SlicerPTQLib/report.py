@@ -299,6 +299,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 VARIANT_COLUMNS = (
     ("label", "backend", None), ("patch_median_s", "patch median (s)", 4), ("patch_p90_s", "patch p90 (s)", 4),
+    ("patch_min_s", "patch fastest (s)", 4),
     ("speedup_vs_torch", "patch speed-up vs PyTorch", 2), ("volume_mean_s", "whole volume (s)", 3),
     ("size_mb", "file (MB)", 2), ("peak_rss_mb", "peak RSS (MB)", 0), ("quantize_s", "quantize (s)", 1),
     ("dice_vs_reference_mean", "Dice vs reference", 4), ("dice_vs_fp32_mean", "Dice vs FP32", 4),
@@ -380,6 +381,10 @@ def build_report(benchmark_json: Path, out_dir: Path) -> Path:
         f"{html.escape(', '.join(cpu.get('int8_isa', [])) or 'none found')}; threads: "
         f"{html.escape(str(data.get('threads', 'default')))}</p>",
     ]
+    if data.get("load_average_at_end"):
+        header.append(f"<p>Machine load average (1, 5, 15 min) at the end: "
+                      f"{html.escape(', '.join(f'{v:.1f}' for v in data['load_average_at_end']))} "
+                      "(other processes share the CPU: compare ratios within this run)</p>")
     if data.get("command"):
         header.append(f"<p>Command: <code>{html.escape(data['command'])}</code> "
                       f"({html.escape(str(data.get('created_utc', '')))})</p>")

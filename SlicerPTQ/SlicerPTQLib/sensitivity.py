@@ -66,8 +66,8 @@ class OutputError:
     """How far a quantized model's outputs are from FP32 over the crops.
 
     ``relative_mse``: sum of squared differences / sum of squared FP32
-    outputs; ``dice``: mean over crops of the mean Dice of the label maps
-    (argmax over channels; a single channel is thresholded at 0).
+    outputs; ``dice``: mean Dice over labels of the label maps (argmax over
+    channels; a single channel is thresholded at 0), all crops pooled.
     """
 
     relative_mse: float
@@ -76,12 +76,17 @@ class OutputError:
 
 @dataclass
 class LayerSensitivity:
-    """Error of the model with only this node quantized."""
+    """Error of the model with only this layer quantized.
+
+    ``name``/``op_type``: the weighted node; ``nodes``: it and the quantized
+    glue nodes feeding it (see :func:`layer_groups`), kept float together.
+    """
 
     name: str
     op_type: str
     relative_mse: float
     dice: float
+    nodes: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -110,17 +115,23 @@ class SensitivityResult:
 
 
 def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> OutputError:
-    """:class:`OutputError` of ``outputs`` against ``reference``, each ``(B, K, D, H, W)``."""
+    """:class:`OutputError` of ``outputs`` against ``reference``, each ``(B, K, D, H, W)``.
+
+    Dice pools the voxels of all crops (one Dice per label over all of
+    them), so a class with a few voxels in one crop does not swing it.
+    """
     from .metrics import mean_dice
 
-    squared, energy, dices = 0.0, 0.0, []
+    squared, energy, reference_labels, output_labels = 0.0, 0.0, [], []
     for ref, out in zip(reference, outputs):
         ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
         squared += float(np.sum((out64 - ref64) ** 2))
         energy += float(np.sum(ref64 ** 2))
         for ref_item, out_item in zip(ref, out):
-            dices.append(mean_dice(_labels(ref_item), _labels(out_item)))
-    return OutputError(relative_mse=squared / max(energy, 1e-30), dice=float(np.mean(dices)))
+            reference_labels.append(_labels(ref_item).ravel())
+            output_labels.append(_labels(out_item).ravel())
+    agreement = mean_dice(np.concatenate(reference_labels), np.concatenate(output_labels))
+    return OutputError(relative_mse=squared / max(energy, 1e-30), dice=agreement)
 
 
 def _labels(output: np.ndarray) -> np.ndarray:
@@ -212,6 +223,42 @@ def quantized_nodes(int8_onnx: Path) -> List[Tuple[str, str]]:
             and any(name in dq_outputs for name in node.input)]
 
 
+def layer_groups(fp32_onnx: Path, in_int8: Sequence[Tuple[str, str]]
+                 ) -> Tuple[Dict[str, Tuple[str, List[str]]], List[str]]:
+    """Split the quantized nodes ``in_int8`` into layers: ``({layer: (op, nodes)}, leftover)``.
+
+    A layer is a weighted node (Conv, ConvTranspose, MatMul, Gemm) plus the
+    quantized non-weighted nodes (norm outputs, activations, residual Add,
+    Concat, pooling) on the way back from its input to the previous weighted
+    nodes: their INT8 error reaches the network through that layer, and
+    keeping the layer float without them would leave most of its error.
+    A node feeding several layers joins the first one in graph order;
+    ``leftover`` are quantized nodes feeding no weighted layer.
+    """
+    from . import onnx_graph
+
+    graph = onnx_graph.load_model(fp32_onnx).graph
+    producers = onnx_graph.producers(graph)
+    ops = dict(in_int8)
+    weighted = [node for node in graph.node if ops.get(node.name) in LAYER_OPS]
+    claimed: set = set()
+    groups: Dict[str, Tuple[str, List[str]]] = {}
+    for layer in weighted:
+        members, stack, seen = [layer.name], list(layer.input), set()
+        while stack:
+            producer = producers.get(stack.pop())
+            if producer is None or producer.name in seen or producer.op_type in LAYER_OPS:
+                continue
+            seen.add(producer.name)
+            if producer.name in ops and producer.name not in claimed:
+                members.append(producer.name)
+                claimed.add(producer.name)
+            stack.extend(producer.input)
+        groups[layer.name] = (layer.op_type, members)
+    leftover = [name for name, op in in_int8 if op not in LAYER_OPS and name and name not in claimed]
+    return groups, leftover
+
+
 def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray], budget: Budget = Budget(),
                     method: str = "max", placement: str = "cpu", backend: str = "onnxruntime",
                     threads: Optional[int] = None, analyse_when_met: bool = False,
@@ -255,37 +302,38 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
         quantizer(())(full_path)
         evaluator.evaluations += 1
         full_error = output_error(evaluator.reference, evaluator._run(full_path))
-        in_int8 = quantized_nodes(full_path)
-        layers = [(name, op) for name, op in in_int8 if op in LAYER_OPS and name]
-        glue = [name for name, op in in_int8 if op not in LAYER_OPS and name]
+        groups, glue = layer_groups(fp32_onnx, quantized_nodes(full_path))
+        if budget.met(full_error) and not analyse_when_met:
+            groups = {}
 
         sensitivities = []
-        if budget.met(full_error) and not analyse_when_met:
-            layers = []
-        for name, op in track(layers, "layer sensitivity", callback=progress_callback):
-            others = [other for other in named if other != name]
-            error = evaluator.error(quantizer(others))
-            sensitivities.append(LayerSensitivity(name, op, error.relative_mse, error.dice))
-        sensitivities.sort(key=lambda s: (-s.relative_mse, s.dice))
-        order = [s.name for s in sensitivities]
+        for name, (op, members) in track(list(groups.items()), "layer sensitivity", callback=progress_callback):
+            member_set = set(members)
+            error = evaluator.error(quantizer([other for other in named if other not in member_set]))
+            sensitivities.append(LayerSensitivity(name, op, error.relative_mse, error.dice, members))
+        sensitivities.sort(key=lambda item: (-item.relative_mse, item.dice))
+
+        def float_nodes(count: int) -> List[str]:
+            nodes = [node for item in sensitivities[:count] for node in item.nodes]
+            return nodes + glue if count > len(sensitivities) else nodes
 
         errors: Dict[int, OutputError] = {0: full_error}
 
         def error_with(count: int) -> OutputError:
             if count not in errors:
-                keep = order[:count] if count <= len(order) else order + glue
-                errors[count] = evaluator.error(quantizer(keep))
+                errors[count] = evaluator.error(quantizer(float_nodes(count)))
             return errors[count]
 
-        chosen = _smallest_passing(budget, error_with, len(order), has_glue=bool(glue))
-        fallback = [] if chosen is None else (order[:chosen] if chosen <= len(order) else order + glue)
+        chosen = _smallest_passing(budget, error_with, len(sensitivities), has_glue=bool(glue))
+        fallback = [] if chosen is None else float_nodes(chosen)
         keep_float = policy_float + fallback
         report = quantize_onnx(fp32_onnx, out_path, ranges, placement=placement, keep_float=frozenset(keep_float))
         final = errors[chosen] if chosen is not None else errors[max(errors)]
-        return SensitivityResult(keep_float=keep_float, fallback=fallback, policy_float=policy_float, budget=budget, met=chosen is not None,
-                                 full_int8=full_error, final=final, layers=sensitivities,
-                                 evaluations=evaluator.evaluations, seconds=time.perf_counter() - started,
-                                 quantized_path=str(out_path), backend=backend, report=report.to_dict())
+        return SensitivityResult(keep_float=keep_float, fallback=fallback, policy_float=policy_float,
+                                 budget=budget, met=chosen is not None, full_int8=full_error, final=final,
+                                 layers=sensitivities, evaluations=evaluator.evaluations,
+                                 seconds=time.perf_counter() - started, quantized_path=str(out_path),
+                                 backend=backend, report=report.to_dict())
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -141,9 +141,9 @@ def _describe(node: onnx.NodeProto, shape: List[int], initializers: Dict[str, on
     gain = np.ones(out_channels, dtype=np.float64)
     if op == "Gemm":
         gain *= float(attributes.get("alpha", 1.0))
-    return Layer(name=label, node_name=node.name, op_type=op, weight=node.input[1], input=node.input[0], output=node.output[0],
-                 weight_shape=tuple(int(s) for s in shape), out_axis=out_axis, gain=gain, bias=bias,
-                 attributes=attributes)
+    return Layer(name=label, node_name=node.name, op_type=op, weight=node.input[1], input=node.input[0],
+                 output=node.output[0], weight_shape=tuple(int(s) for s in shape), out_axis=out_axis,
+                 gain=gain, bias=bias, attributes=attributes)
 
 
 def _fold_batchnorm(layer: Layer, graph: onnx.GraphProto, consumers: Dict[str, List[int]],
