@@ -65,7 +65,8 @@ def test_every_variant_was_measured(tiny_result):
     for row in variants.values():
         assert "error" not in row, row.get("error")
         assert len(row["patch_times_s"]) == 2
-        assert 0 < row["patch_median_s"] <= row["patch_p90_s"] + 1e-9
+        assert 0 < row["patch_min_s"] <= row["patch_median_s"] <= row["patch_p90_s"] + 1e-9
+        assert row["patch_cpu_median_s"] > 0
         # Peak memory is the worker's own, measured after the model ran.
         assert row["peak_rss_mb"] > row["rss_after_imports_mb"] > 0
         assert row["volume_mean_s"] > 0

@@ -61,6 +61,16 @@ def check_weight(graph, node, weight_shape, axis):
     return graph.array(q_name), scales
 
 
+def check_conv_input(graph, node, weight_shape, placement):
+    """Int8 input, or float for narrow convs (the one-channel stem) under "cpu"."""
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    channels = weight_shape[1] if node.op_type == "Conv" else weight_shape[0] // group
+    if channels >= PLACEMENTS[placement].min_input_channels:
+        check_activation(graph, node.input[0])
+    else:
+        assert graph.dequantized_from(node.input[0]) is None, node.name
+
+
 def check_activation(graph, tensor):
     """``tensor`` comes from a symmetric per-tensor int8 Q -> DQ pair."""
     dq = graph.dequantized_from(tensor)
@@ -105,7 +115,7 @@ def test_every_conv_has_int8_weights_and_int8_inputs(unet_int8):
         shape = tuple(float_graph.init[original.input[1]].dims)
         axis = 0 if node.op_type == "Conv" else PLACEMENTS[placement].conv_transpose_axis
         check_weight(graph, node, shape, axis)
-        check_activation(graph, node.input[0])
+        check_conv_input(graph, node, shape, placement)
         assert original.input[1] not in graph.init  # no float copy of the weight left
         for bias in node.input[2:]:
             assert graph.init[bias].data_type == onnx.TensorProto.FLOAT
@@ -291,7 +301,9 @@ def test_real_model_structure_and_size(real_int8):
     for node in graph.of_type("Conv", "ConvTranspose"):
         shape = tuple(float_graph.init[next(n for n in weighted if n.name == node.name).input[1]].dims)
         check_weight(graph, node, shape, 0 if node.op_type == "Conv" else 1)
-        check_activation(graph, node.input[0])
+        check_conv_input(graph, node, shape, "cpu")
+    stem = graph.of_type("Conv")[0]
+    assert graph.dequantized_from(stem.input[0]) is None  # 1 channel: float input
     assert report.quantized_weights == 35
     assert report.size_ratio <= 0.3
 

@@ -54,11 +54,10 @@ def test_search_finds_the_smallest_passing_count():
         calls.append(count)
         return errors[count]
 
-    assert _smallest_passing(Budget("dice", 0.99), error_with, 10, has_glue=False) == 5
+    assert _smallest_passing(Budget("dice", 0.99), error_with, 10) == 5
     assert len(set(calls)) <= 7  # about 2 log2(10), not 10
-    assert _smallest_passing(Budget("dice", 0.5), error_with, 10, has_glue=False) == 0
-    assert _smallest_passing(Budget("mse", 0.085), error_with, 10, has_glue=True) == 11  # glue too
-    assert _smallest_passing(Budget("mse", 0.0), error_with, 10, has_glue=False) is None
+    assert _smallest_passing(Budget("dice", 0.5), error_with, 10) == 0
+    assert _smallest_passing(Budget("mse", 0.0), error_with, 10) is None
 
 
 def test_fallback_keeps_the_worst_layers_float_until_the_budget_is_met(small_unet, tmp_path):

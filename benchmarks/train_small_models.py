@@ -67,7 +67,7 @@ def training_spec(name: str) -> ModelSpec:
 
 def training_data() -> Tuple[np.ndarray, np.ndarray, Dict[str, str]]:
     """Image ``(1, D, H, W)`` float32 and labels ``(D, H, W)`` int64 in 0..5 on the 2 mm RAS grid."""
-    from SlicerPTQLib.preprocess import plan_grid, prepare, to_network_grid
+    from SlicerPTQLib.preprocess import prepare, to_network_grid
     from SlicerPTQLib.volumes import read_volume
 
     image_path, labels_path = fetch_all([IMAGE, LABELS])

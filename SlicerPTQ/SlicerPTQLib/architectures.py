@@ -11,7 +11,7 @@ embeddings) and how to export (dynamic spatial dims, or static).
 Example::
 
     net = build("SegResNet", config_args("SegResNet", "small", out_channels=4))
-    roi = ARCHITECTURES["SegResNet"].default_roi("small")  # (64, 64, 64)
+    roi = get("SegResNet").default_roi("small")  # (64, 64, 64)
 """
 
 from __future__ import annotations
@@ -196,7 +196,6 @@ _ENTRIES = (
 
 #: name -> :class:`Architecture`, in the order of the papers' tables.
 REGISTRY: Dict[str, Architecture] = {entry.name: entry for entry in _ENTRIES}
-ARCHITECTURES = REGISTRY
 #: Other names users type for the same networks.
 ALIASES = {"nnUNet": "DynUNet", "nnU-Net": "DynUNet", "U-Net": "UNet", "SwinUNETR-V2": "SwinUNETRv2",
            "VISTA3DAuto": "VISTA3D"}

@@ -102,8 +102,6 @@ def export_onnx(module, path: Path, in_channels: int,
     a second, wider input is compared too, which catches networks that
     bake their shape in (SwinUNETR's window masks). Written atomically.
     """
-    import torch
-
     path = Path(path)
     shape = tuple(int(v) for v in (example_shape or (1, in_channels, 96, 96, 96)))
     if len(shape) != 5 or shape[1] != in_channels:

@@ -18,7 +18,9 @@ an INT8 network:
 Which tensors get a pair is a :class:`Placement` (data, per op type). Ops
 in :data:`FLOAT_OPS` (softmax/sigmoid heads, layer norm, resize) and
 MatMuls between two activations (attention scores and their weighted sum)
-always read float; ``keep_float`` forces more nodes to float by name.
+always read float, as do convolutions narrower than the placement's
+``min_input_channels``; ``keep_float`` forces more nodes to float by name
+(float inputs and float weights).
 Pipeline: choose tensors for the placement -> collect their ranges on
 calibration crops -> rewrite the graph -> write atomically.
 """
@@ -175,7 +177,8 @@ def quantize_onnx(fp32_onnx: Path, out_path: Path,
     else:
         ranges = collect_ranges(fp32_onnx, tensors, calibration, method, progress_callback)
 
-    written = rewrite_graph(model, ranges, weights, keep_float, dict(weight_quant or {}))
+    written = rewrite_graph(model, PLACEMENTS[placement], ranges, weights, keep_float,
+                            dict(weight_quant or {}))
     quantized, floating = _count_ops(model.graph)
     _save_atomic(model, out_path)
     return QuantizationReport(
@@ -190,7 +193,6 @@ def quantize_onnx(fp32_onnx: Path, out_path: Path,
 
 def _load_for_qdq(path: Path):
     """Load the model and make sure its opset has per-axis DequantizeLinear (13+)."""
-    import onnx
     from onnx import version_converter
 
     model = onnx_graph.load_model(path)
@@ -226,17 +228,11 @@ def _input_channels(node, weight_dims: Mapping[str, Sequence[int]]) -> Optional[
     return int(dims[0]) // max(1, group)  # (C, M/group, k...)
 
 
-def _activation_inputs(node, constants: set, floats: set, placement: Placement,
-                       weight_dims: Mapping[str, Sequence[int]]) -> List[str]:
+def _activation_inputs(node, constants: set, floats: set) -> List[str]:
     """The float, non-constant inputs of ``node`` that its placement rule quantizes."""
     live = [name for name in node.input if name and name not in constants and name in floats]
     op = node.op_type
-    if op in ("Conv", "ConvTranspose"):
-        channels = _input_channels(node, weight_dims)
-        if channels is not None and channels < placement.min_input_channels:
-            return []
-        return live[:1] if node.input[0] in live else []
-    if op in ("MaxPool", "AveragePool"):
+    if op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool"):
         return live[:1] if node.input[0] in live else []
     if op in ("MatMul", "Gemm"):
         # Only activation x constant weight: attention's activation x
@@ -261,14 +257,17 @@ def choose_activation_tensors(model, placement: Placement,
     chosen: Dict[str, None] = {}
     input_name = onnx_graph.image_input_name(model)
 
+    def reads_float(node) -> bool:
+        return _reads_float(node, keep_float, placement, weight_dims)
+
     def float_readers_only(name: str) -> bool:
-        return all(_reads_float(reader, keep_float) for reader in readers.get(name, []))
+        return all(reads_float(reader) for reader in readers.get(name, []))
 
     for node in graph.node:
-        if _reads_float(node, keep_float):
+        if reads_float(node):
             continue
         if node.op_type in placement.input_ops:
-            for name in _activation_inputs(node, constants, floats, placement, weight_dims):
+            for name in _activation_inputs(node, constants, floats):
                 chosen[name] = None
         if node.op_type in placement.output_ops:
             for name in node.output:
@@ -283,10 +282,35 @@ def choose_activation_tensors(model, placement: Placement,
     return sorted(chosen, key=lambda name: order.get(name, len(order)))
 
 
-def _reads_float(node, keep_float: FrozenSet[str]) -> bool:
-    """True when ``node`` must see float inputs."""
-    return (node.op_type in FLOAT_OPS or node.op_type in SHAPE_OPS
-            or node.name in keep_float or node.op_type in ("QuantizeLinear", "DequantizeLinear"))
+def quantized_readers(model, placement: Placement, tensors: Iterable[str],
+                      keep_float: FrozenSet[str] = frozenset()) -> Dict[str, List[str]]:
+    """Tensor -> names of the nodes that will read its Q/DQ copy (the others read float).
+
+    The same rule :func:`rewrite_graph` applies, for callers that simulate
+    the quantized graph (e.g. the low-bit solver).
+    """
+    graph = model.graph
+    weight_dims = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
+    wanted = {name: [] for name in tensors}
+    for node in graph.node:
+        if _reads_float(node, keep_float, placement, weight_dims):
+            continue
+        for name in node.input:
+            if name in wanted:
+                wanted[name].append(node.name)
+    return wanted
+
+
+def _reads_float(node, keep_float: FrozenSet[str], placement: Placement,
+                 weight_dims: Mapping[str, Sequence[int]]) -> bool:
+    """True when ``node`` must see float activations (its weights may still be int8)."""
+    if (node.op_type in FLOAT_OPS or node.op_type in SHAPE_OPS or node.name in keep_float
+            or node.op_type in ("QuantizeLinear", "DequantizeLinear")):
+        return True
+    if node.op_type in ("Conv", "ConvTranspose"):
+        channels = _input_channels(node, weight_dims)
+        return channels is not None and channels < placement.min_input_channels
+    return False
 
 
 def weight_axis(node, weight: np.ndarray, conv_transpose_axis: int = 1) -> int:
@@ -387,8 +411,8 @@ def _checked_weight_quant(name: str, weight: np.ndarray, site: WeightSite,
     return q.astype(np.int8), scales, axis
 
 
-def rewrite_graph(model, ranges: Mapping[str, float], weights: Mapping[str, WeightSite],
-                  keep_float: FrozenSet[str] = frozenset(),
+def rewrite_graph(model, placement: Placement, ranges: Mapping[str, float],
+                  weights: Mapping[str, WeightSite], keep_float: FrozenSet[str] = frozenset(),
                   weight_quant: Optional[WeightQuant] = None) -> Dict[str, Tuple[str, int]]:
     """Insert the Q/DQ pairs in place; return ``{weight: ("rounded" | "given", axis)}``."""
     import onnx
@@ -453,12 +477,13 @@ def rewrite_graph(model, ranges: Mapping[str, float], weights: Mapping[str, Weig
             pairs_after[name] = pair
         dequantized[name] = dq_out
 
+    weight_dims = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
     nodes = list(front_nodes)
     for node in graph.node:
-        if not _reads_float(node, keep_float):
-            for index, name in enumerate(node.input):
-                if name in dequantized:
-                    node.input[index] = dequantized[name]
+        float_activations = _reads_float(node, keep_float, placement, weight_dims)
+        for index, name in enumerate(node.input):
+            if name in dequantized and (name in weights or not float_activations):
+                node.input[index] = dequantized[name]
         nodes.append(node)
         for name in node.output:
             nodes += pairs_after.get(name, [])

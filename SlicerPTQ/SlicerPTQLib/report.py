@@ -132,17 +132,18 @@ def _bar_chart(variants: Sequence[Dict], field: str, error_field: Optional[str],
     positions = np.arange(len(rows))
     colors = [FAMILY_COLORS[family(v["key"])] for v in rows]
     ax.barh(positions, values, color=colors)
+    ends = list(values)
     if error_field:
-        upper = [max(float(v.get(error_field) or value), value) - value for v, value in zip(rows, values)]
-        ax.errorbar(values, positions, xerr=[np.zeros(len(rows)), upper], fmt="none", ecolor="black",
-                    capsize=3, linewidth=1)
-    for position, value in zip(positions, values):
-        ax.text(value, position, " " + fmt.format(value), va="center", fontsize=8)
+        ends = [max(float(v.get(error_field) or value), value) for v, value in zip(rows, values)]
+        ax.errorbar(values, positions, xerr=[np.zeros(len(rows)), np.array(ends) - np.array(values)],
+                    fmt="none", ecolor="black", capsize=3, linewidth=1)
+    for position, value, end in zip(positions, values, ends):
+        ax.text(end, position, " " + fmt.format(value), va="center", fontsize=8)
     ax.set_yticks(positions, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
-    ax.set_xlim(0, max(values) * 1.25)
+    ax.set_xlim(0, max(ends) * 1.2)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -299,7 +300,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 VARIANT_COLUMNS = (
     ("label", "backend", None), ("patch_median_s", "patch median (s)", 4), ("patch_p90_s", "patch p90 (s)", 4),
-    ("patch_min_s", "patch fastest (s)", 4),
+    ("patch_min_s", "patch fastest (s)", 4), ("patch_cpu_median_s", "patch CPU time (s)", 4),
     ("speedup_vs_torch", "patch speed-up vs PyTorch", 2), ("volume_mean_s", "whole volume (s)", 3),
     ("size_mb", "file (MB)", 2), ("peak_rss_mb", "peak RSS (MB)", 0), ("quantize_s", "quantize (s)", 1),
     ("dice_vs_reference_mean", "Dice vs reference", 4), ("dice_vs_fp32_mean", "Dice vs FP32", 4),

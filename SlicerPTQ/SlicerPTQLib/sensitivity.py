@@ -10,9 +10,9 @@
    count, so a model of N layers costs about 2 log2 N evaluations.
 
 A "layer" is a Conv, ConvTranspose, MatMul or Gemm with a constant weight
-(what runs in INT8 kernels); keeping it float removes its weight and input
-quantization. If the budget is still missed with all of them float, the
-remaining quantized nodes (residual Add, Concat, pooling, ...) go float too.
+(what runs in INT8 kernels) together with the quantized nodes feeding it
+(:func:`layer_groups`); keeping it float removes its weight and input
+quantization.
 
 Example::
 
@@ -223,17 +223,17 @@ def quantized_nodes(int8_onnx: Path) -> List[Tuple[str, str]]:
             and any(name in dq_outputs for name in node.input)]
 
 
-def layer_groups(fp32_onnx: Path, in_int8: Sequence[Tuple[str, str]]
-                 ) -> Tuple[Dict[str, Tuple[str, List[str]]], List[str]]:
-    """Split the quantized nodes ``in_int8`` into layers: ``({layer: (op, nodes)}, leftover)``.
+def layer_groups(fp32_onnx: Path, in_int8: Sequence[Tuple[str, str]]) -> Dict[str, Tuple[str, List[str]]]:
+    """Split the quantized nodes ``in_int8`` into layers: ``{layer: (op type, nodes)}``.
 
     A layer is a weighted node (Conv, ConvTranspose, MatMul, Gemm) plus the
     quantized non-weighted nodes (norm outputs, activations, residual Add,
     Concat, pooling) on the way back from its input to the previous weighted
     nodes: their INT8 error reaches the network through that layer, and
     keeping the layer float without them would leave most of its error.
-    A node feeding several layers joins the first one in graph order;
-    ``leftover`` are quantized nodes feeding no weighted layer.
+    A node feeding several layers joins the first one in graph order; a
+    quantized node feeding no weighted layer (e.g. a residual Add that makes
+    the network output) is a layer of its own.
     """
     from . import onnx_graph
 
@@ -255,8 +255,10 @@ def layer_groups(fp32_onnx: Path, in_int8: Sequence[Tuple[str, str]]
                 claimed.add(producer.name)
             stack.extend(producer.input)
         groups[layer.name] = (layer.op_type, members)
-    leftover = [name for name, op in in_int8 if op not in LAYER_OPS and name and name not in claimed]
-    return groups, leftover
+    for name, op in in_int8:
+        if name and op not in LAYER_OPS and name not in claimed:
+            groups[name] = (op, [name])
+    return groups
 
 
 def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray], budget: Budget = Budget(),
@@ -302,7 +304,7 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
         quantizer(())(full_path)
         evaluator.evaluations += 1
         full_error = output_error(evaluator.reference, evaluator._run(full_path))
-        groups, glue = layer_groups(fp32_onnx, quantized_nodes(full_path))
+        groups = layer_groups(fp32_onnx, quantized_nodes(full_path))
         if budget.met(full_error) and not analyse_when_met:
             groups = {}
 
@@ -314,8 +316,7 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
         sensitivities.sort(key=lambda item: (-item.relative_mse, item.dice))
 
         def float_nodes(count: int) -> List[str]:
-            nodes = [node for item in sensitivities[:count] for node in item.nodes]
-            return nodes + glue if count > len(sensitivities) else nodes
+            return [node for item in sensitivities[:count] for node in item.nodes]
 
         errors: Dict[int, OutputError] = {0: full_error}
 
@@ -324,7 +325,7 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
                 errors[count] = evaluator.error(quantizer(float_nodes(count)))
             return errors[count]
 
-        chosen = _smallest_passing(budget, error_with, len(sensitivities), has_glue=bool(glue))
+        chosen = _smallest_passing(budget, error_with, len(sensitivities))
         fallback = [] if chosen is None else float_nodes(chosen)
         keep_float = policy_float + fallback
         report = quantize_onnx(fp32_onnx, out_path, ranges, placement=placement, keep_float=frozenset(keep_float))
@@ -338,12 +339,9 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _smallest_passing(budget: Budget, error_with: Callable[[int], OutputError], layer_count: int,
-                      has_glue: bool) -> Optional[int]:
-    """Smallest count of worst layers kept float that meets ``budget`` (None: none does).
-
-    ``layer_count + 1`` stands for "all layers and the other quantized nodes".
-    """
+def _smallest_passing(budget: Budget, error_with: Callable[[int], OutputError],
+                      layer_count: int) -> Optional[int]:
+    """Smallest count of worst layers kept float that meets ``budget`` (None: none does)."""
     if budget.met(error_with(0)):
         return 0
     failing, count = 0, 1
@@ -352,8 +350,6 @@ def _smallest_passing(budget: Budget, error_with: Callable[[int], OutputError], 
     if count >= layer_count:
         count = layer_count
         if not budget.met(error_with(count)):
-            if has_glue and budget.met(error_with(layer_count + 1)):
-                return layer_count + 1
             return None
     passing = count
     while passing - failing > 1:
