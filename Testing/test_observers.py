@@ -91,3 +91,39 @@ def test_factory_and_errors():
         make_observer("minmax")
     with pytest.raises(PTQError, match="NaN"):
         make_observer("mse").update(np.array([1.0, np.nan]))
+
+
+def direct_kl(counts, edge, levels):
+    """KL(P || Q) for one candidate edge, written out bin by bin."""
+    p = counts[:edge].astype(float)
+    p[-1] += counts[edge:].sum()
+    q = np.zeros(edge)
+    for level in range(levels):
+        members = [b for b in range(edge) if b * levels // edge == level]
+        filled = [b for b in members if counts[b] > 0]
+        for b in filled:
+            q[b] = counts[members].sum() / len(filled)
+    p, q = p / p.sum(), q / q.sum()
+    if np.any((p > 0) & (q == 0)):
+        return np.inf
+    keep = p > 0
+    return float(np.sum(p[keep] * np.log(p[keep] / q[keep])))
+
+
+def test_entropy_divergences_match_the_definition():
+    rng = np.random.default_rng(3)
+    counts = np.histogram(np.abs(rng.standard_normal(50_000)) ** 1.5, bins=600)[0].astype(float)
+    candidates, divergences = EntropyObserver.divergences(counts, 128)
+    for edge in (128, 129, 250, 411, 599, 600):
+        expected = direct_kl(counts, edge, 128)
+        got = divergences[candidates == edge][0]
+        assert got == pytest.approx(expected, rel=1e-9, abs=1e-12) or (np.isinf(got) and np.isinf(expected))
+
+
+def test_entropy_is_not_pulled_down_by_relu_zeros():
+    rng = np.random.default_rng(4)
+    relu = np.maximum(rng.standard_normal(1_000_000), 0.0)
+    relu[:3] = 12.0
+    amax = observed("entropy", relu)
+    # Half the values are exact zeros; the bound must still cover the bulk.
+    assert 2.5 < amax < 8.0

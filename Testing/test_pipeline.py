@@ -106,3 +106,18 @@ def test_model_input_channels_must_match(quantized, evaluation_cases, tmp_path):
     spec.in_channels = 2
     with pytest.raises(PTQError, match="channel"):
         pipeline.quantize(quantized.fp32_onnx, [evaluation_cases[0][1]], tmp_path / "o", spec=spec, num_crops=1)
+
+
+@pytest.mark.slow
+def test_cli_low_bit_weights(shipped_model_path, calibration_paths, evaluation_cases, tmp_path):
+    out = tmp_path / "w4"
+    done = subprocess.run([sys.executable, "-m", "SlicerPTQLib.cli", "quantize", str(shipped_model_path),
+                           "--calib", str(calibration_paths[0]), "--out", str(out), "--num-crops", "2",
+                           "--weight-bits", "4"], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "quantization.json").read_text())
+    assert report["size_mb"]["packed_weights"] < 0.6 * report["size_mb"]["quantized_onnx"]
+    _, image, _ = evaluation_cases[0]
+    fp32, _ = pipeline.segment(shipped_model_path, image)
+    w4, _ = pipeline.segment(out / "model.w4a8.onnx", image)
+    assert dice(w4.array, fp32.array, [1])[1] >= 0.99

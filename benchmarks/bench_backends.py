@@ -147,7 +147,7 @@ def _worker(conn, variant: Dict, spec_path: str, threads: int) -> None:
                 runtime.close()
                 conn.send(("ok", None))
                 return
-            if command == "patch":
+            elif command == "patch":
                 patch = np.load(argument)
                 conn.send(("ok", None))
             elif command == "forward":

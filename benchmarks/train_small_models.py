@@ -179,7 +179,7 @@ def train_one(name: str, steps: int, seed: int = 0, learning_rate: Optional[floa
         "seconds": seconds, "final_loss": loss_value,
         "train_dice": {str(k): v for k, v in scores.items()},
         "train_mean_dice": float(np.mean(list(scores.values()))),
-        "spec": training_spec(entry.name).to_dict(), "cached": False,
+        "spec": training_spec(entry.name).to_dict(), "version": TRAINING_VERSION, "cached": False,
     }
     tmp = record_file.with_name(record_file.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=list))
@@ -208,6 +208,19 @@ def markdown(records: Sequence[Dict]) -> str:
     return "\n".join(lines)
 
 
+def write_summary(records: Sequence[Dict], out: Path, threads: int) -> None:
+    """``trained_models.json`` and ``.md`` in ``out``, written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    texts = {"trained_models.json": json.dumps(list(records), indent=2, default=list),
+             "trained_models.md": "# Small models trained for the architecture benchmark\n\n"
+                                  f"Data: {IMAGE.label} {IMAGE.member} (+ k-means 6-class labels), RAS, 2 mm, "
+                                  f"crops {ROI}, batch {BATCH}, {threads} CPU threads.\n\n" + markdown(records) + "\n"}
+    for name, text in texts.items():
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
@@ -228,12 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             record = {"arch": name, "error": f"{type(exc).__name__}: {exc}"[:500]}
         records.append(record)
         print(markdown([record]).splitlines()[-1], flush=True)
-    options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / "trained_models.json").write_text(json.dumps(records, indent=2, default=list))
-    (options.out / "trained_models.md").write_text(
-        "# Small models trained for the architecture benchmark\n\n"
-        f"Data: {IMAGE.label} {IMAGE.member} (+ k-means 6-class labels), RAS, 2 mm, crops {ROI}, "
-        f"batch {BATCH}, {options.threads} CPU threads.\n\n" + markdown(records) + "\n")
+        write_summary(records, options.out, options.threads)  # after each model: a stopped run keeps its rows
     print(markdown(records))
     return 0 if all("error" not in r for r in records) else 1
 

@@ -177,8 +177,9 @@ def _export_fp32(loaded: LoadedModel, path: Path) -> None:
 
 def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], folder: Path, settings: Dict,
                    keep_float: Sequence[str], progress: Optional[ProgressCallback]) -> QuantizeResult:
-    from .calibration import sample_crops
-    from .qdq import quantize_onnx
+    from . import onnx_graph
+    from .calibration import collect_ranges, sample_crops
+    from .qdq import PLACEMENTS, choose_activation_tensors, quantize_onnx
 
     spec = loaded.spec
     fp32_onnx = folder / "model.fp32.onnx"
@@ -187,6 +188,12 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
     arrays = prepared_arrays(calibration, spec, progress)
     _check_channels(arrays, spec, calibration)
     crops = sample_crops(arrays, spec.roi_size, settings["num_crops"], settings["seed"])
+    keep_float = frozenset(keep_float)
+    # One range table serves the low-bit solver's simulated prefix and the
+    # QDQ writer, so both see the same activation scales.
+    tensors = choose_activation_tensors(onnx_graph.load_model(fp32_onnx), PLACEMENTS[settings["placement"]],
+                                        keep_float)
+    ranges = collect_ranges(fp32_onnx, tensors, crops, settings["method"], progress)
     weight_quant = None
     packed = None
     lowbit_report = None
@@ -194,16 +201,16 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
         from . import lowbit
 
         lowbit_result = lowbit.quantize_weights(fp32_onnx, crops[0], settings["weight_bits"],
-                                                settings["lowbit_solver"], activation_ranges=None,
-                                                progress_callback=progress)
+                                                settings["lowbit_solver"], activation_ranges=ranges,
+                                                progress_callback=progress, placement=settings["placement"],
+                                                keep_float=keep_float)
         weight_quant = lowbit_result.weight_quant
         packed = folder / f"model.w{settings['weight_bits']}.packed.npz"
         lowbit.save_packed(packed, lowbit_result)
         lowbit_report = lowbit_result.summary()
     quantized = folder / quantized_name(settings["weight_bits"])
-    qdq_report = quantize_onnx(fp32_onnx, quantized, crops, method=settings["method"],
-                               placement=settings["placement"], weight_quant=weight_quant,
-                               keep_float=frozenset(keep_float), progress_callback=progress)
+    qdq_report = quantize_onnx(fp32_onnx, quantized, ranges, placement=settings["placement"],
+                               weight_quant=weight_quant, keep_float=keep_float)
     spec.save(sidecar_path(quantized))
     report = {
         "model": str(loaded.source),

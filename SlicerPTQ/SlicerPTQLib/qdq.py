@@ -493,8 +493,13 @@ def rewrite_graph(model, placement: Placement, ranges: Mapping[str, float],
     still_read = {name for node in graph.node for name in node.input}
     kept = [tensor for tensor in graph.initializer
             if tensor.name not in weights or tensor.name in still_read]
+    dropped = {tensor.name for tensor in graph.initializer} - {tensor.name for tensor in kept}
     del graph.initializer[:]
     graph.initializer.extend(kept + new_initializers)
+    # Older exporters also list initializers as graph inputs.
+    inputs = [value for value in graph.input if value.name not in dropped]
+    del graph.input[:]
+    graph.input.extend(inputs)
     # Stale shape annotations of rewired tensors are harmless but drop them
     # so tools re-infer from the new graph.
     del graph.value_info[:]
