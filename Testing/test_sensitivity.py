@@ -63,7 +63,8 @@ def test_search_finds_the_smallest_passing_count():
 def test_fallback_keeps_the_worst_layers_float_until_the_budget_is_met(small_unet, tmp_path):
     fp32, crops = small_unet
     full = mixed_precision(fp32, tmp_path / "full.onnx", crops, Budget("mse", 1.0), threads=2)
-    assert full.met and full.keep_float == [] and full.layers == []  # INT8 is within a loose budget
+    assert full.met and full.fallback == [] and full.layers == []  # INT8 is within a loose budget
+    assert full.policy_float == []  # a CNN has no attention scores or constant subgraphs
 
     threshold = full.full_int8.relative_mse / 4
     result = mixed_precision(fp32, tmp_path / "mixed.onnx", crops, Budget("mse", threshold), threads=2)
@@ -98,3 +99,18 @@ def test_attention_score_nodes_cover_scores_not_linears(tmp_path):
     unet = tmp_path / "u.onnx"
     export_onnx(architectures.build("UNet"), unet, 1, (1, 1, *ROI))
     assert attention_score_nodes(unet) == []
+
+
+def test_input_independent_nodes_are_vista3d_class_embeddings(tmp_path):
+    import torch
+
+    from SlicerPTQLib.export import export_onnx
+    from SlicerPTQLib.sensitivity import float_policy_nodes, input_independent_nodes
+
+    torch.manual_seed(0)
+    module = architectures.build("VISTA3D", architectures.config_args("VISTA3D", roi=ROI))
+    fp32 = export_onnx(module, tmp_path / "v.onnx", 1, (1, 1, *ROI))
+    constant = input_independent_nodes(fp32)
+    assert any("class_head/mlp" in name for name in constant)
+    assert not any("encoder" in name for name in constant)
+    assert set(constant) <= set(float_policy_nodes(fp32))

@@ -96,8 +96,9 @@ def labels_of(logits: np.ndarray) -> np.ndarray:
     return logits.argmax(axis=0).astype(np.uint8)
 
 
-def bench_one(name: str, out_dir: Path, steps: int, threads: int, calibration_images, agreement_images,
-              reference) -> Dict:
+def bench_one(name: str, out_dir: Path, steps: Optional[int], threads: int, calibration_images,
+              agreement_images, reference, crop_budget: float = CROP_BUDGET,
+              sensitivity_crops: int = SENSITIVITY_CROPS) -> Dict:
     """One row of the table; ``row["error"]`` says at which stage and why it failed."""
     import torch
 
@@ -107,7 +108,7 @@ def bench_one(name: str, out_dir: Path, steps: int, threads: int, calibration_im
     from SlicerPTQLib.metrics import dice, mean_dice, time_forward
     from SlicerPTQLib.qdq import quantize_onnx
     from SlicerPTQLib.runtimes import available_backends, create_runtime
-    from SlicerPTQLib.sensitivity import Budget, attention_score_nodes, mixed_precision
+    from SlicerPTQLib.sensitivity import Budget, float_policy_nodes, mixed_precision
 
     entry = architectures.get(name)
     roi = training.ROI
@@ -139,19 +140,19 @@ def bench_one(name: str, out_dir: Path, steps: int, threads: int, calibration_im
         stage = "calibrate+quantize"
         crops = sample_crops([image for _, image in calibration_images], roi, 8, seed=0)
         int8 = folder / "model.int8.onnx"
-        policy_float = attention_score_nodes(fp32)
+        policy_float = float_policy_nodes(fp32)
         report = quantize_onnx(fp32, int8, crops, method="max", placement="cpu", keep_float=policy_float)
-        row["attention_float_nodes"] = len(policy_float)
+        row["policy_float_nodes"] = len(policy_float)
         row["size_mb"] = {"fp32": fp32.stat().st_size / 2**20, "int8": int8.stat().st_size / 2**20}
         row["size_ratio"] = row["size_mb"]["fp32"] / row["size_mb"]["int8"]
         row["qdq_quantized_ops"] = report.quantized_ops
 
         stage = "sensitivity"
         mixed = folder / "model.mixed.int8.onnx"
-        sensitivity = mixed_precision(fp32, mixed, crops[:SENSITIVITY_CROPS], Budget("dice", CROP_BUDGET),
+        sensitivity = mixed_precision(fp32, mixed, crops[:sensitivity_crops], Budget("dice", crop_budget),
                                       backend="onnxruntime",
                                       threads=threads)
-        row["sensitivity"] = {"budget_crop_dice": CROP_BUDGET, "met": sensitivity.met,
+        row["sensitivity"] = {"budget_crop_dice": crop_budget, "crops": sensitivity_crops, "met": sensitivity.met,
                               "full_int8_crop_dice": sensitivity.full_int8.dice,
                               "full_int8_crop_rel_mse": sensitivity.full_int8.relative_mse,
                               "final_crop_dice": sensitivity.final.dice,
@@ -253,6 +254,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=None,
                         help="use cached weights trained this many steps (default: the most trained)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--crop-budget", type=float, default=CROP_BUDGET,
+                        help="fallback until agreement Dice on the sensitivity crops reaches this")
+    parser.add_argument("--sensitivity-crops", type=int, default=SENSITIVITY_CROPS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)
@@ -273,7 +277,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{name} ...", flush=True)
         row_started = time.perf_counter()
         row = bench_one(name, out_dir, options.steps, options.threads, calibration_images, agreement_images,
-                        reference)
+                        reference, options.crop_budget, options.sensitivity_crops)
         row["seconds"] = time.perf_counter() - row_started
         rows.append(row)
         print(markdown([row], "").splitlines()[-1], flush=True)
@@ -282,7 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"total {time.perf_counter() - started:.0f} s.\n"
               "Calibration: mni2009a + mni152 (8 crops); agreement: itk_t1 + colin27 at 2 mm (sliding window, "
               "overlap 0.25); fallback budget: agreement Dice >= "
-              f"{CROP_BUDGET} on {SENSITIVITY_CROPS} calibration crops pooled (ONNX Runtime).")
+              f"{options.crop_budget} on {options.sensitivity_crops} calibration crops pooled (ONNX Runtime).")
     payload = {"rows": rows, "cpu": describe(), "threads": options.threads}
     for path, text in ((out_dir / "architectures.json", json.dumps(payload, indent=2, default=str)),
                        (out_dir / "architectures.md", markdown(rows, header))):

@@ -242,7 +242,8 @@ def _lowbit_reason() -> str:
 
 
 def build_variants(model: Path, calibration: Sequence[Path], out: Path, methods: Sequence[str], num_crops: int,
-                   lowbit: bool, nncf: bool = True, norm_inputs: bool = True, seed: int = 0):
+                   lowbit: bool, nncf: bool = True, nncf_same_float: bool = True, norm_inputs: bool = True,
+                   seed: int = 0):
     """Quantize with SlicerPTQ (each method, low-bit) and NNCF; returns (variants, spec path, skipped)."""
     from SlicerPTQLib.calibration import sample_crops
     from SlicerPTQLib.pipeline import prepared_arrays, quantize
@@ -269,11 +270,16 @@ def build_variants(model: Path, calibration: Sequence[Path], out: Path, methods:
         Variant("openvino_bf16", "OpenVINO BF16", "openvino", str(fp32_onnx), "bf16", _size_mb(fp32_onnx)),
     ]
     crops = None
-    if nncf or norm_inputs:
+    if nncf or nncf_same_float or norm_inputs:
         # Exactly the crops quantize() calibrated on: same volumes, roi, count and seed.
         crops = sample_crops(prepared_arrays(calibration, first.spec), first.spec.roi_size, num_crops, seed)
     if nncf:
         variants.append(_nncf_variant(fp32_onnx, crops, out))
+    same_float = float_compute_nodes(Path(ours[0].path)) if nncf_same_float else []
+    if same_float:
+        # NNCF told to keep float exactly the layers SlicerPTQ kept float: the same
+        # choice, so the remaining gap is placement and kernels.
+        variants.append(_nncf_variant(fp32_onnx, crops, out, same_float))
     variants += ours
     if norm_inputs:
         variant, reason = _norm_inputs_variant(fp32_onnx, crops, out)
@@ -300,15 +306,41 @@ def build_variants(model: Path, calibration: Sequence[Path], out: Path, methods:
     return variants, first.quantized_onnx.with_name("model.json"), skipped
 
 
-def _nncf_variant(fp32_onnx: Path, crops, out: Path) -> Variant:
+def _nncf_variant(fp32_onnx: Path, crops, out: Path, ignored: Sequence[str] = ()) -> Variant:
     from SlicerPTQLib.nncf_baseline import quantize_with_nncf
 
-    _log(f"NNCF INT8 quantization on the same {len(crops)} crops")
-    result = quantize_with_nncf(fp32_onnx, crops, out / "nncf_int8" / "model.int8.xml")
-    return Variant("nncf_int8", "NNCF INT8 (OpenVINO)", "openvino", str(result.xml), size_mb=result.size_mb,
-                   quantize_s=result.seconds,
-                   note=f"preset {result.preset}, target CPU, {result.num_crops} crops; from the FP32 ONNX "
-                        "(export not counted)")
+    key = "nncf_int8_same_float" if ignored else "nncf_int8"
+    _log(f"NNCF INT8 quantization on the same {len(crops)} crops" + (f", ignoring {list(ignored)}" if ignored else ""))
+    result = quantize_with_nncf(fp32_onnx, crops, out / key / "model.int8.xml", ignored_names=ignored)
+    note = f"preset {result.preset}, target CPU, {result.num_crops} crops; from the FP32 ONNX (export not counted)"
+    if ignored:
+        return Variant(key, "NNCF INT8, SlicerPTQ's float layers ignored", "openvino", str(result.xml),
+                       size_mb=result.size_mb, quantize_s=result.seconds,
+                       note=f"{note}; IgnoredScope {list(ignored)}")
+    return Variant(key, "NNCF INT8 (OpenVINO)", "openvino", str(result.xml), size_mb=result.size_mb,
+                   quantize_s=result.seconds, note=note)
+
+
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+
+
+def float_compute_nodes(quantized_onnx: Path) -> List[str]:
+    """Names of the compute nodes a Q/DQ ONNX file leaves in float.
+
+    A node runs in float when its activation or its weight does not come
+    out of a DequantizeLinear (e.g. a one-channel stem that reads the image).
+    """
+    import onnx
+
+    graph = onnx.load(str(quantized_onnx), load_external_data=False).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    names = []
+    for node in graph.node:
+        if node.op_type in COMPUTE_OPS and len(node.input) > 1:
+            sources = [producers.get(name) for name in node.input[:2]]
+            if any(source is None or source.op_type != "DequantizeLinear" for source in sources):
+                names.append(node.name)
+    return names
 
 
 NORMS = frozenset({"InstanceNormalization", "BatchNormalization", "GroupNormalization"})
@@ -611,6 +643,10 @@ def headline(rows: List[Dict], profile: Optional[Dict]):
             entry["volume_speedup_vs_torch"] = torch_row["volume_mean_s"] / row["volume_mean_s"]
         if torch_row.get("patch_median_s"):
             entry["patch_speedup_vs_torch"] = torch_row["patch_median_s"] / row["patch_median_s"]
+        same_float = by_key.get("nncf_int8_same_float", {})
+        if same_float.get("patch_median_s"):
+            entry["patch_speed_vs_nncf_same_float"] = same_float["patch_median_s"] / row["patch_median_s"]
+            entry["patch_cpu_vs_nncf_same_float"] = same_float["patch_cpu_median_s"] / row["patch_cpu_median_s"]
         summary[method] = entry
     for method, entry in summary.items():
         parts = []
@@ -621,6 +657,9 @@ def headline(rows: List[Dict], profile: Optional[Dict]):
                          f"({'meets' if entry['patch_speed_vs_nncf'] >= 1.0 else 'misses'} >= 1.0)")
         if "dice_minus_nncf" in entry:
             parts.append(f"Dice vs reference {entry['dice_minus_nncf']:+.4f} vs NNCF")
+        if "patch_speed_vs_nncf_same_float" in entry:
+            parts.append(f"vs NNCF keeping the same layers float {entry['patch_speed_vs_nncf_same_float']:.2f}x "
+                         f"by median, {entry['patch_cpu_vs_nncf_same_float']:.2f}x by CPU time")
         if "volume_speedup_vs_torch" in entry:
             parts.append(f"whole volume {entry['volume_speedup_vs_torch']:.2f}x faster than PyTorch FP32 "
                          f"({'meets' if entry['volume_speedup_vs_torch'] >= 3.0 else 'misses'} >= 3x)")
@@ -752,7 +791,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="skip the Q/DQ-on-norm-inputs placement ablation")
     parser.add_argument("--only", nargs="+", metavar="KEY",
                         help="measure only these variants (keys: torch_fp32 onnxruntime_fp32 openvino_fp32 "
-                             "openvino_bf16 nncf_int8 slicerptq_int8_<method> slicerptq_int8_norm_inputs slicerptq_w4a8)")
+                             "openvino_bf16 nncf_int8 nncf_int8_same_float slicerptq_int8_<method> "
+                             "slicerptq_int8_norm_inputs slicerptq_w4a8)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (5 if args.quick else 15)
     args.volume_repeats = args.volume_repeats or (1 if args.quick else 2)
@@ -788,6 +828,7 @@ def run(args: argparse.Namespace, command: str) -> Path:
     variants, spec_path, skipped = build_variants(
         model, calibration, out / "models", args.methods, args.num_crops, lowbit,
         nncf=not wanted or "nncf_int8" in wanted,
+        nncf_same_float=not wanted or "nncf_int8_same_float" in wanted,
         norm_inputs=not args.no_ablation and (not wanted or "slicerptq_int8_norm_inputs" in wanted))
     if wanted:
         variants = [variant for variant in variants if variant.key in wanted]

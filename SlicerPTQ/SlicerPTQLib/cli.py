@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--num-crops", type=int, default=20)
     d.add_argument("--repeats", type=int, default=5, help="timed forwards per latency figure")
 
+    r = sub.add_parser("report", help="HTML report with plots from a benchmark or demo JSON")
+    r.add_argument("results", type=Path, help="benchmarks/bench_backends.py JSON, or the demo's demo.json")
+    r.add_argument("--out", type=Path, required=True, help="folder for index.html and its PNGs")
+
     sub.add_parser("info", help="runtimes available here and the CPU's INT8 instruction sets")
     return parser
 
@@ -136,6 +140,13 @@ def run(args) -> int:
         summary = run_demo(args.out, method=args.method, num_crops=args.num_crops, repeats=args.repeats,
                            progress=_progress(args))
         _emit_result(args, summary)
+    elif args.command == "report":
+        from .report import build_report
+
+        index = build_report(args.results, args.out)
+        if not args.progress_json:
+            print(f"report written to {index}")
+        _emit_result(args, {"report": index})
     elif args.command == "info":
         from .cpu_info import cpu_summary
         from .runtimes import available_backends

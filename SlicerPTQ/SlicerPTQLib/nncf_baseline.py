@@ -32,6 +32,7 @@ class NNCFResult:
     seconds: float
     num_crops: int
     preset: str
+    ignored_names: Sequence[str] = ()
 
     @property
     def size_mb(self) -> float:
@@ -51,13 +52,15 @@ def _batched(crop: np.ndarray) -> np.ndarray:
 
 
 def quantize_with_nncf(fp32_onnx: Path, crops: Sequence[np.ndarray], out_xml: Path,
-                       preset: str = "performance", fast_bias_correction: bool = True) -> NNCFResult:
+                       preset: str = "performance", fast_bias_correction: bool = True,
+                       ignored_names: Sequence[str] = ()) -> NNCFResult:
     """INT8-quantize ``fp32_onnx`` with ``nncf.quantize`` on its OpenVINO model.
 
     ``crops`` are the calibration patches, each ``(C, D, H, W)`` float32
-    (already preprocessed, as fed to the network). Writes ``out_xml`` and
-    its ``.bin`` atomically. ``seconds`` covers reading the model, NNCF's
-    statistics collection and bias correction, and saving.
+    (already preprocessed, as fed to the network). ``ignored_names``: ONNX
+    node names NNCF must leave in float (its ``IgnoredScope``). Writes
+    ``out_xml`` and its ``.bin`` atomically. ``seconds`` covers reading the
+    model, NNCF's statistics collection and bias correction, and saving.
     """
     try:
         import nncf
@@ -78,9 +81,10 @@ def quantize_with_nncf(fp32_onnx: Path, crops: Sequence[np.ndarray], out_xml: Pa
 
     start = time.perf_counter()
     model = ov.Core().read_model(str(fp32_onnx))
+    ignored = nncf.IgnoredScope(names=list(ignored_names)) if ignored_names else None
     quantized = nncf.quantize(model, nncf.Dataset(batches), preset=presets[preset],
                               target_device=nncf.TargetDevice.CPU, subset_size=len(batches),
-                              fast_bias_correction=fast_bias_correction)
+                              fast_bias_correction=fast_bias_correction, ignored_scope=ignored)
     out_xml.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".nncf-", dir=out_xml.parent))
     try:
@@ -93,4 +97,5 @@ def quantize_with_nncf(fp32_onnx: Path, crops: Sequence[np.ndarray], out_xml: Pa
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - start
-    return NNCFResult(xml=out_xml, bin=out_bin, seconds=seconds, num_crops=len(batches), preset=preset)
+    return NNCFResult(xml=out_xml, bin=out_bin, seconds=seconds, num_crops=len(batches), preset=preset,
+                      ignored_names=tuple(ignored_names))

@@ -163,13 +163,18 @@ class _Evaluator:
             runtime.close()
 
     def error(self, quantize: Callable[[Path], object]) -> OutputError:
+        """Error of the variant ``quantize(path)`` writes (deleted afterwards)."""
         path = self.workdir / f"variant{self.evaluations}.onnx"
         quantize(path)
-        self.evaluations += 1
         try:
-            return output_error(self.reference, self._run(path))
+            return self.error_of(path)
         finally:
             path.unlink(missing_ok=True)
+
+    def error_of(self, path: Path) -> OutputError:
+        """Error of the quantized model at ``path`` against the FP32 outputs."""
+        self.evaluations += 1
+        return output_error(self.reference, self._run(path))
 
 
 #: Ops an attention-score tensor passes through between the q.k^T product
@@ -210,6 +215,32 @@ def attention_score_nodes(fp32_onnx: Path) -> List[str]:
             path += next_nodes
             frontier = [name for node in next_nodes for name in node.output]
     return [name for name in chosen if name]
+
+
+def input_independent_nodes(fp32_onnx: Path) -> List[str]:
+    """Names of nodes whose result does not depend on the image input.
+
+    Such a subgraph (VISTA3D's class-embedding MLP) is a constant that
+    runtimes fold at load time: INT8 there buys nothing, and a Q/DQ pair
+    inside it made OpenVINO 2026.4 fail to compile ("empty child edge").
+    """
+    from . import onnx_graph
+
+    model = onnx_graph.load_model(fp32_onnx)
+    live = {onnx_graph.image_input_name(model)}
+    independent = []
+    for node in model.graph.node:
+        if any(name in live for name in node.input):
+            live.update(node.output)
+        elif node.name and node.op_type not in ("Constant", "Identity"):  # no compute to keep float
+            independent.append(node.name)
+    return independent
+
+
+def float_policy_nodes(fp32_onnx: Path) -> List[str]:
+    """Nodes kept float whatever the sensitivity says: attention scores and input-independent nodes."""
+    names = attention_score_nodes(fp32_onnx) + input_independent_nodes(fp32_onnx)
+    return list(dict.fromkeys(names))
 
 
 def quantized_nodes(int8_onnx: Path) -> List[Tuple[str, str]]:
@@ -264,7 +295,7 @@ def layer_groups(fp32_onnx: Path, in_int8: Sequence[Tuple[str, str]]) -> Dict[st
 def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray], budget: Budget = Budget(),
                     method: str = "max", placement: str = "cpu", backend: str = "onnxruntime",
                     threads: Optional[int] = None, analyse_when_met: bool = False,
-                    keep_attention_float: bool = True,
+                    keep_policy_float: bool = True,
                     progress_callback: Optional[ProgressCallback] = None) -> SensitivityResult:
     """Write a QDQ model of ``fp32_onnx`` to ``out_path`` that meets ``budget`` on ``crops``.
 
@@ -274,8 +305,8 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
     the per-layer sensitivities (worst first) and the node names kept float.
     When the fully quantized model already meets the budget, the per-layer
     pass is skipped (``layers`` stays empty) unless ``analyse_when_met``.
-    With ``keep_attention_float`` the :func:`attention_score_nodes` are
-    float in every variant ("fully quantized" means all other nodes).
+    With ``keep_policy_float`` the :func:`float_policy_nodes` are float in
+    every variant ("fully quantized" means all other nodes).
     """
     from .calibration import collect_ranges
     from .qdq import PLACEMENTS, choose_activation_tensors, quantize_onnx
@@ -289,7 +320,7 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
     started = time.perf_counter()
     model = onnx_graph.load_model(fp32_onnx)
     named = [node.name for node in model.graph.node if node.name]
-    policy_float = attention_score_nodes(fp32_onnx) if keep_attention_float else []
+    policy_float = float_policy_nodes(fp32_onnx) if keep_policy_float else []
     ranges = collect_ranges(fp32_onnx, choose_activation_tensors(model, PLACEMENTS[placement]), crops, method)
     del model
 
@@ -302,8 +333,7 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
         evaluator = _Evaluator(fp32_onnx, crops, backend, threads, workdir)
         full_path = workdir / "full.int8.onnx"
         quantizer(())(full_path)
-        evaluator.evaluations += 1
-        full_error = output_error(evaluator.reference, evaluator._run(full_path))
+        full_error = evaluator.error_of(full_path)
         groups = layer_groups(fp32_onnx, quantized_nodes(full_path))
         if budget.met(full_error) and not analyse_when_met:
             groups = {}
