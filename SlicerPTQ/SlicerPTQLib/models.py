@@ -117,13 +117,17 @@ def _looks_like_state_dict(path: Path) -> bool:
 
 
 def build_monai_network(arch: str, arch_args: Dict[str, Any]):
-    """Instantiate ``monai.networks.nets.<arch>(**arch_args)``."""
+    """Instantiate ``arch``: a registry entry (``architectures.REGISTRY``, with
+    its export rules) or any other ``monai.networks.nets`` class."""
+    from . import architectures
     from monai.networks import nets
 
+    if architectures.ALIASES.get(arch, arch) in architectures.REGISTRY:
+        return architectures.build(arch, arch_args)
     constructor = getattr(nets, arch, None)
     if constructor is None or not callable(constructor):
-        known = sorted(name for name in dir(nets) if name[0].isupper())
-        raise PTQError(f"Unknown architecture '{arch}'. Known MONAI networks: {', '.join(known)}.")
+        known = sorted(set(architectures.REGISTRY) | {name for name in dir(nets) if name[0].isupper()})
+        raise PTQError(f"Unknown architecture '{arch}'. Known networks: {', '.join(known)}.")
     try:
         return constructor(**arch_args)
     except TypeError as exc:
