@@ -241,10 +241,28 @@ def markdown(rows: List[Dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(rows: List[Dict], out_dir: Path, options, seconds: float) -> str:
+    """Write ``architectures.json`` and ``.md`` atomically; returns the markdown header."""
+    from SlicerPTQLib.cpu_info import describe
+
+    header = ("# Architectures through PTQ (small configs, 64^3 patches, 6 classes)\n\n"
+              f"CPU: {describe()}; {options.threads} threads; {platform.python_version()}; "
+              f"total {seconds:.0f} s.\n"
+              "Calibration: mni2009a + mni152 (8 crops); agreement: itk_t1 + colin27 at 2 mm (sliding window, "
+              "overlap 0.25); fallback budget: agreement Dice >= "
+              f"{options.crop_budget} on {options.sensitivity_crops} calibration crops pooled (ONNX Runtime).")
+    payload = {"rows": rows, "cpu": describe(), "threads": options.threads}
+    for path, text in ((out_dir / "architectures.json", json.dumps(payload, indent=2, default=str)),
+                       (out_dir / "architectures.md", markdown(rows, header))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return header
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
-    from SlicerPTQLib.cpu_info import describe
     from SlicerPTQLib.fetch import fetch_all
     from SlicerPTQLib.preprocess import plan_grid, to_network_grid
     from SlicerPTQLib.volumes import read_volume
@@ -271,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     reference = np.clip(to_network_grid(np.asarray(read_volume(labels_path).array), grid).astype(np.int64) - 1,
                         0, training.NUM_CLASSES - 1)
 
-    rows = []
+    rows, header = [], ""
     started = time.perf_counter()
     for name in options.arch:
         print(f"{name} ...", flush=True)
@@ -281,18 +299,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         row["seconds"] = time.perf_counter() - row_started
         rows.append(row)
         print(markdown([row], "").splitlines()[-1], flush=True)
-    header = ("# Architectures through PTQ (small configs, 64^3 patches, 6 classes)\n\n"
-              f"CPU: {describe()}; {options.threads} threads; {platform.python_version()}; "
-              f"total {time.perf_counter() - started:.0f} s.\n"
-              "Calibration: mni2009a + mni152 (8 crops); agreement: itk_t1 + colin27 at 2 mm (sliding window, "
-              "overlap 0.25); fallback budget: agreement Dice >= "
-              f"{options.crop_budget} on {options.sensitivity_crops} calibration crops pooled (ONNX Runtime).")
-    payload = {"rows": rows, "cpu": describe(), "threads": options.threads}
-    for path, text in ((out_dir / "architectures.json", json.dumps(payload, indent=2, default=str)),
-                       (out_dir / "architectures.md", markdown(rows, header))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        header = write_results(rows, out_dir, options, time.perf_counter() - started)  # a stopped run keeps its rows
     print(markdown(rows, header))
     return 0
 

@@ -99,7 +99,15 @@ def to_labels(output: np.ndarray, spec_output: str) -> np.ndarray:
         raise PTQError(f"to_labels takes a (K, D, H, W) output, got shape {output.shape}.")
     channels = output.shape[0]
     if spec_output in ("softmax", "probabilities"):
-        return np.argmax(output, axis=0).astype(_label_dtype(channels - 1))
+        # A running maximum equals argmax (ties keep the first channel) but
+        # skips argmax's int64 index array, which dominated on big volumes.
+        labels = np.zeros(output.shape[1:], dtype=_label_dtype(channels - 1))
+        best = output[0].copy()
+        for channel in range(1, channels):
+            better = output[channel] > best
+            labels[better] = channel
+            np.maximum(best, output[channel], out=best)
+        return labels
     if spec_output == "sigmoid":
         labels = np.zeros(output.shape[1:], dtype=_label_dtype(channels))
         for channel in range(channels):

@@ -93,6 +93,13 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB (10^6 bytes)."""
     if sys.platform == "win32":
         return _windows_peak_working_set() / 1e6
+    status = Path("/proc/self/status")
+    if status.is_file():
+        # VmHWM is this process's own peak; ru_maxrss of a spawned child
+        # starts at its parent's peak on Linux.
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
     import resource  # POSIX only
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

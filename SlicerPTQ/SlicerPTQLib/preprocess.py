@@ -85,9 +85,12 @@ def prepare(volume: Volume, spec: ModelSpec) -> Tuple[np.ndarray, Grid]:
         raise PTQError(f"Model {spec.name} expects {spec.in_channels} input channels; SlicerPTQ feeds "
                        "one volume (one channel). Use a single-channel model.")
     grid = plan_grid(volume, spec)
-    image = np.nan_to_num(np.asarray(volume.array, dtype=np.float32))
     mode = spec.resize_mode if spec.resize is not None else "trilinear"
-    network = to_network_grid(image, grid, mode)
+    # Nearest modes keep the dtype, so resizing first converts only the
+    # (usually much smaller) network grid to float32.
+    network = to_network_grid(np.asarray(volume.array), grid, mode).astype(np.float32, copy=False)
+    if np.issubdtype(volume.array.dtype, np.floating):
+        network = np.nan_to_num(network, copy=False)
     network = normalize_intensity(network, spec.intensity, volume.name)
     return network[None].astype(np.float32, copy=False), grid
 
@@ -186,9 +189,10 @@ def resize(array: np.ndarray, shape: Tuple[int, ...], mode: str) -> np.ndarray:
         for axis, size in enumerate(shape):
             out = _linear_axis(out, axis, int(size))
         return out
-    indices = [_nearest_indices(out.shape[axis], int(size), mode == "nearest-exact")
-               for axis, size in enumerate(shape)]
-    return out[np.ix_(*indices)]
+    # One gather per axis is several times faster than a fancy index over np.ix_.
+    for axis, size in enumerate(shape):
+        out = np.take(out, _nearest_indices(out.shape[axis], int(size), mode == "nearest-exact"), axis=axis)
+    return out
 
 
 def _target_ornt(spec: ModelSpec, start: np.ndarray) -> np.ndarray:
