@@ -101,3 +101,10 @@ def test_collect_ranges_reports_a_crop_the_model_rejects(tmp_path):
     crops = sample_crops(volumes(), (8, 8, 8), 1, seed=0)
     with pytest.raises(PTQError, match="crop 0"):
         collect_ranges(path, ["output"], crops, "max")
+
+
+def test_an_image_the_size_of_the_roi_is_drawn_once():
+    image = np.random.default_rng(1).normal(size=(1, 16, 16, 16)).astype(np.float32)
+    crops = sample_crops([image, image + 1], (16, 16, 16), num_crops=10, seed=0)
+    assert len(crops) == 2
+    np.testing.assert_array_equal(crops[0], image)

@@ -30,7 +30,9 @@ def sample_crops(images: Sequence[np.ndarray], roi: Sequence[int], num_crops: in
     centred on a random voxel brighter than the image's Otsu threshold
     (channel mean), the rest are placed uniformly at random. Images
     smaller than ``roi`` are padded with their minimum. The same ``seed``
-    gives the same crops.
+    gives the same crops. A patch already drawn (same image, same place:
+    always so for an image no larger than ``roi``) is not repeated, so
+    fewer than ``num_crops`` may come back.
     """
     if len(images) == 0:
         raise PTQError("No calibration volumes were given; pass --calib with one or more "
@@ -54,6 +56,7 @@ def sample_crops(images: Sequence[np.ndarray], roi: Sequence[int], num_crops: in
 
     padded: Dict[int, np.ndarray] = {}
     foreground: Dict[int, np.ndarray] = {}
+    drawn = set()
     crops = []
     for k in range(num_crops):
         index = k % len(images)
@@ -72,6 +75,9 @@ def sample_crops(images: Sequence[np.ndarray], roi: Sequence[int], num_crops: in
                 start = np.clip(centre - np.array(roi) // 2, 0, room)
         if start is None:
             start = np.array([rng.integers(r + 1) for r in room])
+        if (index, tuple(int(s) for s in start)) in drawn:
+            continue  # the same patch again adds nothing but time
+        drawn.add((index, tuple(int(s) for s in start)))
         window = tuple(slice(int(s), int(s) + size) for s, size in zip(start, roi))
         crops.append(np.ascontiguousarray(image[(slice(None),) + window], dtype=np.float32))
     return crops
