@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from ..calibration import collect_ranges
 from ..errors import PTQError
 from ..progress import ProgressCallback, track
-from ..qdq import FLOAT_OPS, PLACEMENTS, SHAPE_OPS, choose_activation_tensors
+from ..qdq import PLACEMENTS, choose_activation_tensors, quantized_readers
 from .admm import solve_admm, solve_rtn
 from .attention import pool_to, voxel_weights
 from .features import LayerMatrix
@@ -74,7 +74,7 @@ def quantize_weights(fp32_onnx: Path, sample: np.ndarray, weight_bits: int, solv
     if activation_ranges is None:
         tensors = choose_activation_tensors(model, PLACEMENTS[placement], keep_float)
         activation_ranges = collect_ranges(Path(fp32_onnx), tensors, list(next(iter(feeds.values()))), "max")
-    targets = _activation_targets(model, activation_ranges, keep_float)
+    targets = _activation_targets(model, activation_ranges, keep_float, placement)
     simulated, quantizers = insert_fake_quant(model, targets, activation_bits)
     deployed = IncrementalRunner(simulated, feeds)
     limit = 2 ** (activation_bits - 1) - 1
@@ -122,10 +122,13 @@ def _check_arguments(solver: str, weight_bits: int, activation_bits: int, iterat
 
 def _load(path: Path) -> onnx.ModelProto:
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path))
     except Exception as exc:  # onnx raises several types for unreadable files
         raise PTQError(f"Cannot read the FP32 ONNX model {path}: {exc}. Export it again "
                        "(slicer-ptq quantize writes model.fp32.onnx).") from exc
+    for node in model.graph.node:
+        node.name = node_label(node)  # readers are matched by name; exporters may leave some unnamed
+    return model
 
 
 def _feeds(model: onnx.ModelProto, sample: np.ndarray, path: Path) -> Dict[str, np.ndarray]:
@@ -168,22 +171,17 @@ def _attention_map(model: onnx.ModelProto, feeds: Dict[str, np.ndarray], device:
     return torch.from_numpy(voxel_weights(prediction)).to(device)
 
 
-def _activation_targets(model: onnx.ModelProto, ranges: Dict[str, float],
-                        keep_float: FrozenSet[str]) -> Dict[str, Set[str]]:
-    """Tensor -> nodes that read its Q/DQ copy (all but float-only readers, as the QDQ writer does)."""
+def _activation_targets(model: onnx.ModelProto, ranges: Dict[str, float], keep_float: FrozenSet[str],
+                        placement: str) -> Dict[str, Set[str]]:
+    """Tensor -> nodes that read its Q/DQ copy: the QDQ writer's own rule (``qdq.quantized_readers``)."""
     known = {name for node in model.graph.node for name in node.output} | {i.name for i in model.graph.input}
     unknown = sorted(set(ranges) - known)
     if unknown:
         raise PTQError(f"Activation ranges name tensors that are not in the model: {unknown[:5]}. "
                        "Calibrate the ranges on this same FP32 ONNX file.")
-    readers: Dict[str, Set[str]] = {tensor: set() for tensor in ranges}
-    for node in model.graph.node:
-        if node.op_type in FLOAT_OPS or node.op_type in SHAPE_OPS or node.name in keep_float:
-            continue
-        for name in node.input:
-            if name in readers:
-                readers[name].add(node_label(node))
-    return readers
+    labels = {node.name: node_label(node) for node in model.graph.node}
+    readers = quantized_readers(model, PLACEMENTS[placement], ranges, keep_float)
+    return {tensor: {labels.get(name, name) for name in names} for tensor, names in readers.items()}
 
 
 def _dequantize(q: np.ndarray, scales: np.ndarray, axis: int) -> np.ndarray:
