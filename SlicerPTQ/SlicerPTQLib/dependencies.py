@@ -56,6 +56,7 @@ CORE_REQUIREMENTS: Tuple[Requirement, ...] = (
     Requirement("nrrd", "pynrrd", "NRRD files"),
     Requirement("scipy", "scipy", "resampling"),
     Requirement("tqdm", "tqdm", "progress reporting"),
+    Requirement("einops", "einops", "MONAI SwinUNETR / UNETR blocks"),
 )
 TENSORRT = Requirement("tensorrt", "tensorrt", "INT8 engines on NVIDIA GPUs")
 

@@ -188,7 +188,11 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
     arrays = prepared_arrays(calibration, spec, progress)
     _check_channels(arrays, spec, calibration)
     crops = sample_crops(arrays, spec.roi_size, settings["num_crops"], settings["seed"])
-    keep_float = frozenset(keep_float)
+    from .sensitivity import float_policy_nodes
+
+    # Attention-score paths and input-independent branches stay float by
+    # policy (per op pattern, any model); the user's choices come on top.
+    keep_float = frozenset(keep_float) | frozenset(float_policy_nodes(fp32_onnx))
     # One range table serves the low-bit solver's simulated prefix and the
     # QDQ writer, so both see the same activation scales.
     tensors = choose_activation_tensors(onnx_graph.load_model(fp32_onnx), PLACEMENTS[settings["placement"]],
