@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .errors import PTQError
+from .fetch import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def validate_entry(engine_path: Path, sidecar: Path, key: Optional[EngineKey] = 
     size = engine_path.stat().st_size
     if record.get("engine_bytes") != size:
         return f"the engine file has {size} bytes, its sidecar says {record.get('engine_bytes')} (truncated?)"
-    if record.get("engine_sha256") != _file_sha256(engine_path):
+    if record.get("engine_sha256") != sha256_of(engine_path):
         return "the engine file's SHA-256 differs from its sidecar (corrupted or replaced)"
     if not isinstance(record.get("metadata"), dict):
         return "its metadata sidecar has no metadata"
@@ -220,14 +221,6 @@ def write_atomic(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _remove(*paths: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from .errors import PTQError
+from .fetch import sha256_of
 from .spec import Intensity, ModelSpec, sidecar_path
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ts", ".ckpt")
@@ -36,17 +37,15 @@ class LoadedModel:
         return "onnx" if self.onnx_path is not None else "torch"
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file (a folder hashes its files in name order)."""
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file; a folder (bundle) hashes its files' names and hashes in name order."""
     path = Path(path)
+    if path.is_file():
+        return sha256_of(path)
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(chunk), b""):
-                digest.update(block)
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(sha256_of(file).encode())
     return digest.hexdigest()
 
 
