@@ -146,13 +146,19 @@ def normalize_intensity(image: np.ndarray, intensity: Intensity, name: str = "")
     if kind == "quantile":
         # deepbet's utils.normalize: quantiles of the resized image, clamp to [0, 1], standardise
         # with the unbiased std (torch's default), then map to the training mean/std.
-        low, high = np.quantile(image, [intensity.low, intensity.high])
+        low, high = quantiles(image, (intensity.low, intensity.high))
         if not high > low:
             raise PTQError(f"Volume {name} has (nearly) constant intensity ({low:g}); there is nothing "
                            "to segment. Check that the right image was given.")
-        scaled = np.clip((image - low) / (high - low), 0.0, 1.0)
-        std = scaled.std(ddof=1)
-        return ((scaled - scaled.mean()) / std * intensity.std + intensity.mean).astype(np.float32)
+        scaled = image - np.float32(low)
+        scaled /= np.float32(high - low)
+        np.clip(scaled, 0.0, 1.0, out=scaled)
+        mean = scaled.mean(dtype=np.float64)
+        std = scaled.std(ddof=1, dtype=np.float64)
+        scaled -= np.float32(mean)
+        scaled *= np.float32(intensity.std / std)
+        scaled += np.float32(intensity.mean)
+        return scaled
     if kind == "clip_scale":
         if not intensity.a_max > intensity.a_min:
             raise PTQError(f"Intensity window a_min={intensity.a_min} >= a_max={intensity.a_max} in the "
@@ -172,6 +178,26 @@ def normalize_intensity(image: np.ndarray, intensity: Intensity, name: str = "")
         return out
     raise PTQError(f"Unknown intensity kind {kind!r} in the model metadata; use quantile, "
                    "clip_scale, zscore or none.")
+
+
+def quantiles(image: np.ndarray, qs: Tuple[float, ...]) -> np.ndarray:
+    """``np.quantile(image, qs)`` (linear interpolation), from a histogram when voxels are integers.
+
+    Scanner images are mostly integer-valued: counting values is exact and
+    several times faster than the partial sort ``np.quantile`` does.
+    """
+    flat = image.ravel()
+    low, high = float(flat.min()), float(flat.max())
+    integral = high - low < 1 << 16 and np.array_equal(flat[::97], np.round(flat[::97])) \
+        and np.array_equal(flat, np.round(flat))
+    if not integral:
+        return np.quantile(flat, qs)
+    cumulative = np.cumsum(np.bincount((flat - low).astype(np.int64)))
+    positions = np.asarray(qs, dtype=np.float64) * (flat.size - 1)
+    below = np.floor(positions).astype(np.int64)
+    values_below = np.searchsorted(cumulative, below, side="right") + low
+    values_above = np.searchsorted(cumulative, np.minimum(below + 1, flat.size - 1), side="right") + low
+    return values_below + (positions - below) * (values_above - values_below)
 
 
 def resize(array: np.ndarray, shape: Tuple[int, ...], mode: str) -> np.ndarray:
