@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .atomic import replacing
 from .errors import PTQError
 from .pipeline import VolumeSource, default_backend, model_spec_for, read_any
 from .progress import ProgressCallback, track
@@ -92,6 +92,5 @@ def write_json(payload, path: Path) -> None:
     """Write JSON atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str))

@@ -12,13 +12,12 @@ UTF-8 text, as Slicer's own files do.
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Tuple
 
 import numpy as np
 
+from .atomic import replacing
 from .errors import PTQError
 from .spec import ModelSpec
 from .volume import Volume
@@ -55,20 +54,10 @@ def write_seg_nrrd(labels: Volume, spec: ModelSpec, path: Path) -> Path:
     array = array.astype(labels_dtype(max(values, default=0)), copy=False)
     fields = _segment_fields(array, values, spec)
     header = _nrrd_header(array, labels.affine, fields)
-    if not path.parent.is_dir():
-        raise PTQError(f"Cannot write {path}: folder {path.parent} does not exist. Create it first.")
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(header)
-            stream.write(gzip.compress(np.asfortranarray(array).astype(array.dtype.newbyteorder("<"))
-                                       .tobytes(order="F"), compresslevel=_GZIP_LEVEL))
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise PTQError(f"Cannot write {path}: {exc}. Check free disk space and permissions.") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as tmp, open(tmp, "wb") as stream:
+        stream.write(header)
+        stream.write(gzip.compress(np.asfortranarray(array).astype(array.dtype.newbyteorder("<"))
+                                   .tobytes(order="F"), compresslevel=_GZIP_LEVEL))
     return path
 
 

@@ -107,10 +107,10 @@ class ModelSpec:
 
     def save(self, path: Path) -> None:
         """Write the spec as JSON, atomically."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
+        from .atomic import replacing
+
+        with replacing(Path(path)) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> "ModelSpec":

@@ -8,13 +8,12 @@ and the fix; writes go to a temp file beside the target and are renamed.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Tuple
 
 import numpy as np
 
+from .atomic import replacing
 from .errors import PTQError
 from .volume import Volume
 
@@ -94,22 +93,11 @@ def write_volume(volume: Volume, path: Path, labels: bool = False) -> Path:
     if array.ndim != 3:
         raise PTQError(f"Cannot write {path}: expected a 3D array, got shape {array.shape}.")
     affine = np.asarray(volume.affine, dtype=np.float64)
-    if not path.parent.is_dir():
-        raise PTQError(f"Cannot write {path}: folder {path.parent} does not exist. Create it first.")
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{volume_stem(path)}.", suffix=".tmp" + suffix,
-                                        dir=path.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
+    with replacing(path, suffix=".tmp" + suffix) as tmp:
         if suffix in NIFTI_SUFFIXES:
             _write_nifti(array, affine, tmp)
         else:
             _write_nrrd(array, affine, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise PTQError(f"Cannot write {path}: {exc}. Check free disk space and permissions.") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
