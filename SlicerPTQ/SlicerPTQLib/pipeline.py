@@ -288,7 +288,7 @@ def segment(model_path: Union[str, Path], volume: VolumeSource, runtime: Optiona
     model_path = Path(model_path)
     spec = model_spec_for(model_path)
     engine = create_runtime(model_path, runtime or default_backend(model_path), precision=precision,
-                            threads=threads)
+                            threads=threads, batch_size=batch_size)
     try:
         labels, timings = segment_volume(engine, read_any(volume), spec, batch_size=batch_size,
                                          progress_callback=progress)

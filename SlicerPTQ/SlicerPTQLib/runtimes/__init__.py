@@ -28,13 +28,15 @@ __all__ = ["BACKENDS", "Runtime", "available_backends", "create_runtime", "int8_
 
 
 def create_runtime(model_path: Path, backend: str, precision: Optional[str] = None,
-                   threads: Optional[int] = None) -> Runtime:
+                   threads: Optional[int] = None, batch_size: int = 1) -> Runtime:
     """Load ``model_path`` into the runtime of ``backend``.
 
     ``precision`` is what the kernels should compute in ("fp32", "bf16",
     "fp16", "int8"; which ones a backend offers differs); ``None`` means
     "int8" for a Q/DQ ONNX file and "fp32" otherwise. ``threads`` caps the
     CPU threads (``None``: the backend's default, usually all cores).
+    ``batch_size`` is how many sliding-window patches one ``predict`` gets;
+    TensorRT builds its engine profile for it (CPU runtimes need no hint).
     """
     model_path = Path(model_path)
     if backend not in BACKENDS:
@@ -57,7 +59,7 @@ def create_runtime(model_path: Path, backend: str, precision: Optional[str] = No
     if not usable:
         raise PTQError(f"TensorRT cannot run here: {reason}. Use backend 'openvino' on the CPU, "
                        "or run on a machine with an NVIDIA GPU, CUDA and the tensorrt package.")
-    return tensorrt_runtime.TensorRTRuntime(model_path, precision=precision)
+    return tensorrt_runtime.TensorRTRuntime(model_path, precision=precision, max_batch=max(1, batch_size))
 
 
 def available_backends() -> Dict[str, str]:
