@@ -56,7 +56,7 @@ def test_small_config_exports_and_runs_int8_on_the_cpu(name, tmp_path):
     from SlicerPTQLib.export import export_onnx, onnx_input_spec
     from SlicerPTQLib.qdq import quantize_onnx
     from SlicerPTQLib.runtimes import create_runtime
-    from SlicerPTQLib.sensitivity import float_policy_nodes
+    from SlicerPTQLib.float_policy import float_policy_nodes
 
     entry = architectures.get(name)
     roi = tuple(max(size, entry.min_size) for size in ROI)
@@ -91,7 +91,7 @@ def test_transformer_policy_quantizes_linears_keeps_norms_and_softmax_float(tmp_
 
     from SlicerPTQLib.export import export_onnx
     from SlicerPTQLib.qdq import quantize_onnx
-    from SlicerPTQLib.sensitivity import attention_score_nodes
+    from SlicerPTQLib.float_policy import attention_score_nodes
 
     torch.manual_seed(0)
     module = architectures.build("TransUNet", architectures.config_args("TransUNet", roi=ROI))

@@ -7,8 +7,9 @@ import pytest
 
 from SlicerPTQLib import architectures
 from SlicerPTQLib.errors import PTQError
-from SlicerPTQLib.sensitivity import (Budget, OutputError, _smallest_passing, attention_score_nodes,
-                                      mixed_precision, output_error, quantized_nodes)
+from SlicerPTQLib.float_policy import attention_score_nodes
+from SlicerPTQLib.sensitivity import (Budget, OutputError, _smallest_passing, mixed_precision, output_error,
+                                      quantized_nodes)
 
 ROI = (32, 32, 32)
 
@@ -105,7 +106,7 @@ def test_input_independent_nodes_are_vista3d_class_embeddings(tmp_path):
     import torch
 
     from SlicerPTQLib.export import export_onnx
-    from SlicerPTQLib.sensitivity import float_policy_nodes, input_independent_nodes
+    from SlicerPTQLib.float_policy import float_policy_nodes, input_independent_nodes
 
     torch.manual_seed(0)
     module = architectures.build("VISTA3D", architectures.config_args("VISTA3D", roi=ROI))

@@ -108,7 +108,8 @@ def bench_one(name: str, out_dir: Path, steps: Optional[int], threads: int, cali
     from SlicerPTQLib.metrics import dice, mean_dice, time_forward
     from SlicerPTQLib.qdq import quantize_onnx
     from SlicerPTQLib.runtimes import available_backends, create_runtime
-    from SlicerPTQLib.sensitivity import Budget, float_policy_nodes, mixed_precision
+    from SlicerPTQLib.float_policy import float_policy_nodes
+    from SlicerPTQLib.sensitivity import Budget, mixed_precision
 
     entry = architectures.get(name)
     roi = training.ROI

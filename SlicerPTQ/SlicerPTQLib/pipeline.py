@@ -188,7 +188,7 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
     arrays = prepared_arrays(calibration, spec, progress)
     _check_channels(arrays, spec, calibration)
     crops = sample_crops(arrays, spec.roi_size, settings["num_crops"], settings["seed"])
-    from .sensitivity import float_policy_nodes
+    from .float_policy import float_policy_nodes
 
     # Attention-score paths and input-independent branches stay float by
     # policy (per op pattern, any model); the user's choices come on top.

@@ -38,6 +38,7 @@ import numpy as np
 from . import onnx_graph
 from .calibration import collect_ranges
 from .errors import PTQError
+from .float_policy import float_policy_nodes
 from .observers import INT8_MAX
 from .progress import ProgressCallback
 
@@ -162,7 +163,8 @@ def quantize_onnx(fp32_onnx: Path, out_path: Path,
     if placement not in PLACEMENTS:
         raise PTQError(f"Unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}.")
     model = _load_for_qdq(fp32_onnx)
-    keep_float = frozenset(keep_float)
+    # The op-pattern float policy holds for every caller, not only the pipeline.
+    keep_float = frozenset(keep_float) | frozenset(float_policy_nodes(fp32_onnx))
     _check_node_names(model.graph, keep_float)
 
     tensors = choose_activation_tensors(model, PLACEMENTS[placement], keep_float)
