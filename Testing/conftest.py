@@ -6,8 +6,9 @@ without access to PyPI, or without apt for the Debian-only volumes.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 import pytest
 
@@ -40,3 +41,35 @@ def evaluation_cases() -> List[Tuple[str, Path, Path]]:
         return shipped.evaluation_volumes()
     except PTQError as exc:
         pytest.skip(f"evaluation volumes unavailable: {exc}")
+
+
+@contextmanager
+def _wired_scene() -> Iterator[object]:
+    """A vtkMRMLScene wired like the Slicer application does it (slicer-core wheel)."""
+    slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
+    mrml_scene = slicer.vtkMRMLScene()
+    logics = [slicer.vtkSlicerSegmentationsModuleLogic(), slicer.vtkSlicerSubjectHierarchyModuleLogic()]
+    for logic in logics:
+        logic.SetMRMLScene(mrml_scene)  # without it segmentations cannot build a binary labelmap
+    previous = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = mrml_scene  # slicer.util helpers look here
+    try:
+        yield mrml_scene
+    finally:
+        for logic in logics:
+            logic.SetMRMLScene(None)
+        slicer.mrmlScene = previous
+
+
+@pytest.fixture
+def mrml_scene():
+    """A fresh wired MRML scene per test."""
+    with _wired_scene() as scene:
+        yield scene
+
+
+@pytest.fixture(scope="module")
+def module_mrml_scene():
+    """One wired MRML scene shared by a test module."""
+    with _wired_scene() as scene:
+        yield scene

@@ -10,7 +10,6 @@ shows up as a mismatch.
 
 from __future__ import annotations
 
-import importlib
 import shutil
 import subprocess
 import sys
@@ -27,31 +26,10 @@ from SlicerPTQLib.errors import PTQError  # noqa: E402
 from SlicerPTQLib.volume import Volume  # noqa: E402
 from SlicerPTQLib.volumes import read_volume  # noqa: E402
 
-CORE_MODULES = ("pipeline", "cli", "qdq", "calibration", "preprocess", "inference", "metrics", "export")
-
-
-def _require_core() -> None:
-    for name in CORE_MODULES:
-        try:
-            importlib.import_module(f"SlicerPTQLib.{name}")
-        except ImportError as exc:
-            pytest.skip(f"SlicerPTQLib.{name} is not importable yet: {exc}")
-
 
 @pytest.fixture(scope="module")
-def scene():
-    _require_core()
-    mrml_scene = slicer.vtkMRMLScene()
-    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations_logic.SetMRMLScene(mrml_scene)
-    hierarchy_logic = slicer.vtkSlicerSubjectHierarchyModuleLogic()
-    hierarchy_logic.SetMRMLScene(mrml_scene)
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = mrml_scene
-    yield mrml_scene
-    segmentations_logic.SetMRMLScene(None)
-    hierarchy_logic.SetMRMLScene(None)
-    slicer.mrmlScene = previous
+def scene(module_mrml_scene):
+    return module_mrml_scene
 
 
 def reoriented(volume: Volume, strides=(2, 1, 3), flip_axis=0, permutation=(2, 0, 1), degrees=12.0) -> Volume:

@@ -32,16 +32,8 @@ def oblique_affine(spacing=(0.9, 1.3, 2.5), degrees=17.0, origin=(-40.0, 12.5, 8
 
 
 @pytest.fixture
-def scene():
-    """A fresh MRML scene wired like the Slicer application does it."""
-    mrml_scene = slicer.vtkMRMLScene()
-    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations_logic.SetMRMLScene(mrml_scene)
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = mrml_scene
-    yield mrml_scene
-    segmentations_logic.SetMRMLScene(None)
-    slicer.mrmlScene = previous
+def scene(mrml_scene):
+    return mrml_scene
 
 
 @pytest.fixture
