@@ -152,6 +152,18 @@ def test_to_labels_many_channels_use_uint16():
     assert labels.dtype == np.uint16 and labels.tolist() == [[[0, 299]]]
 
 
+def test_to_labels_equals_argmax_and_later_wins_rule_on_random_maps():
+    rng = np.random.default_rng(5)
+    for channels in (2, 3, 6):
+        output = rng.integers(0, 4, size=(channels, 9, 10, 11)).astype(np.float32)  # many ties
+        np.testing.assert_array_equal(to_labels(output, "softmax"), output.argmax(axis=0))
+        logits = output - 1.5
+        expected = np.zeros(output.shape[1:], np.int64)
+        for channel in range(channels):
+            expected[logits[channel] > 0] = channel + 1
+        np.testing.assert_array_equal(to_labels(logits, "sigmoid"), expected)
+
+
 def test_to_labels_unknown_kind():
     with pytest.raises(PTQError, match="softmax, probabilities, sigmoid"):
         to_labels(np.zeros((2, 1, 1, 1), np.float32), "tanh")

@@ -228,6 +228,30 @@ def test_restore_rejects_padded_or_wrong_arrays(head):
 
 # ---- intensity -----------------------------------------------------------------------------------
 
+def _quantile_reference(image: np.ndarray, intensity: Intensity) -> np.ndarray:
+    """The per-voxel formula: np.quantile, clamp, unbiased standardisation (float64)."""
+    x = image.astype(np.float64)
+    low, high = np.quantile(x, (intensity.low, intensity.high))
+    x = np.clip((x - low) / (high - low), 0, 1)
+    return (x - x.mean()) / x.std(ddof=1) * intensity.std + intensity.mean
+
+
+@pytest.mark.parametrize("dtype, offset, span", [(np.uint8, 0, 255), (np.int16, -1024, 3000),
+                                                 (np.int32, 70000, 4000), (np.float32, -3, 900),
+                                                 (np.int32, 0, 1 << 17)])
+def test_quantile_lookup_table_equals_the_per_voxel_formula(dtype, offset, span):
+    """Integer images go through a histogram + lookup table; wide or float ones do not."""
+    rng = np.random.default_rng(3)
+    image = (rng.gamma(2.0, span / 6, size=(20, 24, 28)).clip(0, span) + offset).round().astype(dtype)
+    intensity = Intensity(kind="quantile", low=0.005, high=0.995, mean=0.449, std=0.226)
+    out = normalize_intensity(np.asfortranarray(image), intensity)
+    assert out.dtype == np.float32 and out.shape == image.shape
+    np.testing.assert_allclose(out, _quantile_reference(image, intensity), atol=2e-6)
+    fractional = image.astype(np.float32) + np.float32(0.25)  # not integral: the sorting path
+    np.testing.assert_allclose(normalize_intensity(fractional, intensity),
+                               _quantile_reference(fractional, intensity), atol=2e-6)
+
+
 def test_clip_scale_window():
     values = np.array([-1000.0, -175.0, 37.5, 250.0, 3000.0], np.float32)
     out = normalize_intensity(values, Intensity(kind="clip_scale", a_min=-175, a_max=250, b_min=0, b_max=1))

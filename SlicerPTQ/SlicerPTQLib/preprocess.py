@@ -86,13 +86,13 @@ def prepare(volume: Volume, spec: ModelSpec) -> Tuple[np.ndarray, Grid]:
                        "one volume (one channel). Use a single-channel model.")
     grid = plan_grid(volume, spec)
     mode = spec.resize_mode if spec.resize is not None else "trilinear"
-    # Nearest modes keep the dtype, so resizing first converts only the
-    # (usually much smaller) network grid to float32.
-    network = to_network_grid(np.asarray(volume.array), grid, mode).astype(np.float32, copy=False)
-    if np.issubdtype(volume.array.dtype, np.floating):
-        network = np.nan_to_num(network, copy=False)
+    # Nearest modes keep the dtype: the (usually much smaller) network grid
+    # is converted, and integer images are normalised through a lookup table.
+    network = to_network_grid(np.asarray(volume.array), grid, mode)
+    if np.issubdtype(network.dtype, np.floating):
+        network = np.nan_to_num(network.astype(np.float32, copy=False), copy=False)
     network = normalize_intensity(network, spec.intensity, volume.name)
-    return network[None].astype(np.float32, copy=False), grid
+    return np.ascontiguousarray(network[None], dtype=np.float32), grid
 
 
 def to_network_grid(array: np.ndarray, grid: Grid, mode: str = "nearest-exact") -> np.ndarray:
@@ -139,26 +139,12 @@ def network_volume(array: np.ndarray, grid: Grid, name: Optional[str] = None) ->
 
 def normalize_intensity(image: np.ndarray, intensity: Intensity, name: str = "") -> np.ndarray:
     """``image`` normalised as ``intensity`` says (float32, same shape)."""
-    image = np.asarray(image, dtype=np.float32)
     kind = intensity.kind
+    if kind == "quantile":
+        return _quantile_normalize(image, intensity, name)
+    image = np.asarray(image, dtype=np.float32)
     if kind == "none":
         return image
-    if kind == "quantile":
-        # deepbet's utils.normalize: quantiles of the resized image, clamp to [0, 1], standardise
-        # with the unbiased std (torch's default), then map to the training mean/std.
-        low, high = quantiles(image, (intensity.low, intensity.high))
-        if not high > low:
-            raise PTQError(f"Volume {name} has (nearly) constant intensity ({low:g}); there is nothing "
-                           "to segment. Check that the right image was given.")
-        scaled = image - np.float32(low)
-        scaled /= np.float32(high - low)
-        np.clip(scaled, 0.0, 1.0, out=scaled)
-        mean = scaled.mean(dtype=np.float64)
-        std = scaled.std(ddof=1, dtype=np.float64)
-        scaled -= np.float32(mean)
-        scaled *= np.float32(intensity.std / std)
-        scaled += np.float32(intensity.mean)
-        return scaled
     if kind == "clip_scale":
         if not intensity.a_max > intensity.a_min:
             raise PTQError(f"Intensity window a_min={intensity.a_min} >= a_max={intensity.a_max} in the "
@@ -180,23 +166,79 @@ def normalize_intensity(image: np.ndarray, intensity: Intensity, name: str = "")
                    "clip_scale, zscore or none.")
 
 
-def quantiles(image: np.ndarray, qs: Tuple[float, ...]) -> np.ndarray:
-    """``np.quantile(image, qs)`` (linear interpolation), from a histogram when voxels are integers.
+def _quantile_normalize(image: np.ndarray, intensity: Intensity, name: str) -> np.ndarray:
+    """deepbet's utils.normalize: quantiles of the (resized) image, clamp to [0, 1],
+    standardise with the unbiased std (torch's default), map to the training mean/std.
 
-    Scanner images are mostly integer-valued: counting values is exact and
-    several times faster than the partial sort ``np.quantile`` does.
+    Scanner images are mostly integer-valued: then a histogram gives the
+    quantiles, mean and std exactly, and the map is applied as a lookup table
+    over the image's values, which is several times faster than sorting and
+    per-voxel arithmetic. Each value maps to the same float32 either way.
     """
-    flat = image.ravel()
-    low, high = float(flat.min()), float(flat.max())
-    integral = high - low < 1 << 16 and np.array_equal(flat[::97], np.round(flat[::97])) \
-        and np.array_equal(flat, np.round(flat))
-    if not integral:
-        return np.quantile(flat, qs)
-    cumulative = np.cumsum(np.bincount((flat - low).astype(np.int64)))
-    positions = np.asarray(qs, dtype=np.float64) * (flat.size - 1)
+    levels = _integer_levels(image)
+    qs = (intensity.low, intensity.high)
+    if levels is None:
+        values = np.asarray(image, dtype=np.float32)
+        low, high = np.quantile(values, qs)
+        return _quantile_map(values, None, low, high, intensity, name)
+    offset, codes = levels
+    counts = np.bincount(codes.ravel(order="K"))
+    low, high = _histogram_quantiles(counts, offset, qs)
+    table = _quantile_map(np.arange(offset, offset + counts.size, dtype=np.float32), counts, low, high,
+                          intensity, name)
+    return np.take(table, codes)
+
+
+def _quantile_map(values: np.ndarray, counts: Optional[np.ndarray], low: float, high: float,
+                  intensity: Intensity, name: str) -> np.ndarray:
+    """``values`` (float32) clamped between the quantiles and standardised; ``counts``
+    weights each value (a histogram), None counts each once."""
+    if not high > low:
+        raise PTQError(f"Volume {name} has (nearly) constant intensity ({low:g}); there is nothing "
+                       "to segment. Check that the right image was given.")
+    scaled = values - np.float32(low)
+    scaled /= np.float32(high - low)
+    np.clip(scaled, 0.0, 1.0, out=scaled)
+    if counts is None:
+        mean = scaled.mean(dtype=np.float64)
+        std = scaled.std(ddof=1, dtype=np.float64)
+    else:
+        total = counts.sum()
+        mean = np.dot(counts, scaled.astype(np.float64)) / total
+        std = np.sqrt(np.dot(counts, (scaled.astype(np.float64) - mean) ** 2) / (total - 1))
+    scaled -= np.float32(mean)
+    scaled *= np.float32(intensity.std / std)
+    scaled += np.float32(intensity.mean)
+    return scaled
+
+
+def _integer_levels(image: np.ndarray) -> Optional[Tuple[int, np.ndarray]]:
+    """``(offset, codes)`` with ``image == codes + offset`` and codes small non-negative
+    integers, when the image holds integers spanning fewer than 2**16 values; else None."""
+    image = np.asarray(image)
+    if image.size == 0:
+        return None
+    low, high = image.min(), image.max()
+    if not (np.isfinite(low) and np.isfinite(high)) or high - low >= 1 << 16:
+        return None
+    if np.issubdtype(image.dtype, np.integer):
+        if low >= 0 and image.dtype.itemsize <= 2:
+            return 0, image  # small non-negative integers index the table as they are
+        return int(low), np.subtract(image, low, dtype=np.int32)
+    flat = image.ravel(order="K")
+    if not (np.array_equal(flat[::97], np.round(flat[::97])) and np.array_equal(flat, np.round(flat))):
+        return None
+    return int(low), np.subtract(image, low).astype(np.int32)
+
+
+def _histogram_quantiles(counts: np.ndarray, offset: int, qs: Tuple[float, ...]) -> np.ndarray:
+    """``np.quantile`` (linear interpolation) of the values a histogram counts."""
+    cumulative = np.cumsum(counts)
+    size = int(cumulative[-1])
+    positions = np.asarray(qs, dtype=np.float64) * (size - 1)
     below = np.floor(positions).astype(np.int64)
-    values_below = np.searchsorted(cumulative, below, side="right") + low
-    values_above = np.searchsorted(cumulative, np.minimum(below + 1, flat.size - 1), side="right") + low
+    values_below = np.searchsorted(cumulative, below, side="right") + offset
+    values_above = np.searchsorted(cumulative, np.minimum(below + 1, size - 1), side="right") + offset
     return values_below + (positions - below) * (values_above - values_below)
 
 
