@@ -43,6 +43,8 @@ def evaluate_models(fp32_model: Path, quantized_model: Path, images: Sequence[Vo
     try:
         for runtime in (fp32, quantized):
             _warm_up(runtime, (1, spec.in_channels, *spec.roi_size))
+        # Blending imports MONAI (seconds) on first use: not inside the first timed volume.
+        import monai.inferers  # noqa: F401
         for index in track(range(len(images)), "evaluate", callback=progress):
             image = read_any(images[index])
             fp32_labels, fp32_times = segment_volume(fp32, image, spec)

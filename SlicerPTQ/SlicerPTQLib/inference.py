@@ -52,9 +52,6 @@ def sliding_window(runtime: Runtime, image: np.ndarray, roi, overlap: float = 0.
     Example: ``sliding_window(rt, np.zeros((1, 160, 160, 160), np.float32),
     96)`` -> ``(K, 160, 160, 160)`` from 27 windows of 96^3.
     """
-    import torch
-    from monai.inferers import sliding_window_inference
-
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 4:
         raise PTQError(f"sliding_window takes a (C, D, H, W) image, got shape {image.shape}. "
@@ -74,6 +71,10 @@ def sliding_window(runtime: Runtime, image: np.ndarray, roi, overlap: float = 0.
         output = runtime.predict(image[None])[0]
         next(ticks, None)
         return output
+
+    # Imported only when windows are blended: importing MONAI takes seconds.
+    import torch
+    from monai.inferers import sliding_window_inference
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:
         # The window is a strided view of the image: one copy makes it contiguous.
