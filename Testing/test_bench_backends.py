@@ -3,14 +3,18 @@
 One run (PyTorch FP32, NNCF INT8 and SlicerPTQ INT8 on one real volume,
 two calibration crops, two timed rounds) is shared with test_report.py
 through :func:`tiny_benchmark_json`; it skips when the shipped model or
-volumes cannot be fetched.
+volumes cannot be fetched. The registry models (``--models``) are checked
+without trained weights: the skip, the model files, the reference labels
+and the markdown of a section without reference labels.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict
 
@@ -111,14 +115,112 @@ def test_slices_and_markdown_written(tiny_benchmark, tiny_result):
     assert any(line.startswith("- SlicerPTQ INT8 (max): per patch") for line in table.splitlines())
 
 
-def test_fit_patch_centres_and_pads():
+def _bench():
+    """The benchmark script as a module."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        from bench_backends import _fit_patch
+        import bench_backends
     finally:
         sys.path.remove(str(SCRIPT.parent))
+    return bench_backends
+
+
+def test_fit_patch_centres_and_pads():
+    _fit_patch = _bench()._fit_patch
     image = np.arange(1 * 4 * 6 * 2, dtype=np.float32).reshape(1, 4, 6, 2)
     patch = _fit_patch(image, (2, 4, 4))
     assert patch.shape == (1, 2, 4, 4)
     np.testing.assert_array_equal(patch[0, :, :, :2], image[0, 1:3, 1:5, :])
     assert not patch[0, :, :, 2:].any()
+
+
+def test_registry_model_without_weights_is_skipped(tmp_path):
+    """An empty weights cache: the model is recorded as not run, with why, and the run still writes its files."""
+    env = dict(os.environ, SLICER_PTQ_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--models", "SegResNet", "--no-report", "--out",
+                                str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads((out / "benchmark.json").read_text())
+    assert result["models"] == []
+    [skipped] = result["skipped_models"]
+    assert skipped["name"] == "SegResNet"
+    assert "no trained weights of SegResNet" in skipped["reason"]
+    assert "train_small_models.py --arch SegResNet" in skipped["reason"]
+    assert "SegResNet not run" in completed.stderr
+    assert "- model not run: SegResNet: no trained weights" in (out / "benchmark.md").read_text()
+
+
+def test_unknown_model_name_is_refused():
+    with pytest.raises(SystemExit):
+        _bench().parse_args(["--models", "NoSuchNet"])
+
+
+def test_arch_model_files_load_as_the_eager_row_runs_them(tmp_path):
+    """State dict + spec sidecar (random small UNet): what quantize() reads with arch, and the torch row runs."""
+    import torch
+
+    from SlicerPTQLib import architectures
+    from SlicerPTQLib.models import load_model
+    from SlicerPTQLib.spec import ModelSpec, sidecar_path
+
+    bench = _bench()
+    training = bench._sibling_scripts()[1]
+    args = architectures.config_args("UNet", "small", out_channels=training.NUM_CLASSES, roi=training.ROI)
+    torch.manual_seed(0)
+    module = architectures.build("UNet", args).eval()
+    spec = training.training_spec("UNet")
+    path = bench.write_arch_model(tmp_path / "UNet" / "UNet.pt", module, spec)
+    assert ModelSpec.load(sidecar_path(path)) == spec
+    loaded = load_model(path, arch="UNet", arch_args=args)
+    assert loaded.spec.out_channels == training.NUM_CLASSES and loaded.spec.roi_size == training.ROI
+    variant = bench.Variant("torch_fp32", "PyTorch eager FP32", "torch", str(path), "fp32",
+                            extra={"arch": "UNet", "arch_args": args})
+    runtime = bench._runtime(asdict(variant), None)
+    batch = np.random.default_rng(0).random((1, 1, 16, 16, 16), dtype=np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(runtime.predict(batch), expected, rtol=1e-5, atol=1e-5)
+    runtime.close()
+
+
+def test_tissue_labels_shift_kmeans_classes(tmp_path):
+    """k-means classes 1..6 become 0..5; unlabelled voxels (0) join the background."""
+    import nibabel as nib
+
+    path = tmp_path / "labels.nii.gz"
+    classes = np.broadcast_to(np.arange(7, dtype=np.uint8)[:, None, None], (7, 2, 2))
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(classes), np.eye(4)), path)
+    labels = _bench().tissue_labels(path)
+    assert labels.shape == (7, 2, 2)
+    np.testing.assert_array_equal(labels[:, 0, 0], [0, 0, 1, 2, 3, 4, 5])
+
+
+def test_markdown_of_a_section_without_reference_labels():
+    """A volume without reference labels (Colin27 for the registry models) has Dice vs FP32 only."""
+    bench = _bench()
+    variants = [bench.Variant("torch_fp32", "PyTorch eager FP32", "torch", "UNet.pt", "fp32", 0.6),
+                bench.Variant("slicerptq_int8_max", "SlicerPTQ INT8 (max)", "openvino", "model.int8.onnx",
+                              size_mb=0.2, quantize_s=5.0)]
+    timings = {"total_s": 1.0, "preprocess_s": 0.1, "network_s": 0.8, "restore_s": 0.1}
+
+    def result(reference, fp32):
+        return {"timings": timings, "total_s": 1.0, "fastest_total_s": 1.0, "dice_vs_reference": reference,
+                "dice_vs_fp32": fp32}
+
+    volumes = [{"volume": "itk_t1", "results": {"torch_fp32": result(0.6, 1.0),
+                                                "slicerptq_int8_max": result(0.62, 0.98)}},
+               {"volume": "colin27", "results": {"torch_fp32": result(None, 1.0),
+                                                 "slicerptq_int8_max": result(None, 0.96)}}]
+    measured = {"times": {}, "volumes": volumes, "layers": {}, "memory": {}, "errors": {}, "infos": {},
+                "cold": {}, "profile": None, "patch_shape": [1, 1, 64, 64, 64]}
+    section = bench.summarise("UNet (small)", variants, measured, [], [], 2)
+    rows = {row["key"]: row for row in section["variants"]}
+    assert rows["slicerptq_int8_max"]["dice_vs_reference_mean"] == pytest.approx(0.62)
+    assert rows["slicerptq_int8_max"]["dice_vs_fp32_mean"] == pytest.approx(0.97)
+    benchmark = {"cpu": {"model": "cpu"}, "threads": 2, "command": "bench", "models": [section],
+                 "skipped_models": [{"name": "SegResNet", "reason": "no trained weights"}]}
+    text = bench.markdown(benchmark)
+    assert "| itk_t1 | 0.6000 | 0.6200 |" in text
+    assert "colin27" not in text
+    assert text.splitlines()[-1] == "- model not run: SegResNet: no trained weights"

@@ -92,6 +92,37 @@ def test_unknown_method_and_bits(shipped_model_path, calibration_paths, tmp_path
         pipeline.quantize(shipped_model_path, calibration_paths, tmp_path, weight_bits=5)
 
 
+def test_accuracy_budget_is_checked_on_the_calibration_volumes(shipped_model_path, calibration_paths, tmp_path):
+    # A budget the fully quantized model meets: no per-layer pass, nothing kept float.
+    result = pipeline.quantize(shipped_model_path, calibration_paths[:1], tmp_path / "b", num_crops=1,
+                               accuracy_budget=0.9)
+    sensitivity = json.loads((result.out_dir / "quantization.json").read_text())["sensitivity"]
+    assert sensitivity["checked_on"] == "volumes" and sensitivity["met"]
+    assert sensitivity["final_dice"] == sensitivity["full_int8_dice"] >= 0.9
+    assert sensitivity["layers_kept_float"] == [] and sensitivity["layers_analysed"] == 0
+    assert result.report["settings"]["accuracy_budget"] == 0.9
+
+
+@pytest.mark.slow
+def test_tight_accuracy_budget_keeps_the_worst_layers_float(shipped_model_path, calibration_paths, tmp_path):
+    loose = pipeline.quantize(shipped_model_path, calibration_paths[:1], tmp_path / "loose", num_crops=1,
+                              accuracy_budget=0.9)
+    budget = min(1.0, loose.report["sensitivity"]["full_int8_dice"] + 0.0005)
+    tight = pipeline.quantize(shipped_model_path, calibration_paths[:1], tmp_path / "tight", num_crops=1,
+                              accuracy_budget=budget)
+    sensitivity = tight.report["sensitivity"]
+    assert sensitivity["met"] and sensitivity["final_dice"] >= budget
+    assert sensitivity["layers_kept_float"] and sensitivity["layers_analysed"] > len(sensitivity["layers_kept_float"])
+    assert sum(tight.report["qdq"]["quantized_ops"].values()) < sum(loose.report["qdq"]["quantized_ops"].values())
+
+
+def test_accuracy_budget_errors(shipped_model_path, calibration_paths, tmp_path):
+    with pytest.raises(PTQError, match="agreement Dice"):
+        pipeline.quantize(shipped_model_path, calibration_paths, tmp_path, accuracy_budget=99)
+    with pytest.raises(PTQError, match="low-bit"):
+        pipeline.quantize(shipped_model_path, calibration_paths, tmp_path, accuracy_budget=0.99, weight_bits=4)
+
+
 def test_segment_needs_metadata(tmp_path, quantized, evaluation_cases):
     lonely = tmp_path / "lonely.onnx"
     lonely.write_bytes(quantized.quantized_onnx.read_bytes())

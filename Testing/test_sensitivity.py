@@ -115,3 +115,17 @@ def test_input_independent_nodes_are_vista3d_class_embeddings(tmp_path):
     assert any("class_head/mlp" in name for name in constant)
     assert not any("encoder" in name for name in constant)
     assert set(constant) <= set(float_policy_nodes(fp32))
+
+
+def test_budget_checked_on_whole_volumes_by_sliding_window(small_unet, tmp_path):
+    fp32, crops = small_unet
+    volumes = [np.random.default_rng(1).standard_normal((1, 40, 36, 44)).astype(np.float32)]
+    loose = mixed_precision(fp32, tmp_path / "loose.onnx", crops, Budget("dice", 0.01), volumes=volumes, roi=ROI)
+    assert loose.checked_on == "volumes" and loose.met and loose.fallback == []
+    threshold = min(1.0, loose.full_int8.dice + 0.5 * (1 - loose.full_int8.dice))
+    tight = mixed_precision(fp32, tmp_path / "tight.onnx", crops, Budget("dice", threshold), volumes=volumes,
+                            roi=ROI)
+    assert tight.met and tight.final.dice >= threshold and tight.fallback
+    assert tight.full_int8 == loose.full_int8  # the same volumes, the same fully quantized model
+    with pytest.raises(PTQError, match="roi"):
+        mixed_precision(fp32, tmp_path / "x.onnx", crops, volumes=volumes)

@@ -52,7 +52,7 @@ def cached_record(name: str, steps: Optional[int]) -> Optional[Dict]:
     entry = architectures.get(name)
     records = [json.loads(path.read_text()) for path in (cache_dir() / "trained").glob(f"{entry.name}-*.json")]
     records = [r for r in records if Path(r["weights"]).is_file() and r["arch"] == entry.name
-               and r.get("version", training.TRAINING_VERSION) == training.TRAINING_VERSION
+               and r.get("version") == training.TRAINING_VERSION  # records before version 2 carry none
                and (steps is None or r["steps"] == steps)]
     return max(records, key=lambda r: r["steps"]) if records else None
 

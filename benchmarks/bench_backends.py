@@ -16,9 +16,15 @@ and the executed precision of every OpenVINO layer. A sliding-window
 profile (a real volume at its native size, several windows) shows where the
 whole-volume time goes once the network is INT8.
 
+``--models`` adds, after (or instead of) the shipped model, registry
+architectures whose small 6-class version ``train_small_models.py`` trained
+(weights from the cache): calibrated on MNI152 2009a + MNI152, evaluated on
+the ITK T1 (its k-means labels are the training reference) and Colin27
+(Dice vs FP32 only). Each model is one section of the JSON and the markdown.
+
 Run (about 10 minutes on 2 cores; --quick about 4)::
 
-    python benchmarks/bench_backends.py [--quick] [--out DIR]
+    python benchmarks/bench_backends.py [--quick] [--models shipped UNet SegResNet] [--out DIR]
 
 Writes ``DIR/benchmark.json``, ``DIR/benchmark.md``, per-volume slice files
 (``slices/*.npz``) and ``DIR/report/index.html`` (SlicerPTQLib.report).
@@ -27,6 +33,7 @@ Writes ``DIR/benchmark.json``, ``DIR/benchmark.md``, per-volume slice files
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -37,13 +44,18 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 METHODS = ("max", "percentile", "entropy", "mse")
 DEFAULT_METHOD = "max"
-RESULTS = Path(__file__).resolve().parent / "results"
+BENCHMARKS = Path(__file__).resolve().parent
+RESULTS = BENCHMARKS / "results"
+SHIPPED = "shipped"
+#: The registry models' volumes (shipped.CATALOG names), as bench_architectures.py uses them.
+REGISTRY_CALIBRATION = ("mni2009a", "mni152")
+REGISTRY_EVALUATION = ("itk_t1", "colin27")
 #: Sliding-window settings of the profile: MONAI's usual overlap and blending.
 PROFILE_OVERLAP = 0.5
 PROFILE_MODE = "gaussian"
@@ -62,6 +74,28 @@ class Variant:
     quantize_s: Optional[float] = None
     note: str = ""
     extra: Dict = field(default_factory=dict)
+
+
+@dataclass
+class Subject:
+    """One model to benchmark, with its volumes.
+
+    ``path`` is a TorchScript file, or a state dict built as ``arch`` with
+    ``arch_args``. ``cases`` are ``(volume, image, reference file or None)``;
+    ``reference`` reads a reference file into labels. ``folder`` (under the
+    results folder's ``models/`` and ``slices/``) keeps models apart; the
+    shipped model's is "". ``info`` goes into the JSON section as is.
+    """
+
+    name: str
+    path: Path
+    calibration: List[Path]
+    cases: List[Tuple[str, Path, Optional[Path]]]
+    reference: Callable[[Path], np.ndarray]
+    folder: str = ""
+    arch: Optional[str] = None
+    arch_args: Optional[Dict] = None
+    info: Dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -116,23 +150,36 @@ def _peak_rss_mb() -> float:
     return peak_rss_mb()
 
 
+def _runtime(variant: Dict, threads: Optional[int]):
+    """The variant's runtime; a state dict with its architecture runs as the eager module it builds."""
+    from SlicerPTQLib.runtimes import create_runtime
+
+    arch = variant["extra"].get("arch")
+    if arch is None:
+        return create_runtime(Path(variant["path"]), variant["backend"], precision=variant["precision"],
+                              threads=threads)
+    from SlicerPTQLib.models import load_model
+    from SlicerPTQLib.runtimes.torch_runtime import TorchRuntime
+
+    loaded = load_model(variant["path"], arch=arch, arch_args=variant["extra"]["arch_args"])
+    return TorchRuntime.from_module(loaded.module, threads)
+
+
 def _worker(conn, variant: Dict, spec_path: str, threads: int) -> None:
     """Serve one variant: load its runtime, then answer the parent's commands until "close"."""
     rss_imports = None
     try:
         # What the first segmentation would otherwise import lazily (MONAI's sliding window).
-        import monai.inferers  # noqa: F401
+        importlib.import_module("monai.inferers")
 
         from SlicerPTQLib.inference import segment_volume, sliding_window
-        from SlicerPTQLib.runtimes import create_runtime
         from SlicerPTQLib.spec import ModelSpec
         from SlicerPTQLib.volumes import read_volume
 
         rss_imports = _peak_rss_mb()
         spec = ModelSpec.load(Path(spec_path))
         start = time.perf_counter()
-        runtime = create_runtime(Path(variant["path"]), variant["backend"], precision=variant["precision"],
-                                 threads=threads)
+        runtime = _runtime(variant, threads)
         load_s = time.perf_counter() - start
         conn.send(("ready", {"load_s": load_s, "precision": runtime.precision, "rss_imports_mb": rss_imports}))
     except Exception as exc:  # reported to the parent, which records the variant as failed
@@ -235,7 +282,7 @@ def _size_mb(*paths: Path) -> float:
 
 def _lowbit_reason() -> str:
     try:
-        from SlicerPTQLib import lowbit  # noqa: F401
+        importlib.import_module("SlicerPTQLib.lowbit")
     except ImportError as exc:
         return f"SlicerPTQLib.lowbit is not importable ({exc})"
     return ""
@@ -243,8 +290,11 @@ def _lowbit_reason() -> str:
 
 def build_variants(model: Path, calibration: Sequence[Path], out: Path, methods: Sequence[str], num_crops: int,
                    lowbit: bool, nncf: bool = True, nncf_same_float: bool = True, norm_inputs: bool = True,
-                   seed: int = 0):
-    """Quantize with SlicerPTQ (each method, low-bit) and NNCF; returns (variants, spec path, skipped)."""
+                   seed: int = 0, arch: Optional[str] = None, arch_args: Optional[Dict] = None):
+    """Quantize with SlicerPTQ (each method, low-bit) and NNCF; returns (variants, spec path, skipped).
+
+    With ``arch``, ``model`` is a state dict of that architecture built with ``arch_args``.
+    """
     from SlicerPTQLib.calibration import sample_crops
     from SlicerPTQLib.pipeline import prepared_arrays, quantize
 
@@ -255,7 +305,7 @@ def build_variants(model: Path, calibration: Sequence[Path], out: Path, methods:
         _log(f"SlicerPTQ INT8 quantization, method {method}, {num_crops} crops")
         start = time.perf_counter()
         result = quantize(model, calibration, out / f"slicerptq_int8_{method}", method=method,
-                          num_crops=num_crops, seed=seed)
+                          num_crops=num_crops, seed=seed, arch=arch, arch_args=arch_args)
         seconds = time.perf_counter() - start
         first = first or result
         ours.append(Variant(f"slicerptq_int8_{method}", f"SlicerPTQ INT8 ({method})", "openvino",
@@ -263,7 +313,8 @@ def build_variants(model: Path, calibration: Sequence[Path], out: Path, methods:
                             note="includes the FP32 ONNX export"))
     fp32_onnx = first.fp32_onnx
     variants = [
-        Variant("torch_fp32", "PyTorch eager FP32", "torch", str(model), "fp32", _size_mb(model)),
+        Variant("torch_fp32", "PyTorch eager FP32", "torch", str(model), "fp32", _size_mb(model),
+                extra={"arch": arch, "arch_args": arch_args} if arch else {}),
         Variant("onnxruntime_fp32", "ONNX Runtime FP32", "onnxruntime", str(fp32_onnx), "fp32",
                 _size_mb(fp32_onnx)),
         Variant("openvino_fp32", "OpenVINO FP32", "openvino", str(fp32_onnx), "fp32", _size_mb(fp32_onnx)),
@@ -295,7 +346,7 @@ def build_variants(model: Path, calibration: Sequence[Path], out: Path, methods:
         try:
             start = time.perf_counter()
             result = quantize(model, calibration, out / "slicerptq_w4a8", method=DEFAULT_METHOD,
-                              num_crops=num_crops, seed=seed, weight_bits=4)
+                              num_crops=num_crops, seed=seed, weight_bits=4, arch=arch, arch_args=arch_args)
             seconds = time.perf_counter() - start
             packed = f"; packed 4-bit weights {_size_mb(result.packed_weights):.2f} MB" if result.packed_weights else ""
             variants.append(Variant("slicerptq_w4a8", "SlicerPTQ W4A8 (ADMM)", "openvino",
@@ -375,6 +426,26 @@ def _norm_inputs_variant(fp32_onnx: Path, crops, out: Path):
                    note="ablation, not the shipped placement; FP32 export not counted"), ""
 
 
+def brain_mask(path: Path) -> np.ndarray:
+    """The shipped model's reference: a brain mask, or a brain-extracted image, as 0/1 labels."""
+    from SlicerPTQLib.shipped import reference_mask
+
+    return reference_mask(path).array
+
+
+def tissue_labels(path: Path) -> np.ndarray:
+    """The registry models' reference: the ITK T1's k-means classes 1..6 as labels 0..5.
+
+    Mapped as ``train_small_models.training_data`` maps them (the few
+    unlabelled voxels join the background), but on the volume's own grid,
+    where the benchmark compares label maps.
+    """
+    from SlicerPTQLib.volumes import read_volume
+
+    classes = _sibling_scripts()[1].NUM_CLASSES
+    return np.clip(np.asarray(read_volume(path).array).astype(np.int64) - 1, 0, classes - 1).astype(np.uint8)
+
+
 def _middle_slices(array: np.ndarray) -> List[np.ndarray]:
     return [np.take(array, array.shape[axis] // 2, axis=axis) for axis in range(3)]
 
@@ -398,8 +469,13 @@ def _pct(values: Sequence[float], q: float) -> float:
 
 
 def measure(variants: List[Variant], spec_path: Path, cases, out: Path, threads: int, repeats: int,
-            warmup: int, volume_repeats: int, profile: bool, seed: int = 0) -> Dict:
-    """Start one worker per variant and run the interleaved measurements."""
+            warmup: int, volume_repeats: int, profile: bool, seed: int = 0,
+            reference: Optional[Callable[[Path], np.ndarray]] = None, slices: Path = Path("slices")) -> Dict:
+    """Start one worker per variant and run the interleaved measurements.
+
+    ``reference`` reads the cases' reference files (default: brain masks);
+    slice files go to ``out/<slices>``.
+    """
     from SlicerPTQLib.preprocess import prepare
     from SlicerPTQLib.spec import ModelSpec
     from SlicerPTQLib.volumes import read_volume
@@ -420,7 +496,8 @@ def measure(variants: List[Variant], spec_path: Path, cases, out: Path, threads:
         patch_file = out / "patch.npy"
         np.save(patch_file, patch)
         times = patch_latency(workers, patch_file, warmup, repeats, rng)
-        cold, volume_rows = whole_volumes(workers, cases, spec, out, volume_repeats, rng)
+        cold, volume_rows = whole_volumes(workers, cases, spec, out, volume_repeats, rng, reference or brain_mask,
+                                          slices)
         layers, memory = {}, {}
         for worker in workers:
             if worker.variant.backend == "openvino":
@@ -459,15 +536,16 @@ def patch_latency(workers: List[Worker], patch_file: Path, warmup: int, repeats:
     return times
 
 
-def whole_volumes(workers: List[Worker], cases, spec, out: Path, volume_repeats: int, rng: random.Random):
+def whole_volumes(workers: List[Worker], cases, spec, out: Path, volume_repeats: int, rng: random.Random,
+                  reference: Callable[[Path], np.ndarray], slices_dir: Path = Path("slices")):
     """Segment every volume with every worker (interleaved rounds); returns (cold times, per-volume rows).
 
-    Each row holds per variant the median stage timings, Dice vs the
-    reference mask and vs PyTorch FP32; slices of image / FP32 / INT8
-    labels go to ``out/slices/<volume>.npz``.
+    Each row holds per variant the median stage timings, Dice (mean over
+    the spec's labels) vs the reference labels (None for a case without
+    any) and vs PyTorch FP32; slices of image / FP32 / INT8 labels go to
+    ``out/<slices_dir>/<volume>.npz``.
     """
     from SlicerPTQLib.metrics import mean_dice
-    from SlicerPTQLib.shipped import reference_mask
     from SlicerPTQLib.volumes import read_volume
 
     _log("whole volumes: one untimed warm-up segmentation per backend")
@@ -480,7 +558,7 @@ def whole_volumes(workers: List[Worker], cases, spec, out: Path, volume_repeats:
     labels = sorted(spec.labels)
     rows = []
     for name, image_path, mask_path in cases:
-        reference = reference_mask(Path(mask_path)).array
+        truth = reference(Path(mask_path)) if mask_path else None
         runs: Dict[str, List[Dict]] = {}
         label_maps: Dict[str, np.ndarray] = {}
         for _ in range(volume_repeats):
@@ -497,13 +575,15 @@ def whole_volumes(workers: List[Worker], cases, spec, out: Path, volume_repeats:
             median = {stage: float(np.median([run[stage] for run in timings])) for stage in timings[0]}
             results[key] = {"timings": median, "total_s": median["total_s"],
                             "fastest_total_s": float(min(run["total_s"] for run in timings)),
-                            "dice_vs_reference": mean_dice(label_maps[key], reference, labels),
+                            "dice_vs_reference": (mean_dice(label_maps[key], truth, labels)
+                                                  if truth is not None else None),
                             "dice_vs_fp32": (mean_dice(label_maps[key], baseline, labels)
                                              if baseline is not None else None)}
-        row = {"volume": name, "shape": list(reference.shape), "results": results}
+        shape = truth.shape if truth is not None else next((m.shape for m in label_maps.values()), None)
+        row = {"volume": name, "shape": list(shape) if shape else None, "results": results}
         int8_key = f"slicerptq_int8_{DEFAULT_METHOD}"
         if baseline is not None and int8_key in label_maps:
-            slices = Path("slices") / f"{name}.npz"
+            slices = slices_dir / f"{name}.npz"
             save_slices(out / slices, read_volume(Path(image_path)).array, baseline, label_maps[int8_key],
                         "PyTorch FP32", f"SlicerPTQ INT8 ({DEFAULT_METHOD})")
             row["slices"] = slices.as_posix()
@@ -595,7 +675,9 @@ def summarise(model_name: str, variants: List[Variant], measured: Dict, skipped:
         if results:
             row["volume_mean_s"] = float(np.mean([r["total_s"] for r in results]))
             row["volume_fastest_mean_s"] = float(np.mean([r["fastest_total_s"] for r in results]))
-            row["dice_vs_reference_mean"] = float(np.mean([r["dice_vs_reference"] for r in results]))
+            references = [r["dice_vs_reference"] for r in results if r["dice_vs_reference"] is not None]
+            if references:
+                row["dice_vs_reference_mean"] = float(np.mean(references))
             if all(r["dice_vs_fp32"] is not None for r in results):
                 row["dice_vs_fp32_mean"] = float(np.mean([r["dice_vs_fp32"] for r in results]))
         layers = measured["layers"].get(variant.key)
@@ -726,7 +808,8 @@ def markdown(benchmark: Dict) -> str:
                 "patch min s": row.get("patch_min_s"), "patch CPU s": row.get("patch_cpu_median_s"),
                 "x PyTorch": _fixed(row.get("speedup_vs_torch"), 2),
                 "volume s": _fixed(row.get("volume_mean_s"), 3),
-                "volume fastest s": _fixed(row.get("volume_fastest_mean_s"), 3), "file MB": _fixed(row.get("size_mb"), 2),
+                "volume fastest s": _fixed(row.get("volume_fastest_mean_s"), 3),
+                "file MB": _fixed(row.get("size_mb"), 2),
                 "peak RSS MB": _fixed(row.get("peak_rss_mb"), 0), "quantize s": _fixed(row.get("quantize_s"), 1),
                 "Dice ref": row.get("dice_vs_reference_mean"), "Dice vs FP32": row.get("dice_vs_fp32_mean"),
                 "INT8 conv": f"{layers['conv_int8']}/{layers['conv_total']}" if layers else "",
@@ -735,6 +818,8 @@ def markdown(benchmark: Dict) -> str:
         lines.append("")
         per_volume = []
         for volume in model["volumes"]:
+            if all(result["dice_vs_reference"] is None for result in volume["results"].values()):
+                continue  # no reference labels for this volume: Dice vs FP32 only
             entry = {"volume": volume["volume"]}
             for row in model["variants"]:
                 result = volume["results"].get(row["key"])
@@ -750,6 +835,8 @@ def markdown(benchmark: Dict) -> str:
         for finding in model.get("findings", []):
             lines.append(f"- {finding}")
         lines.append("")
+    for skipped in benchmark.get("skipped_models", []):
+        lines.append(f"- model not run: {skipped['name']}: {skipped['reason']}")
     return "\n".join(lines)
 
 
@@ -777,8 +864,15 @@ def default_crops(spec, calibration: Sequence[Path]) -> int:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    from SlicerPTQLib import architectures
+    from SlicerPTQLib.errors import PTQError
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<UTC time>)")
+    parser.add_argument("--models", nargs="+", default=[SHIPPED], metavar="NAME",
+                        help="models, one section each: 'shipped' (deepbet, the default) and/or registry "
+                             "architectures (e.g. UNet SegResNet) whose small 6-class version "
+                             "train_small_models.py trained; a name without cached weights is skipped")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and crops (about 4 minutes)")
     parser.add_argument("--threads", type=int, default=2, help="threads per backend (default 2)")
     parser.add_argument("--repeats", type=int, help="interleaved timed patch rounds (default 15, quick 5)")
@@ -800,12 +894,107 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "openvino_bf16 nncf_int8 nncf_int8_same_float slicerptq_int8_<method> "
                              "slicerptq_int8_norm_inputs slicerptq_w4a8)")
     args = parser.parse_args(argv)
+    for name in args.models:
+        if name != SHIPPED:
+            try:
+                architectures.get(name)
+            except PTQError as exc:
+                parser.error(f"--models: {exc}")
     args.repeats = args.repeats or (5 if args.quick else 15)
     args.volume_repeats = args.volume_repeats or (1 if args.quick else 3)
     args.methods = args.methods or list(METHODS)
     if DEFAULT_METHOD not in args.methods:
         args.methods = [DEFAULT_METHOD] + args.methods
     return args
+
+
+def _sibling_scripts():
+    """``bench_architectures`` and ``train_small_models`` from this folder, imported when first needed."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    import bench_architectures
+    import train_small_models
+
+    return bench_architectures, train_small_models
+
+
+def shipped_subject(max_volumes: Optional[int] = None) -> Subject:
+    """deepbet's brain extraction on the shipped volumes, each with its reference brain mask."""
+    from SlicerPTQLib import shipped
+
+    return Subject("deepbet brain extraction (LinkNet3d, shipped)", shipped.shipped_model(),
+                   shipped.calibration_volumes(), shipped.evaluation_volumes()[:max_volumes], brain_mask)
+
+
+def write_arch_model(path: Path, module, spec) -> Path:
+    """``module``'s state dict at ``path`` and ``spec`` beside it: what ``load_model(path, arch=...)`` reads."""
+    import torch
+
+    from SlicerPTQLib.spec import sidecar_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(module.state_dict(), path)
+    spec.save(sidecar_path(path))
+    return path
+
+
+def registry_subject(name: str, out: Path, max_volumes: Optional[int] = None) -> Subject:
+    """The small 6-class ``name`` trained by train_small_models.py, written to ``out/models/<name>/``.
+
+    Raises PTQError when its trained weights are not in the cache.
+    """
+    from SlicerPTQLib import architectures, shipped
+    from SlicerPTQLib.errors import PTQError
+    from SlicerPTQLib.fetch import cache_dir, fetch
+    from SlicerPTQLib.spec import ModelSpec
+
+    bench_architectures, training = _sibling_scripts()
+    entry = architectures.get(name)
+    record = bench_architectures.cached_record(entry.name, None)
+    if record is None:
+        raise PTQError(f"no trained weights of {entry.name} in {cache_dir() / 'trained'}; train them with "
+                       f"python benchmarks/train_small_models.py --arch {entry.name}")
+    path = write_arch_model(out / "models" / entry.name / f"{entry.name}.pt", training.load_trained(record),
+                            ModelSpec.from_dict(record["spec"]))
+    images = {volume.name: volume.image for volume in shipped.CATALOG}
+    references = {"itk_t1": training.LABELS}  # the labels it was trained on; Colin27 has none
+    cases = [(volume, fetch(images[volume]), fetch(references[volume]) if volume in references else None)
+             for volume in REGISTRY_EVALUATION]
+    info = {"arch": entry.name, "arch_args": record["arch_args"],
+            "weights": {key: record.get(key) for key in ("weights", "steps", "seconds", "train_mean_dice")},
+            "reference": "itk_t1: its k-means labels (the training volume); colin27: none, Dice vs FP32 only"}
+    return Subject(f"{entry.name} (small, 6 tissue classes, trained {record['steps']} steps)", path,
+                   [fetch(images[volume]) for volume in REGISTRY_CALIBRATION], cases[:max_volumes], tissue_labels,
+                   folder=entry.name, arch=entry.name, arch_args=record["arch_args"], info=info)
+
+
+def bench_model(subject: Subject, args: argparse.Namespace, out: Path) -> Dict:
+    """Quantize and measure one model; returns its section of the benchmark JSON."""
+    from SlicerPTQLib.spec import ModelSpec, sidecar_path
+
+    _log(f"model {subject.path.name}; calibration {[p.name for p in subject.calibration]}; "
+         f"evaluation {[c[0] for c in subject.cases]}")
+    num_crops = args.num_crops or default_crops(ModelSpec.load(sidecar_path(subject.path)), subject.calibration)
+    wanted = set(args.only or [])
+    lowbit = not args.no_lowbit and (not wanted or "slicerptq_w4a8" in wanted)
+    ablation = not args.no_ablation and (not wanted or "slicerptq_int8_norm_inputs" in wanted)
+    variants, spec_path, skipped = build_variants(
+        subject.path, subject.calibration, out / "models" / subject.folder, args.methods, num_crops, lowbit,
+        nncf=not wanted or "nncf_int8" in wanted,
+        nncf_same_float=not wanted or "nncf_int8_same_float" in wanted,
+        norm_inputs=ablation and subject.arch is None, arch=subject.arch, arch_args=subject.arch_args)
+    if ablation and subject.arch is not None:
+        skipped.append({"label": "SlicerPTQ INT8 (max, + Q/DQ on norm inputs)",
+                        "reason": "placement ablation, run for the shipped model only"})
+    if wanted:
+        variants = [variant for variant in variants if variant.key in wanted]
+    measured = measure(variants, spec_path, subject.cases, out, args.threads, args.repeats, args.warmup,
+                       args.volume_repeats, not args.no_profile, reference=subject.reference,
+                       slices=Path("slices") / subject.folder)
+    section = summarise(subject.name, variants, measured, skipped, subject.calibration, args.threads)
+    section["num_crops"] = num_crops
+    section.update(subject.info)
+    return section
 
 
 def run(args: argparse.Namespace, command: str) -> Path:
@@ -815,33 +1004,27 @@ def run(args: argparse.Namespace, command: str) -> Path:
         os.environ[variable] = str(args.threads)
     import torch
 
-    from SlicerPTQLib import shipped
     from SlicerPTQLib.cpu_info import cpu_summary
-    from SlicerPTQLib.spec import ModelSpec, sidecar_path
+    from SlicerPTQLib.errors import PTQError
 
     torch.set_num_threads(args.threads)
     out = args.out or RESULTS / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    model = shipped.shipped_model()
-    calibration = shipped.calibration_volumes()
-    cases = shipped.evaluation_volumes()[: args.max_volumes]
-    _log(f"model {model.name}; calibration {[p.name for p in calibration]}; evaluation {[c[0] for c in cases]}")
-    args.num_crops = args.num_crops or default_crops(ModelSpec.load(sidecar_path(model)), calibration)
-    wanted = set(args.only or [])
-    lowbit = not args.no_lowbit and (not wanted or "slicerptq_w4a8" in wanted)
-    variants, spec_path, skipped = build_variants(
-        model, calibration, out / "models", args.methods, args.num_crops, lowbit,
-        nncf=not wanted or "nncf_int8" in wanted,
-        nncf_same_float=not wanted or "nncf_int8_same_float" in wanted,
-        norm_inputs=not args.no_ablation and (not wanted or "slicerptq_int8_norm_inputs" in wanted))
-    if wanted:
-        variants = [variant for variant in variants if variant.key in wanted]
-    measured = measure(variants, spec_path, cases, out, args.threads, args.repeats, args.warmup,
-                       args.volume_repeats, not args.no_profile)
-    section = summarise("deepbet brain extraction (LinkNet3d, shipped)", variants, measured, skipped,
-                        calibration, args.threads)
+    sections, skipped_models = [], []
+    for name in args.models:
+        if name == SHIPPED:
+            sections.append(bench_model(shipped_subject(args.max_volumes), args, out))
+            continue
+        try:
+            sections.append(bench_model(registry_subject(name, out, args.max_volumes), args, out))
+        except Exception as exc:  # an untrained or failing registry model must not sink the others
+            reason = str(exc) if isinstance(exc, PTQError) else f"{type(exc).__name__}: {exc}"
+            _log(f"{name} not run: {reason}")
+            if not isinstance(exc, PTQError):
+                _log(traceback.format_exc(limit=4))
+            skipped_models.append({"name": name, "reason": reason})
     benchmark = {
         "kind": "slicer-ptq-benchmark", "version": 1,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -851,7 +1034,7 @@ def run(args: argparse.Namespace, command: str) -> Path:
         "settings": {"quick": args.quick, "repeats": args.repeats, "warmup": args.warmup,
                      "volume_repeats": args.volume_repeats, "num_crops": args.num_crops,
                      "methods": args.methods, "versions": _versions()},
-        "models": [section],
+        "models": sections, "skipped_models": skipped_models,
     }
     benchmark["wall_s"] = time.perf_counter() - started
     json_path = out / "benchmark.json"

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-bits", type=int, default=8, choices=[8, 4, 3, 2],
                    help="below 8: low-bit weights by layer-wise ADMM (EfficientQ), run on INT8 kernels")
     q.add_argument("--lowbit-solver", default="admm", choices=["admm", "rtn"])
+    q.add_argument("--accuracy-budget", type=float, metavar="DICE",
+                   help="keep the layers INT8 hurts most in float until labels agree with FP32 at this Dice "
+                        "on the calibration volumes, e.g. 0.99 (INT8 weights only)")
     q.add_argument("--arch", help="MONAI network name when MODEL is a state dict, e.g. UNet")
     q.add_argument("--arch-args", type=json.loads, default=None, help="JSON constructor arguments for --arch")
 
@@ -107,12 +110,17 @@ def run(args) -> int:
                                    num_crops=args.num_crops, roi=_roi(args.roi), seed=args.seed,
                                    placement=args.placement, weight_bits=args.weight_bits,
                                    lowbit_solver=args.lowbit_solver, arch=args.arch, arch_args=args.arch_args,
-                                   progress=_progress(args))
+                                   accuracy_budget=args.accuracy_budget, progress=_progress(args))
         sizes = result.report["size_mb"]
         if not args.progress_json:
             print(f"FP32 ONNX  {result.fp32_onnx}  {sizes['fp32_onnx']:.2f} MB")
             print(f"quantized  {result.quantized_onnx}  {sizes['quantized_onnx']:.2f} MB "
                   f"({sizes['quantized_onnx'] / sizes['fp32_onnx']:.2f}x)")
+            sensitivity = result.report.get("sensitivity")
+            if sensitivity:
+                print(f"agreement with FP32 on the calibration volumes: {sensitivity['final_dice']:.4f} "
+                      f"(budget {sensitivity['budget_dice']}, {'met' if sensitivity['met'] else 'NOT met'}); "
+                      f"layers kept float: {', '.join(sensitivity['layers_kept_float']) or 'none'}")
         _emit_result(args, {"fp32_onnx": result.fp32_onnx, "quantized_onnx": result.quantized_onnx,
                             "report": result.report})
     elif args.command == "segment":

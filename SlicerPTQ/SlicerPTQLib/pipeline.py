@@ -44,7 +44,8 @@ def quantized_name(weight_bits: int) -> str:
     return "model.int8.onnx" if weight_bits == 8 else f"model.w{weight_bits}a8.onnx"
 
 
-def _check_settings(method: str, weight_bits: int, num_crops: int, placement: str) -> None:
+def _check_settings(method: str, weight_bits: int, num_crops: int, placement: str,
+                    accuracy_budget: Optional[float] = None) -> None:
     if method not in METHODS:
         raise PTQError(f"Unknown calibration method '{method}'. Choose one of: {', '.join(METHODS)}.")
     if weight_bits not in WEIGHT_BITS:
@@ -53,6 +54,13 @@ def _check_settings(method: str, weight_bits: int, num_crops: int, placement: st
         raise PTQError(f"--num-crops must be at least 1 (got {num_crops}).")
     if placement not in ("cpu", "tensorrt"):
         raise PTQError(f"Unknown Q/DQ placement '{placement}'. Choose 'cpu' (OpenVINO) or 'tensorrt'.")
+    if accuracy_budget is not None:
+        if not 0.0 < accuracy_budget <= 1.0:
+            raise PTQError(f"--accuracy-budget is an agreement Dice with FP32 in (0, 1], e.g. 0.99; "
+                           f"got {accuracy_budget}.")
+        if weight_bits < 8:
+            raise PTQError("--accuracy-budget picks INT8 layers to keep in float; it does not combine with "
+                           "low-bit weights. Drop one of --accuracy-budget and --weight-bits.")
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
@@ -123,8 +131,14 @@ def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_d
              method: str = "max", num_crops: int = 20, roi: Optional[Sequence[int]] = None, seed: int = 0,
              placement: str = "cpu", weight_bits: int = 8, lowbit_solver: str = "admm",
              arch: Optional[str] = None, arch_args: Optional[Dict] = None, spec: Optional[ModelSpec] = None,
-             keep_float: Sequence[str] = (), progress: Optional[ProgressCallback] = None) -> QuantizeResult:
+             keep_float: Sequence[str] = (), accuracy_budget: Optional[float] = None,
+             progress: Optional[ProgressCallback] = None) -> QuantizeResult:
     """Calibrate ``model`` on unlabeled ``calibration`` volumes and write a QDQ ONNX model.
+
+    ``accuracy_budget`` (e.g. 0.99): keep the layers INT8 hurts most in
+    float (:func:`sensitivity.mixed_precision`) until the model's labels
+    agree with FP32's at this Dice over the whole calibration volumes;
+    ``quantization.json`` then says which layers stayed float and why.
 
     Writes ``model.fp32.onnx``, ``model.int8.onnx`` (or ``model.w4a8.onnx``
     and a packed weight file for low-bit weights), ``model.json`` (the
@@ -138,13 +152,14 @@ def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_d
         result = quantize("net.pt", ["a.nii.gz", "b.nii.gz"], Path("out"))
         result.quantized_onnx  # out/model.int8.onnx
     """
-    _check_settings(method, weight_bits, num_crops, placement)
+    _check_settings(method, weight_bits, num_crops, placement, accuracy_budget)
     loaded = load_model(model, arch=arch, arch_args=arch_args, spec=spec)
     if roi is not None:
         loaded.spec.roi_size = tuple(int(v) for v in roi)
     settings = {"method": method, "num_crops": num_crops, "seed": seed, "placement": placement,
                 "weight_bits": weight_bits, "lowbit_solver": lowbit_solver if weight_bits < 8 else None,
-                "keep_float": sorted(keep_float), "roi": list(loaded.spec.roi_size)}
+                "keep_float": sorted(keep_float), "roi": list(loaded.spec.roi_size),
+                "accuracy_budget": accuracy_budget}
     if out_dir is None:
         out_dir = build_folder(loaded.source, loaded.spec, calibration, settings)
         hit = _cached(out_dir)
@@ -213,8 +228,20 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
         lowbit.save_packed(packed, lowbit_result)
         lowbit_report = lowbit_result.summary()
     quantized = folder / quantized_name(settings["weight_bits"])
-    qdq_report = quantize_onnx(fp32_onnx, quantized, ranges, placement=settings["placement"],
-                               weight_quant=weight_quant, keep_float=keep_float)
+    sensitivity_report = None
+    if settings.get("accuracy_budget") is not None:
+        from .sensitivity import Budget, mixed_precision
+
+        sensitivity = mixed_precision(fp32_onnx, quantized, crops, Budget("dice", settings["accuracy_budget"]),
+                                      method=settings["method"], placement=settings["placement"],
+                                      keep_policy_float=False, keep_float=keep_float, ranges=ranges,
+                                      volumes=arrays, roi=spec.roi_size, overlap=spec.overlap,
+                                      progress_callback=progress)
+        qdq_summary = sensitivity.report
+        sensitivity_report = sensitivity_summary(sensitivity)
+    else:
+        qdq_summary = quantize_onnx(fp32_onnx, quantized, ranges, placement=settings["placement"],
+                                    weight_quant=weight_quant, keep_float=keep_float).to_dict()
     spec.save(sidecar_path(quantized))
     report = {
         "model": str(loaded.source),
@@ -222,13 +249,26 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
         "settings": settings,
         "calibration": [str(s) if not isinstance(s, Volume) else s.name for s in calibration],
         "size_mb": {"fp32_onnx": fp32_onnx.stat().st_size / 2**20, "quantized_onnx": quantized.stat().st_size / 2**20},
-        "qdq": qdq_report.to_dict(),
+        "qdq": qdq_summary,
     }
+    if sensitivity_report is not None:
+        report["sensitivity"] = sensitivity_report
     if lowbit_report is not None:
         report["lowbit"] = lowbit_report
         report["size_mb"]["packed_weights"] = packed.stat().st_size / 2**20
     return QuantizeResult(out_dir=folder, fp32_onnx=fp32_onnx, quantized_onnx=quantized, spec=spec,
                           report=report, packed_weights=packed)
+
+
+def sensitivity_summary(result) -> Dict:
+    """What ``quantization.json`` keeps of a :class:`sensitivity.SensitivityResult`."""
+    return {"budget_dice": result.budget.threshold, "met": result.met, "checked_on": result.checked_on,
+            "full_int8_dice": result.full_int8.dice, "final_dice": result.final.dice,
+            "layers_kept_float": [layer.name for layer in result.layers if layer.name in result.fallback],
+            "nodes_kept_float": result.fallback, "layers_analysed": len(result.layers),
+            "evaluations": result.evaluations, "seconds": result.seconds,
+            "worst_layers": [{"name": layer.name, "op_type": layer.op_type, "relative_mse": layer.relative_mse,
+                              "dice": layer.dice} for layer in result.layers[:5]]}
 
 
 def _check_channels(arrays, spec: ModelSpec, sources) -> None:

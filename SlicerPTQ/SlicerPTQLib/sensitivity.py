@@ -8,6 +8,9 @@
    (``keep_float``) until a user-set :class:`Budget` is met: 1, 2, 4, 8, ...
    layers, then a bisection between the last failing and first passing
    count, so a model of N layers costs about 2 log2 N evaluations.
+   Given whole ``volumes``, the budget is checked on them by sliding window
+   (what a user sees: crops can agree where whole volumes do not), while
+   the per-layer ranking stays on the cheaper crops.
 
 A "layer" is a Conv, ConvTranspose, MatMul or Gemm with a constant weight
 (what runs in INT8 kernels) together with the quantized nodes feeding it
@@ -108,6 +111,8 @@ class SensitivityResult:
     quantized_path: str
     backend: str
     report: Dict = field(default_factory=dict)
+    #: where the budget was checked: "crops" or whole "volumes"
+    checked_on: str = "crops"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -142,24 +147,33 @@ def _labels(output: np.ndarray) -> np.ndarray:
 
 
 class _Evaluator:
-    """Runs FP32 and quantized variants of one model on fixed crops."""
+    """Runs FP32 and quantized variants of one model on fixed inputs.
 
-    def __init__(self, fp32_onnx: Path, crops: Sequence[np.ndarray], backend: str, threads: Optional[int],
-                 workdir: Path):
+    Inputs are ``(C, D, H, W)`` arrays: crops run as one forward each; with
+    ``roi`` they are whole volumes segmented by sliding window.
+    """
+
+    def __init__(self, fp32_onnx: Path, inputs: Sequence[np.ndarray], backend: str, threads: Optional[int],
+                 workdir: Path, roi: Optional[Sequence[int]] = None, overlap: float = 0.25):
         self.fp32_onnx = fp32_onnx
-        self.batches = [np.asarray(crop, dtype=np.float32)[None] for crop in crops]
+        self.inputs = [np.asarray(array, dtype=np.float32) for array in inputs]
         self.backend = backend
         self.threads = threads
         self.workdir = workdir
+        self.roi = roi
+        self.overlap = overlap
         self.evaluations = 0
         self.reference = self._run(fp32_onnx)
 
     def _run(self, path: Path) -> List[np.ndarray]:
+        from .inference import sliding_window
         from .runtimes import create_runtime
 
         runtime = create_runtime(path, self.backend, threads=self.threads)
         try:
-            return [runtime.predict(batch) for batch in self.batches]
+            if self.roi is None:
+                return [runtime.predict(array[None]) for array in self.inputs]
+            return [sliding_window(runtime, array, self.roi, overlap=self.overlap)[None] for array in self.inputs]
         finally:
             runtime.close()
 
@@ -230,18 +244,25 @@ def layer_groups(fp32_onnx: Path, in_int8: Sequence[Tuple[str, str]]) -> Dict[st
 def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray], budget: Budget = Budget(),
                     method: str = "max", placement: str = "cpu", backend: str = "onnxruntime",
                     threads: Optional[int] = None, analyse_when_met: bool = False,
-                    keep_policy_float: bool = True,
+                    keep_policy_float: bool = True, volumes: Optional[Sequence[np.ndarray]] = None,
+                    roi: Optional[Sequence[int]] = None, overlap: float = 0.25,
+                    ranges: Optional[Dict[str, float]] = None, keep_float: Sequence[str] = (),
                     progress_callback: Optional[ProgressCallback] = None) -> SensitivityResult:
-    """Write a QDQ model of ``fp32_onnx`` to ``out_path`` that meets ``budget`` on ``crops``.
+    """Write a QDQ model of ``fp32_onnx`` to ``out_path`` that meets ``budget``.
 
-    ``crops``: calibration patches ``(C, D, H, W)`` (ranges and errors both
-    use them). ``backend``: runtime that measures the error ("onnxruntime",
-    the reference executor of Q/DQ graphs, or "openvino"). The result lists
-    the per-layer sensitivities (worst first) and the node names kept float.
-    When the fully quantized model already meets the budget, the per-layer
-    pass is skipped (``layers`` stays empty) unless ``analyse_when_met``.
-    With ``keep_policy_float`` the :func:`float_policy_nodes` are float in
-    every variant ("fully quantized" means all other nodes).
+    ``crops``: calibration patches ``(C, D, H, W)``; they rank the layers,
+    give the activation ranges unless ``ranges`` (from
+    :func:`calibration.collect_ranges`) are passed, and check the budget
+    unless whole ``volumes`` (``(C, D, H, W)``, segmented by sliding window
+    of ``roi`` with ``overlap``) are given for that. ``backend``: runtime
+    that measures the error ("onnxruntime", the reference executor of Q/DQ
+    graphs, or "openvino"). ``keep_float``: nodes the caller keeps float in
+    every variant. The result lists the per-layer sensitivities (worst
+    first) and the node names kept float. When the fully quantized model
+    already meets the budget, the per-layer pass is skipped (``layers``
+    stays empty) unless ``analyse_when_met``. With ``keep_policy_float`` the
+    :func:`float_policy_nodes` are float in every variant too ("fully
+    quantized" means all other nodes).
     """
     from .calibration import collect_ranges
     from .qdq import PLACEMENTS, choose_activation_tensors, quantize_onnx
@@ -252,23 +273,31 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
         raise PTQError("Sensitivity analysis needs calibration crops; pass at least one.")
     if placement not in PLACEMENTS:
         raise PTQError(f"Unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}.")
+    if volumes is not None and (len(volumes) == 0 or roi is None):
+        raise PTQError("Checking the budget on whole volumes needs at least one volume and the window size "
+                       "(roi); pass both, or neither to check it on the crops.")
     started = time.perf_counter()
     model = onnx_graph.load_model(fp32_onnx)
     named = [node.name for node in model.graph.node if node.name]
     policy_float = float_policy_nodes(fp32_onnx) if keep_policy_float else []
-    ranges = collect_ranges(fp32_onnx, choose_activation_tensors(model, PLACEMENTS[placement]), crops, method)
+    always_float = frozenset(policy_float) | frozenset(keep_float)
+    if ranges is None:
+        tensors = choose_activation_tensors(model, PLACEMENTS[placement], always_float)
+        ranges = collect_ranges(fp32_onnx, tensors, crops, method)
     del model
 
-    def quantizer(keep_float) -> Callable[[Path], object]:
+    def quantizer(float_names) -> Callable[[Path], object]:
         return lambda path: quantize_onnx(fp32_onnx, path, ranges, placement=placement,
-                                          keep_float=frozenset(policy_float) | frozenset(keep_float))
+                                          keep_float=always_float | frozenset(float_names))
 
     workdir = Path(tempfile.mkdtemp(prefix="ptq-sensitivity-"))
     try:
-        evaluator = _Evaluator(fp32_onnx, crops, backend, threads, workdir)
+        ranking = _Evaluator(fp32_onnx, crops, backend, threads, workdir)
+        checking = ranking if volumes is None else _Evaluator(fp32_onnx, volumes, backend, threads, workdir,
+                                                              roi=roi, overlap=overlap)
         full_path = workdir / "full.int8.onnx"
         quantizer(())(full_path)
-        full_error = evaluator.error_of(full_path)
+        full_error = checking.error_of(full_path)
         groups = layer_groups(fp32_onnx, quantized_nodes(full_path))
         if budget.met(full_error) and not analyse_when_met:
             groups = {}
@@ -276,7 +305,7 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
         sensitivities = []
         for name, (op, members) in track(list(groups.items()), "layer sensitivity", callback=progress_callback):
             member_set = set(members)
-            error = evaluator.error(quantizer([other for other in named if other not in member_set]))
+            error = ranking.error(quantizer([other for other in named if other not in member_set]))
             sensitivities.append(LayerSensitivity(name, op, error.relative_mse, error.dice, members))
         sensitivities.sort(key=lambda item: (-item.relative_mse, item.dice))
 
@@ -287,19 +316,21 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
 
         def error_with(count: int) -> OutputError:
             if count not in errors:
-                errors[count] = evaluator.error(quantizer(float_nodes(count)))
+                errors[count] = checking.error(quantizer(float_nodes(count)))
             return errors[count]
 
         chosen = _smallest_passing(budget, error_with, len(sensitivities))
         fallback = [] if chosen is None else float_nodes(chosen)
-        keep_float = policy_float + fallback
-        report = quantize_onnx(fp32_onnx, out_path, ranges, placement=placement, keep_float=frozenset(keep_float))
+        report = quantize_onnx(fp32_onnx, out_path, ranges, placement=placement,
+                               keep_float=always_float | frozenset(fallback))
         final = errors[chosen] if chosen is not None else errors[max(errors)]
-        return SensitivityResult(keep_float=keep_float, fallback=fallback, policy_float=policy_float,
-                                 budget=budget, met=chosen is not None, full_int8=full_error, final=final,
-                                 layers=sensitivities, evaluations=evaluator.evaluations,
+        evaluations = ranking.evaluations + (checking.evaluations if checking is not ranking else 0)
+        return SensitivityResult(keep_float=sorted(always_float) + fallback, fallback=fallback,
+                                 policy_float=policy_float, budget=budget, met=chosen is not None,
+                                 full_int8=full_error, final=final, layers=sensitivities, evaluations=evaluations,
                                  seconds=time.perf_counter() - started, quantized_path=str(out_path),
-                                 backend=backend, report=report.to_dict())
+                                 backend=backend, report=report.to_dict(),
+                                 checked_on="volumes" if volumes is not None else "crops")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
