@@ -50,6 +50,8 @@ class SlicerPTQParameterNode:
     numCrops: Annotated[int, WithinRange(1, 500)] = 20
     method: Annotated[str, Choice(list(METHODS))] = "max"
     precision: Annotated[str, Choice(list(PRECISIONS))] = "int8"
+    keepAccuracy: bool = False  # int8 only: keep the worst layers float until accuracyBudget is met
+    accuracyBudget: Annotated[float, WithinRange(0.9, 1.0)] = 0.99
     runtime: Annotated[str, Choice(RUNTIMES)] = "auto"
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
@@ -84,6 +86,7 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadModelFileButton.clicked.connect(self.onLoadModelFile)
         self.ui.calibrationVolumesComboBox.checkedNodesChanged.connect(self.onCalibrationVolumesChanged)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
+        self.showSensitivity(None)
         self.initializeParameterNode()
 
     def cleanup(self):
@@ -132,6 +135,9 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
                 self.ui.calibrationVolumesComboBox.setCheckState(node, qt.Qt.Checked if node in checked else qt.Qt.Unchecked)
             self.ui.resultsTableView.setMRMLTableNode(self._parameterNode.resultsTable)
+            budgetable = PRECISIONS[self._parameterNode.precision].takes_accuracy_budget
+            self.ui.keepAccuracyCheckBox.enabled = budgetable
+            self.ui.accuracyBudgetSpinBox.enabled = budgetable and self._parameterNode.keepAccuracy
             self.ui.applyButton.enabled = self._job is not None or self._parameterNode.inputVolume is not None
         finally:
             self._updatingGui = False
@@ -181,11 +187,15 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             parameters = self._parameterNode
             self.ui.logTextEdit.clear()
+            self.showSensitivity(None)
+            # The check box is greyed out, not cleared, for other precisions: its state is kept for int8.
+            keepAccuracy = parameters.keepAccuracy and PRECISIONS[parameters.precision].takes_accuracy_budget
             self._job = self.logic.startBuildAndSegment(
                 parameters.model, list(parameters.calibrationVolumes), parameters.inputVolume,
                 parameters.outputSegmentation, method=parameters.method, numCrops=parameters.numCrops,
                 precision=parameters.precision, runtime=parameters.runtime,
-                compareWithFP32=parameters.compareWithFP32, progress=self.onProgress,
+                compareWithFP32=parameters.compareWithFP32,
+                accuracyBudget=parameters.accuracyBudget if keepAccuracy else None, progress=self.onProgress,
                 log=self.ui.logTextEdit.appendPlainText)
             self.setRunning(True)
             self._pollTimer.start()
@@ -209,7 +219,14 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 parameters.resultsTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", _("PTQ results"))
             slicer_nodes.update_table_node(parameters.resultsTable, table["rows"])
             self.ui.resultsTableView.setMRMLTableNode(parameters.resultsTable)
+            build = table.get("build")
+            self.showSensitivity(build.sensitivitySummary() if build is not None else None)
             self.ui.progressBar.format = _("Done")
+
+    def showSensitivity(self, summary):
+        """What the accuracy budget kept in float, above the results table (hidden without a budget)."""
+        self.ui.sensitivityLabel.text = summary or ""
+        self.ui.sensitivityLabel.visible = bool(summary)
 
     def onProgress(self, stage, done, total):
         self.ui.progressBar.maximum = max(total, 1)

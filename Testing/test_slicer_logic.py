@@ -243,6 +243,86 @@ def test_gui_apply_builds_and_segments_through_workers(scene, shipped_model_path
     assert segmentation_node.GetSegmentation().GetNthSegment(0).GetName() == "brain"
 
 
+@pytest.fixture(scope="module")
+def tiny_node(scene):
+    """A small volume node: enough for the logic to plan a build and write the worker's input."""
+    return slicer_nodes.add_volume_node(scene, Volume(array=np.zeros((8, 8, 8), np.float32), affine=np.eye(4),
+                                                      name="tiny"), "tiny")
+
+
+def _first_worker_call(model, node, **settings):
+    """The first worker command a quantize job launches (recorded, never run), and its staging folder."""
+    from SlicerPTQLib.logic import PTQLogic
+
+    commands = []
+
+    def launcher(command, **kwargs):
+        commands.append(command)
+        raise OSError("recorded, not started")
+
+    job = PTQLogic(launcher=launcher).startQuantize(str(model), [node], runtime="openvino", **settings)
+    assert job.finished and "recorded, not started" in job.error
+    return commands[0], job.cleanupPaths[0]
+
+
+def test_accuracy_budget_reaches_the_worker_and_keys_the_build_folder(shipped_model_path, tiny_node):
+    without, staging = _first_worker_call(shipped_model_path, tiny_node)
+    assert "--accuracy-budget" not in without
+    with_budget, budget_staging = _first_worker_call(shipped_model_path, tiny_node, accuracyBudget=0.99)
+    assert with_budget[-2:] == ["--accuracy-budget", "0.99"]
+    assert with_budget[:-2] == [part.replace(str(staging), str(budget_staging)) for part in without]
+    # Staged as ".<build folder>.partial-*": a budget is another build than none, or than another budget.
+    _, other_staging = _first_worker_call(shipped_model_path, tiny_node, accuracyBudget=0.98)
+    folders = {path.name.split(".partial-")[0] for path in (staging, budget_staging, other_staging)}
+    assert len(folders) == 3
+
+
+@pytest.mark.parametrize("precision, problem", [("w4a8", "low-bit weights"), ("w2a8", "low-bit weights"),
+                                                ("fp16", "a float model")])
+def test_accuracy_budget_refused_for_other_precisions_before_any_worker(precision, problem, shipped_model_path,
+                                                                        tiny_node):
+    from SlicerPTQLib.logic import PTQLogic
+
+    def launcher(command, **kwargs):
+        raise AssertionError(f"no worker should start: {command}")
+
+    logic = PTQLogic(launcher=launcher)
+    with pytest.raises(PTQError, match=rf"accuracy budget .* not '{precision}' \({problem}.*Choose precision int8, "
+                                       r"or turn the accuracy budget off"):
+        logic.quantize(str(shipped_model_path), [tiny_node], precision=precision, accuracyBudget=0.99)
+    with pytest.raises(PTQError, match=rf"not '{precision}'"):
+        logic.startBuildAndSegment(str(shipped_model_path), [tiny_node], tiny_node, precision=precision,
+                                   accuracyBudget=0.99)
+    with pytest.raises(PTQError, match=r"agreement Dice with FP32 in \(0, 1\], e\.g\. 0\.99; got 99"):
+        logic.quantize(str(shipped_model_path), [tiny_node], accuracyBudget=99)
+
+
+def test_accuracy_budget_build_in_a_worker_reports_its_sensitivity(scene, shipped_model_path, calibration_paths,
+                                                                    tmp_path, monkeypatch):
+    """A loose budget the fully quantized model meets: a real worker build, then the same request from the cache."""
+    from SlicerPTQLib.logic import PTQLogic
+
+    monkeypatch.setenv("SLICER_PTQ_CACHE", str(tmp_path / "cache"))
+    calibration = slicer_nodes.add_volume_node(scene, read_volume(calibration_paths[0]), "budget calibration")
+    built = PTQLogic().quantize(str(shipped_model_path), [calibration], numCrops=1, runtime="openvino",
+                                accuracyBudget=0.9)
+    sensitivity = built.sensitivity
+    assert sensitivity["budget_dice"] == 0.9 and sensitivity["met"] and sensitivity["checked_on"] == "volumes"
+    assert sensitivity["layers_kept_float"] == [] and sensitivity["final_dice"] >= 0.9
+    assert built.report["settings"]["accuracy_budget"] == 0.9
+    summary = built.sensitivitySummary()
+    assert summary.startswith(f"Agreement with FP32 on the calibration volumes: {sensitivity['final_dice']:.4f} "
+                              "(budget 0.9") and summary.endswith("no layer kept float.")
+    cached = PTQLogic(inProcess=True).quantize(str(shipped_model_path), [calibration], numCrops=1,
+                                               runtime="openvino", accuracyBudget=0.9)
+    assert cached.folder == built.folder and cached.sensitivitySummary() == summary
+
+
+def test_build_without_budget_has_no_sensitivity_and_the_table_names_the_build(built, in_process):
+    assert built.sensitivity is None and built.sensitivitySummary() is None
+    assert in_process[1]["build"] is built
+
+
 def test_precision_choices_map_to_what_each_runtime_runs():
     from SlicerPTQLib.logic import PRECISIONS
 
@@ -251,3 +331,4 @@ def test_precision_choices_map_to_what_each_runtime_runs():
     assert PRECISIONS["fp16"].runtime_precision("openvino") == "bf16"
     assert PRECISIONS["fp16"].runtime_precision("tensorrt") == "fp16"
     assert PRECISIONS["fp32"].runtime_precision("openvino") == "fp32"
+    assert [key for key, choice in PRECISIONS.items() if choice.takes_accuracy_budget] == ["int8"]

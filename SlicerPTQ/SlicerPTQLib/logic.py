@@ -14,6 +14,8 @@ Console example (inside 3D Slicer)::
     built = logic.quantize("deepbet-brain-extraction", [volume], method="max", numCrops=20)
     segmentation, table = logic.segment(built, volume, compareWithFP32=True)
     print(table["rows"])
+    kept = logic.quantize("deepbet-brain-extraction", [volume], accuracyBudget=0.99)
+    print(kept.sensitivitySummary())
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class Precision:
             return {"tensorrt": "fp16", "openvino": "bf16"}.get(runtime, "fp32")
         return "fp32"
 
+    @property
+    def takes_accuracy_budget(self) -> bool:
+        """W8A8 only: the budget picks INT8 layers to keep float; low-bit and float builds have none to pick."""
+        return self.quantized and self.weight_bits == 8
+
 
 #: int8: 8-bit weights and activations; w4a8/w2a8: low-bit weights (layer-wise ADMM) on INT8
 #: kernels; fp16 (BF16 on the CPU) and fp32 run the float model of the same build.
@@ -81,6 +88,30 @@ class BuiltModel:
     spec: ModelSpec
     precision: str = "int8"
     report: Dict = field(default_factory=dict, repr=False)
+
+    @property
+    def sensitivity(self) -> Optional[Dict]:
+        """The accuracy-budget section of ``quantization.json`` (None: built without a budget)."""
+        return self.report.get("sensitivity")
+
+    def sensitivitySummary(self) -> Optional[str]:
+        """The accuracy-budget outcome in one line for the user (None: built without a budget)."""
+        found = self.sensitivity
+        if found is None:
+            return None
+        where = "calibration volumes" if found.get("checked_on") == "volumes" else "calibration crops"
+        if not found["met"]:
+            # The core then writes the fully quantized model: no count of float layers met the budget.
+            return (f"Accuracy budget {found['budget_dice']} not met on the {where}: agreement with FP32 "
+                    f"{found['full_int8_dice']:.4f} fully INT8, {found['final_dice']:.4f} with all "
+                    f"{found['layers_analysed']} layers in float. The model is fully INT8; lower the budget "
+                    "or run FP32.")
+        layers = found["layers_kept_float"]
+        if not layers:
+            return (f"Agreement with FP32 on the {where}: {found['final_dice']:.4f} (budget {found['budget_dice']}); "
+                    "no layer kept float.")
+        return (f"Agreement with FP32 on the {where}: {found['final_dice']:.4f} (budget {found['budget_dice']}, "
+                f"{found['full_int8_dice']:.4f} fully INT8); {len(layers)} layer(s) kept float: {', '.join(layers)}.")
 
     def modelFor(self, precision: Optional[str] = None) -> Path:
         """The file to run for ``precision`` (default: the one it was built for)."""
@@ -264,31 +295,37 @@ class PTQLogic:
 
     def quantize(self, modelPath: Union[str, Path], calibrationVolumeNodes: Sequence, outDir: Optional[Path] = None,
                  method: str = "max", numCrops: int = 20, precision: str = "int8", runtime: Optional[str] = None,
-                 progress: Optional[ProgressCallback] = None, log: Optional[LogCallback] = None) -> BuiltModel:
+                 accuracyBudget: Optional[float] = None, progress: Optional[ProgressCallback] = None,
+                 log: Optional[LogCallback] = None) -> BuiltModel:
         """Calibrate on volume nodes and build FP32 + quantized ONNX models (blocking).
 
         ``modelPath``: catalog id, TorchScript/ONNX file or MONAI bundle
         folder. ``outDir=None`` keeps builds in the cache, keyed by model,
         settings and calibration voxels, so the same request returns at once.
+        ``accuracyBudget`` (e.g. 0.99, int8 only): keep the layers INT8 hurts
+        most in float until the labels agree with FP32's at this Dice on the
+        calibration volumes; see :meth:`BuiltModel.sensitivitySummary`.
         """
         if not self.inProcess:
             return self.startQuantize(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision,
-                                      runtime, progress, log).wait()
-        plan = self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime)
+                                      runtime, accuracyBudget, progress, log).wait()
+        plan = self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime,
+                               accuracyBudget)
         if plan.cached is not None:
             return plan.cached
         from . import pipeline
 
         result = pipeline.quantize(plan.modelPath, plan.volumes, plan.destination, method=method,
                                    num_crops=numCrops, weight_bits=plan.precision.weight_bits,
-                                   placement=plan.placement, progress=progress)
+                                   placement=plan.placement, accuracy_budget=accuracyBudget, progress=progress)
         return BuiltModel(folder=result.out_dir, fp32Model=result.fp32_onnx, quantizedModel=result.quantized_onnx,
                           spec=result.spec, precision=precision, report=result.report)
 
     def startQuantize(self, modelPath, calibrationVolumeNodes, outDir=None, method="max", numCrops=20,
-                      precision="int8", runtime=None, progress=None, log=None) -> PTQJob:
+                      precision="int8", runtime=None, accuracyBudget=None, progress=None, log=None) -> PTQJob:
         """:meth:`quantize` as a job running in a worker process; its result is a :class:`BuiltModel`."""
-        plan = self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime)
+        plan = self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime,
+                               accuracyBudget)
         steps, finish, cleanup = self._quantizeSteps(plan)
         return PTQJob(steps, finish, cleanup, progress, log, self.launcher).start()
 
@@ -303,7 +340,8 @@ class PTQLogic:
         ``precision``), a model file with its spec beside it, or a catalog id
         (the original network, not quantized). ``compareWithFP32`` also runs
         the FP32 model and fills ``table["rows"]`` with time and Dice vs FP32
-        per model.
+        per model. ``table["build"]`` is the :class:`BuiltModel` that ran
+        (None for a model file or catalog id).
         """
         if not self.inProcess:
             return self.startSegment(model, volumeNode, segmentationNode, runtime, compareWithFP32, precision,
@@ -327,14 +365,15 @@ class PTQLogic:
 
     def startBuildAndSegment(self, model, calibrationVolumeNodes, volumeNode, segmentationNode=None,
                              method="max", numCrops=20, precision="int8", runtime=None, compareWithFP32=False,
-                             progress=None, log=None) -> PTQJob:
+                             accuracyBudget=None, progress=None, log=None) -> PTQJob:
         """What the GUI's Apply does: build (or reuse) the model, then segment; one job.
 
         Without calibration volumes the input volume itself calibrates
-        (unlabeled, so this is still post-training quantization).
+        (unlabeled, so this is still post-training quantization). The
+        result's ``table["build"]`` tells what the build measured.
         """
         calibration = list(calibrationVolumeNodes) or [volumeNode]
-        plan = self._buildPlan(model, calibration, None, method, numCrops, precision, runtime)
+        plan = self._buildPlan(model, calibration, None, method, numCrops, precision, runtime, accuracyBudget)
         build_steps, build_finish, build_cleanup = self._quantizeSteps(plan)
         state: Dict[str, Any] = {}
 
@@ -350,18 +389,22 @@ class PTQLogic:
 
     # --- internals ------------------------------------------------------------------------------
 
-    def _buildPlan(self, model, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime) -> "_BuildPlan":
+    def _buildPlan(self, model, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime,
+                   accuracyBudget) -> "_BuildPlan":
         if method not in METHODS:
             raise PTQError(f"Unknown calibration method '{method}'. Choose one of: {', '.join(METHODS)}.")
         if not calibrationVolumeNodes:
             raise PTQError("Check at least one calibration volume (a few unlabeled scans like the ones to segment).")
         choice = _precision(precision)
+        _check_accuracy_budget(accuracyBudget, choice)
         model_path = self.resolveModel(model)
         volumes = [slicer_nodes.volume_from_node(node) for node in calibrationVolumeNodes]
         backend = self.resolveRuntime(runtime)
         placement = "tensorrt" if backend == "tensorrt" else "cpu"
         settings = {"method": method, "num_crops": int(numCrops), "weight_bits": choice.weight_bits,
                     "placement": placement}
+        if accuracyBudget is not None:  # only when set, so budget-free builds keep their cache folders
+            settings["accuracy_budget"] = float(accuracyBudget)
         destination = Path(outDir) if outDir is not None else _build_folder(model_path, volumes, settings)
         cached = BuiltModel.fromFolder(destination, choice.key) if outDir is None else None
         return _BuildPlan(model_path, volumes, settings, destination, choice, placement, cached)
@@ -380,9 +423,11 @@ class PTQLogic:
 
             inputs = [write_volume(volume, staging / f"calibration_{index}.nrrd")
                       for index, volume in enumerate(plan.volumes)]
-            return ["quantize", str(plan.modelPath), "--calib", *map(str, inputs), "--out", str(staging / "build"),
-                    "--method", settings["method"], "--num-crops", str(settings["num_crops"]),
-                    "--weight-bits", str(settings["weight_bits"]), "--placement", settings["placement"]]
+            budget = settings.get("accuracy_budget")
+            return (["quantize", str(plan.modelPath), "--calib", *map(str, inputs), "--out", str(staging / "build"),
+                     "--method", settings["method"], "--num-crops", str(settings["num_crops"]),
+                     "--weight-bits", str(settings["weight_bits"]), "--placement", settings["placement"]]
+                    + (["--accuracy-budget", str(budget)] if budget is not None else []))
 
         def finish() -> BuiltModel:
             if "built" not in state:
@@ -414,7 +459,8 @@ class PTQLogic:
         if spec is None:
             raise PTQError(f"No metadata beside {model_path} (expected {sidecar_path(model_path)}). Quantize the "
                            "model first, or write the metadata JSON (see README).")
-        return _SegmentRequest(volumeNode, volume, spec, backend, runs)
+        return _SegmentRequest(volumeNode, volume, spec, backend, runs,
+                               model if isinstance(model, BuiltModel) else None)
 
     def _segmentSteps(self, request: Callable[[], "_SegmentRequest"], segmentationNode):
         work = Path(tempfile.mkdtemp(prefix="slicer-ptq-segment-"))
@@ -460,7 +506,7 @@ class PTQLogic:
                 row["Dice vs FP32"] = round(float(np.mean(list(scores.values()))), 4)
                 row.update({f"Dice {request.spec.labels[k]}": round(v, 4) for k, v in scores.items()})
             rows.append(row)
-        return node, {"rows": rows, "reference": "FP32" if len(labels) > 1 else None}
+        return node, {"rows": rows, "reference": "FP32" if len(labels) > 1 else None, "build": request.build}
 
 
 @dataclass
@@ -481,12 +527,25 @@ class _SegmentRequest:
     spec: ModelSpec
     runtime: str
     runs: List[Dict]
+    build: Optional[BuiltModel]
 
 
 def _precision(key: Optional[str]) -> Precision:
     if key not in PRECISIONS:
         raise PTQError(f"Unknown precision '{key}'. Choose one of: {', '.join(PRECISIONS)}.")
     return PRECISIONS[key]
+
+
+def _check_accuracy_budget(budget: Optional[float], choice: Precision) -> None:
+    """Refuse a budget the build cannot honour here, before any worker starts."""
+    if budget is None:
+        return
+    if not 0.0 < budget <= 1.0:
+        raise PTQError(f"The accuracy budget is an agreement Dice with FP32 in (0, 1], e.g. 0.99; got {budget}.")
+    if not choice.takes_accuracy_budget:
+        kind = "low-bit weights" if choice.quantized else "a float model, nothing is quantized"
+        raise PTQError(f"The accuracy budget keeps INT8 layers in float, so it works with precision 'int8' only, "
+                       f"not '{choice.key}' ({kind}). Choose precision int8, or turn the accuracy budget off.")
 
 
 def _build_folder(model_path: Path, volumes: Sequence[Volume], settings: Dict) -> Path:
