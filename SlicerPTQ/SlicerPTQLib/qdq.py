@@ -437,7 +437,9 @@ def rewrite_graph(model, placement: Placement, ranges: Mapping[str, float],
         return name
 
     zero_point = fresh("ptq_int8_zero_point")
-    new_initializers = [numpy_helper.from_array(np.array(0, dtype=np.int8), zero_point)]
+    # The shared activation zero point, only when some activation is quantized
+    # (an unused initializer makes ONNX Runtime warn on every load).
+    new_initializers = [numpy_helper.from_array(np.array(0, dtype=np.int8), zero_point)] if ranges else []
     dequantized: Dict[str, str] = {}   # original tensor -> its DequantizeLinear output
     front_nodes, pairs_after = [], {}
 
