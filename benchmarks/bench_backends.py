@@ -18,9 +18,9 @@ whole-volume time goes once the network is INT8.
 
 ``--models`` adds, after (or instead of) the shipped model, registry
 architectures whose small 6-class version ``train_small_models.py`` trained
-(weights from the cache): calibrated on MNI152 2009a + MNI152, evaluated on
-the ITK T1 (its k-means labels are the training reference) and Colin27
-(Dice vs FP32 only). Each model is one section of the JSON and the markdown.
+(weights from the cache): calibrated on MNI152 2009a + MNI152 + the ITK
+T1, evaluated on the ITK T1 (its k-means labels are the training reference)
+and Colin27 (Dice vs FP32 only). Each model is one section of the JSON and the markdown.
 
 Run (about 10 minutes on 2 cores; --quick about 4)::
 
@@ -54,7 +54,7 @@ BENCHMARKS = Path(__file__).resolve().parent
 RESULTS = BENCHMARKS / "results"
 SHIPPED = "shipped"
 #: The registry models' volumes (shipped.CATALOG names), as bench_architectures.py uses them.
-REGISTRY_CALIBRATION = ("mni2009a", "mni152")
+REGISTRY_CALIBRATION = ("mni2009a", "mni152", "itk_t1")
 REGISTRY_EVALUATION = ("itk_t1", "colin27")
 #: Sliding-window settings of the profile: MONAI's usual overlap and blending.
 PROFILE_OVERLAP = 0.5
