@@ -87,3 +87,15 @@ def test_peak_rss_grows_with_a_large_allocation():
     assert before > 10
     assert after >= before
     assert after > block.nbytes / 1e6 * 0.9
+
+
+def test_mean_dice_can_leave_out_classes_too_small_to_measure():
+    a = np.zeros((100, 100, 10), np.uint8)
+    a[:50] = 1
+    b = a.copy()
+    a[0, 0, :5] = 2   # 5 voxels of class 2 in one map, 3 in the other, apart
+    b[99, 99, :3] = 2
+    assert mean_dice(a, b) == pytest.approx((1.0 + 0.0) / 2, abs=1e-3)
+    assert mean_dice(a, b, min_fraction=1e-3) == pytest.approx(1.0, abs=1e-3)  # class 2: < 100 voxels in both
+    b[60:70] = 2      # now 10% of the voxels in one map: counted again
+    assert mean_dice(a, b, min_fraction=1e-3) < 0.95

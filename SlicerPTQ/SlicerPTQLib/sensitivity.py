@@ -45,10 +45,13 @@ LAYER_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 @dataclass(frozen=True)
 class Budget:
     """The accuracy to keep: ``metric`` "dice" (agreement Dice with FP32 >=
-    ``threshold``) or "mse" (output MSE / output energy <= ``threshold``)."""
+    ``threshold``) or "mse" (output MSE / output energy <= ``threshold``).
+    ``min_fraction``: the Dice leaves out classes covering less than this
+    fraction of the voxels (see :func:`metrics.mean_dice`); 0 counts all."""
 
     metric: str = "dice"
     threshold: float = 0.99
+    min_fraction: float = 0.0
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -120,11 +123,13 @@ class SensitivityResult:
         return data
 
 
-def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> OutputError:
+def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
+                 min_fraction: float = 0.0) -> OutputError:
     """:class:`OutputError` of ``outputs`` against ``reference``, each ``(B, K, D, H, W)``.
 
     Dice pools the voxels of all crops (one Dice per label over all of
-    them), so a class with a few voxels in one crop does not swing it.
+    them), so a class with a few voxels in one crop does not swing it;
+    ``min_fraction`` as in :func:`metrics.mean_dice`.
     """
     from .metrics import mean_dice
 
@@ -136,7 +141,8 @@ def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray])
         for ref_item, out_item in zip(ref, out):
             reference_labels.append(_labels(ref_item).ravel())
             output_labels.append(_labels(out_item).ravel())
-    agreement = mean_dice(np.concatenate(reference_labels), np.concatenate(output_labels))
+    agreement = mean_dice(np.concatenate(reference_labels), np.concatenate(output_labels),
+                          min_fraction=min_fraction)
     return OutputError(relative_mse=squared / max(energy, 1e-30), dice=agreement)
 
 
@@ -154,7 +160,8 @@ class _Evaluator:
     """
 
     def __init__(self, fp32_onnx: Path, inputs: Sequence[np.ndarray], backend: str, threads: Optional[int],
-                 workdir: Path, roi: Optional[Sequence[int]] = None, overlap: float = 0.25):
+                 workdir: Path, roi: Optional[Sequence[int]] = None, overlap: float = 0.25,
+                 min_fraction: float = 0.0):
         self.fp32_onnx = fp32_onnx
         self.inputs = [np.asarray(array, dtype=np.float32) for array in inputs]
         self.backend = backend
@@ -162,6 +169,7 @@ class _Evaluator:
         self.workdir = workdir
         self.roi = roi
         self.overlap = overlap
+        self.min_fraction = min_fraction
         self.evaluations = 0
         self.reference = self._run(fp32_onnx)
 
@@ -189,7 +197,7 @@ class _Evaluator:
     def error_of(self, path: Path) -> OutputError:
         """Error of the quantized model at ``path`` against the FP32 outputs."""
         self.evaluations += 1
-        return output_error(self.reference, self._run(path))
+        return output_error(self.reference, self._run(path), self.min_fraction)
 
 
 def quantized_nodes(int8_onnx: Path) -> List[Tuple[str, str]]:
@@ -292,9 +300,10 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
 
     workdir = Path(tempfile.mkdtemp(prefix="ptq-sensitivity-"))
     try:
-        ranking = _Evaluator(fp32_onnx, crops, backend, threads, workdir)
+        ranking = _Evaluator(fp32_onnx, crops, backend, threads, workdir, min_fraction=budget.min_fraction)
         checking = ranking if volumes is None else _Evaluator(fp32_onnx, volumes, backend, threads, workdir,
-                                                              roi=roi, overlap=overlap)
+                                                              roi=roi, overlap=overlap,
+                                                              min_fraction=budget.min_fraction)
         full_path = workdir / "full.int8.onnx"
         quantizer(())(full_path)
         full_error = checking.error_of(full_path)
