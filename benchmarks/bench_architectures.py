@@ -309,8 +309,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     agreement_images = volumes(spec, "agreement")
     image_path, labels_path = fetch_all([training.IMAGE, training.LABELS])
     grid = plan_grid(read_volume(image_path), spec)
-    reference = np.clip(to_network_grid(np.asarray(read_volume(labels_path).array), grid).astype(np.int64) - 1,
-                        0, training.NUM_CLASSES - 1)
+    reference = training.tissue_classes(to_network_grid(np.asarray(read_volume(labels_path).array), grid))
 
     rows, header = [], ""
     started = time.perf_counter()

@@ -436,14 +436,12 @@ def brain_mask(path: Path) -> np.ndarray:
 def tissue_labels(path: Path) -> np.ndarray:
     """The registry models' reference: the ITK T1's k-means classes 1..6 as labels 0..5.
 
-    Mapped as ``train_small_models.training_data`` maps them (the few
-    unlabelled voxels join the background), but on the volume's own grid,
-    where the benchmark compares label maps.
+    Mapped as the training maps them (``train_small_models.tissue_classes``),
+    but on the volume's own grid, where the benchmark compares label maps.
     """
     from SlicerPTQLib.volumes import read_volume
 
-    classes = _sibling_scripts()[1].NUM_CLASSES
-    return np.clip(np.asarray(read_volume(path).array).astype(np.int64) - 1, 0, classes - 1).astype(np.uint8)
+    return _sibling_scripts()[1].tissue_classes(read_volume(path).array).astype(np.uint8)
 
 
 def _middle_slices(array: np.ndarray) -> List[np.ndarray]:

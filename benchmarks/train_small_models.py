@@ -74,12 +74,15 @@ def training_data() -> Tuple[np.ndarray, np.ndarray, Dict[str, str]]:
     spec = training_spec("UNet")
     volume = read_volume(image_path)
     image, grid = prepare(volume, spec)
-    raw = to_network_grid(np.asarray(read_volume(labels_path).array), grid, "nearest-exact")
-    # k-means classes 1..6 -> 0..5; the few unlabelled (0) voxels join the background class.
-    labels = np.clip(raw.astype(np.int64) - 1, 0, NUM_CLASSES - 1)
+    labels = tissue_classes(to_network_grid(np.asarray(read_volume(labels_path).array), grid, "nearest-exact"))
     sources = {"image": f"{IMAGE.label}:{IMAGE.member} sha256 {IMAGE.member_sha256}",
                "labels": f"{LABELS.label}:{LABELS.member} sha256 {LABELS.member_sha256}"}
     return image, labels, sources
+
+
+def tissue_classes(kmeans: np.ndarray) -> np.ndarray:
+    """k-means classes 1..6 -> labels 0..5 (int64); the few unlabelled (0) voxels join the background."""
+    return np.clip(np.asarray(kmeans).astype(np.int64) - 1, 0, NUM_CLASSES - 1)
 
 
 def _pad_to_roi(image: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

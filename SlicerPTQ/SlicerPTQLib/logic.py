@@ -540,8 +540,9 @@ def _check_accuracy_budget(budget: Optional[float], choice: Precision) -> None:
     """Refuse a budget the build cannot honour here, before any worker starts."""
     if budget is None:
         return
-    if not 0.0 < budget <= 1.0:
-        raise PTQError(f"The accuracy budget is an agreement Dice with FP32 in (0, 1], e.g. 0.99; got {budget}.")
+    from .pipeline import check_accuracy_budget
+
+    check_accuracy_budget(budget)
     if not choice.takes_accuracy_budget:
         kind = "low-bit weights" if choice.quantized else "a float model, nothing is quantized"
         raise PTQError(f"The accuracy budget keeps INT8 layers in float, so it works with precision 'int8' only, "

@@ -19,6 +19,25 @@ def dice(a: np.ndarray, b: np.ndarray, labels: Optional[Iterable[int]] = None) -
     ``labels`` defaults to every non-zero label in either map. A label
     absent from both maps scores 1.0 (they agree it is not there).
     """
+    return _dice_and_sizes(a, b, labels)[0]
+
+
+def mean_dice(a: np.ndarray, b: np.ndarray, labels: Optional[Iterable[int]] = None,
+              min_fraction: float = 0.0) -> float:
+    """Mean of :func:`dice` over the labels; 1.0 when neither map has any label.
+
+    ``min_fraction`` > 0 leaves out labels that cover less than that fraction
+    of the voxels in both maps: a class a network almost never predicts
+    (14 voxels of 1.5 million, say) would otherwise swing the mean on its own.
+    """
+    scores, sizes = _dice_and_sizes(a, b, labels)
+    smallest = min_fraction * np.asarray(a).size
+    kept = [score for label, score in scores.items() if min_fraction <= 0 or sizes[label] >= smallest]
+    return float(np.mean(kept)) if kept else 1.0
+
+
+def _dice_and_sizes(a: np.ndarray, b: np.ndarray, labels: Optional[Iterable[int]]):
+    """``({label: Dice}, {label: voxels in the map where it is larger})`` from one count per map."""
     a = np.asarray(a)
     b = np.asarray(b)
     if a.shape != b.shape:
@@ -39,32 +58,16 @@ def dice(a: np.ndarray, b: np.ndarray, labels: Optional[Iterable[int]] = None) -
     overlap = np.bincount(a[a == b], minlength=top)
     if labels is None:
         labels = [label for label in range(1, top) if count_a[label] or count_b[label]]
-    scores = {}
+    scores, sizes = {}, {}
     for label in labels:
         label = int(label)
         if label >= top:
-            scores[label] = 1.0
+            scores[label], sizes[label] = 1.0, 0
             continue
         both = count_a[label] + count_b[label]
         scores[label] = 1.0 if both == 0 else float(2.0 * overlap[label] / both)
-    return scores
-
-
-def mean_dice(a: np.ndarray, b: np.ndarray, labels: Optional[Iterable[int]] = None,
-              min_fraction: float = 0.0) -> float:
-    """Mean of :func:`dice` over the labels; 1.0 when neither map has any label.
-
-    ``min_fraction`` > 0 leaves out labels that cover less than that fraction
-    of the voxels in both maps: a class a network almost never predicts
-    (14 voxels of 1.5 million, say) would otherwise swing the mean on its own.
-    """
-    scores = dice(a, b, labels)
-    if min_fraction > 0 and scores:
-        smallest = min_fraction * np.asarray(a).size
-        a_flat, b_flat = np.asarray(a).ravel(), np.asarray(b).ravel()
-        scores = {label: score for label, score in scores.items()
-                  if max(np.count_nonzero(a_flat == label), np.count_nonzero(b_flat == label)) >= smallest}
-    return float(np.mean(list(scores.values()))) if scores else 1.0
+        sizes[label] = int(max(count_a[label], count_b[label]))
+    return scores, sizes
 
 
 def time_forward(runtime: Runtime, shape: Sequence[int], warmup: int = 2,

@@ -55,12 +55,17 @@ def _check_settings(method: str, weight_bits: int, num_crops: int, placement: st
     if placement not in ("cpu", "tensorrt"):
         raise PTQError(f"Unknown Q/DQ placement '{placement}'. Choose 'cpu' (OpenVINO) or 'tensorrt'.")
     if accuracy_budget is not None:
-        if not 0.0 < accuracy_budget <= 1.0:
-            raise PTQError(f"--accuracy-budget is an agreement Dice with FP32 in (0, 1], e.g. 0.99; "
-                           f"got {accuracy_budget}.")
+        check_accuracy_budget(accuracy_budget)
         if weight_bits < 8:
             raise PTQError("--accuracy-budget picks INT8 layers to keep in float; it does not combine with "
                            "low-bit weights. Drop one of --accuracy-budget and --weight-bits.")
+
+
+def check_accuracy_budget(budget: float) -> None:
+    """Refuse an accuracy budget that is not an agreement Dice."""
+    if not 0.0 < budget <= 1.0:
+        raise PTQError(f"The accuracy budget (--accuracy-budget) is an agreement Dice with FP32 in (0, 1], "
+                       f"e.g. 0.99; got {budget}.")
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
