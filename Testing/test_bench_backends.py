@@ -10,6 +10,7 @@ and the markdown of a section without reference labels.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -115,18 +116,17 @@ def test_slices_and_markdown_written(tiny_benchmark, tiny_result):
     assert any(line.startswith("- SlicerPTQ INT8 (max): per patch") for line in table.splitlines())
 
 
-def _bench():
-    """The benchmark script as a module."""
+def _bench(name: str = "bench_backends"):
+    """The benchmark script, or one of its sibling modules (``backends_*``), as a module."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        import bench_backends
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    return bench_backends
 
 
 def test_fit_patch_centres_and_pads():
-    _fit_patch = _bench()._fit_patch
+    _fit_patch = _bench("backends_measure")._fit_patch
     image = np.arange(1 * 4 * 6 * 2, dtype=np.float32).reshape(1, 4, 6, 2)
     patch = _fit_patch(image, (2, 4, 4))
     assert patch.shape == (1, 2, 4, 4)
@@ -164,19 +164,20 @@ def test_arch_model_files_load_as_the_eager_row_runs_them(tmp_path):
     from SlicerPTQLib.models import load_model
     from SlicerPTQLib.spec import ModelSpec, sidecar_path
 
-    bench = _bench()
-    training = bench._sibling_scripts()[1]
+    subjects = _bench("backends_subjects")
+    training = subjects._sibling_scripts()[1]
     args = architectures.config_args("UNet", "small", out_channels=training.NUM_CLASSES, roi=training.ROI)
     torch.manual_seed(0)
     module = architectures.build("UNet", args).eval()
     spec = training.training_spec("UNet")
-    path = bench.write_arch_model(tmp_path / "UNet" / "UNet.pt", module, spec)
+    path = subjects.write_arch_model(tmp_path / "UNet" / "UNet.pt", module, spec)
     assert ModelSpec.load(sidecar_path(path)) == spec
     loaded = load_model(path, arch="UNet", arch_args=args)
     assert loaded.spec.out_channels == training.NUM_CLASSES and loaded.spec.roi_size == training.ROI
-    variant = bench.Variant("torch_fp32", "PyTorch eager FP32", "torch", str(path), "fp32",
-                            extra={"arch": "UNet", "arch_args": args})
-    runtime = bench._runtime(asdict(variant), None)
+    Variant = _bench("backends_variants").Variant
+    variant = Variant("torch_fp32", "PyTorch eager FP32", "torch", str(path), "fp32",
+                      extra={"arch": "UNet", "arch_args": args})
+    runtime = _bench("backends_worker")._runtime(asdict(variant), None)
     batch = np.random.default_rng(0).random((1, 1, 16, 16, 16), dtype=np.float32)
     with torch.no_grad():
         expected = module(torch.from_numpy(batch)).numpy()
@@ -191,17 +192,18 @@ def test_tissue_labels_shift_kmeans_classes(tmp_path):
     path = tmp_path / "labels.nii.gz"
     classes = np.broadcast_to(np.arange(7, dtype=np.uint8)[:, None, None], (7, 2, 2))
     nib.save(nib.Nifti1Image(np.ascontiguousarray(classes), np.eye(4)), path)
-    labels = _bench().tissue_labels(path)
+    labels = _bench("backends_subjects").tissue_labels(path)
     assert labels.shape == (7, 2, 2)
     np.testing.assert_array_equal(labels[:, 0, 0], [0, 0, 1, 2, 3, 4, 5])
 
 
 def test_markdown_of_a_section_without_reference_labels():
     """A volume without reference labels (Colin27 for the registry models) has Dice vs FP32 only."""
-    bench = _bench()
-    variants = [bench.Variant("torch_fp32", "PyTorch eager FP32", "torch", "UNet.pt", "fp32", 0.6),
-                bench.Variant("slicerptq_int8_max", "SlicerPTQ INT8 (max)", "openvino", "model.int8.onnx",
-                              size_mb=0.2, quantize_s=5.0)]
+    Variant = _bench("backends_variants").Variant
+    report = _bench("backends_report")
+    variants = [Variant("torch_fp32", "PyTorch eager FP32", "torch", "UNet.pt", "fp32", 0.6),
+                Variant("slicerptq_int8_max", "SlicerPTQ INT8 (max)", "openvino", "model.int8.onnx",
+                        size_mb=0.2, quantize_s=5.0)]
     timings = {"total_s": 1.0, "preprocess_s": 0.1, "network_s": 0.8, "restore_s": 0.1}
 
     def result(reference, fp32):
@@ -214,13 +216,13 @@ def test_markdown_of_a_section_without_reference_labels():
                                                  "slicerptq_int8_max": result(None, 0.96)}}]
     measured = {"times": {}, "volumes": volumes, "layers": {}, "memory": {}, "errors": {}, "infos": {},
                 "cold": {}, "profile": None, "patch_shape": [1, 1, 64, 64, 64]}
-    section = bench.summarise("UNet (small)", variants, measured, [], [], 2)
+    section = report.summarise("UNet (small)", variants, measured, [], [], 2)
     rows = {row["key"]: row for row in section["variants"]}
     assert rows["slicerptq_int8_max"]["dice_vs_reference_mean"] == pytest.approx(0.62)
     assert rows["slicerptq_int8_max"]["dice_vs_fp32_mean"] == pytest.approx(0.97)
     benchmark = {"cpu": {"model": "cpu"}, "threads": 2, "command": "bench", "models": [section],
                  "skipped_models": [{"name": "SegResNet", "reason": "no trained weights"}]}
-    text = bench.markdown(benchmark)
+    text = report.markdown(benchmark)
     assert "| itk_t1 | 0.6000 | 0.6200 |" in text
     assert "colin27" not in text
     assert text.splitlines()[-1] == "- model not run: SegResNet: no trained weights"

@@ -116,6 +116,21 @@ def test_tight_accuracy_budget_keeps_the_worst_layers_float(shipped_model_path, 
     assert sum(tight.report["qdq"]["quantized_ops"].values()) < sum(loose.report["qdq"]["quantized_ops"].values())
 
 
+def _summary(kept, analysed=3, met=True):
+    return {"budget_dice": 0.995, "met": met, "checked_on": "volumes", "full_int8_dice": 0.9472,
+            "final_dice": 1.0 if len(kept) == analysed else 0.996, "layers_kept_float": kept,
+            "layers_analysed": analysed}
+
+
+def test_sensitivity_outcome_says_how_many_layers_stayed_float():
+    assert pipeline.describe_sensitivity(_summary([], analysed=0)).endswith("no layer kept float.")
+    assert "1 of 3 layers kept float: conv_a." in pipeline.describe_sensitivity(_summary(["conv_a"]))
+    # Met only by keeping everything float (seen on a briefly trained VISTA3D): nothing is INT8, and it says so.
+    everything = pipeline.describe_sensitivity(_summary(["conv_a", "conv_b", "add"]))
+    assert "only with all 3 layers kept float" in everything and "nothing runs in INT8" in everything
+    assert "not met" in pipeline.describe_sensitivity(_summary([], met=False))
+
+
 def test_accuracy_budget_errors(shipped_model_path, calibration_paths, tmp_path):
     with pytest.raises(PTQError, match="agreement Dice"):
         pipeline.quantize(shipped_model_path, calibration_paths, tmp_path, accuracy_budget=99)

@@ -80,6 +80,9 @@ def test_fallback_keeps_the_worst_layers_float_until_the_budget_is_met(small_une
     still_int8 = {name for name, _ in quantized_nodes(tmp_path / "mixed.onnx")}
     assert still_int8 and not still_int8 & set(result.fallback)
     assert result.evaluations < len(result.layers) + 2 * np.log2(len(result.layers)) + 4
+    chosen = len(kept_layers)
+    assert result.trials[0] == result.full_int8 and result.trials[chosen] == result.final
+    assert all(Budget("mse", threshold).met(error) == (count >= chosen) for count, error in result.trials.items())
 
 
 def test_attention_score_nodes_cover_scores_not_linears(tmp_path):
@@ -129,3 +132,31 @@ def test_budget_checked_on_whole_volumes_by_sliding_window(small_unet, tmp_path)
     assert tight.full_int8 == loose.full_int8  # the same volumes, the same fully quantized model
     with pytest.raises(PTQError, match="roi"):
         mixed_precision(fp32, tmp_path / "x.onnx", crops, volumes=volumes)
+
+
+def test_glue_nodes_that_quantize_only_together_are_one_layer(tmp_path):
+    """VISTA3D's class head: the LeakyReLU output is Q/DQ'd only for the Reshape reading it, so the two
+    are one layer; measured apart, each alone changed nothing although the pair cost agreement."""
+    import torch
+
+    from SlicerPTQLib.export import export_onnx
+    from SlicerPTQLib.float_policy import float_policy_nodes
+    from SlicerPTQLib.qdq import quantize_onnx
+    from SlicerPTQLib.sensitivity import _Evaluator, layer_groups
+
+    torch.manual_seed(0)
+    module = architectures.build("VISTA3D", architectures.config_args("VISTA3D", roi=ROI))
+    fp32 = export_onnx(module, tmp_path / "v.onnx", 1, (1, 1, *ROI))
+    rng = np.random.default_rng(0)
+    crops = [rng.standard_normal((1, *ROI)).astype(np.float32) for _ in range(2)]
+    policy = frozenset(float_policy_nodes(fp32))
+    full = tmp_path / "full.onnx"
+    quantize_onnx(fp32, full, crops, keep_float=policy)
+    groups = layer_groups(fp32, quantized_nodes(full))
+    tail = [members for _, members in groups.values() if any(name.endswith("class_head/Reshape") for name in members)]
+    assert len(tail) == 1 and any(name.endswith("LeakyRelu") for name in tail[0])
+    every_node = [node.name for node in __import__("onnx").load(str(fp32)).graph.node]
+    alone = policy | frozenset(name for name in every_node if name not in tail[0])
+    error = _Evaluator(fp32, crops, "onnxruntime", None, tmp_path).error(
+        lambda path: quantize_onnx(fp32, path, crops, keep_float=alone))
+    assert error.relative_mse > 0

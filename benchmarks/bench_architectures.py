@@ -164,8 +164,7 @@ def bench_one(name: str, out_dir: Path, steps: Optional[int], threads: int, cali
         sensitivity = mixed_precision(fp32, mixed, crops[:sensitivity_crops],
                                       Budget("dice", volume_budget, min_fraction=MIN_FRACTION),
                                       volumes=[image for _, image in calibration_images], roi=roi, overlap=0.25,
-                                      backend="onnxruntime",
-                                      threads=threads)
+                                      backend="openvino", threads=threads)
         row["sensitivity"] = {"budget_volume_dice": volume_budget, "ranking_crops": sensitivity_crops,
                               "met": sensitivity.met, "checked_on": sensitivity.checked_on,
                               "full_int8_dice": sensitivity.full_int8.dice,
@@ -173,6 +172,8 @@ def bench_one(name: str, out_dir: Path, steps: Optional[int], threads: int, cali
                               "final_dice": sensitivity.final.dice,
                               "kept_float": sensitivity.fallback, "layers_analysed": len(sensitivity.layers),
                               "evaluations": sensitivity.evaluations, "seconds": sensitivity.seconds,
+                              "dice_by_float_layers": {count: error.dice
+                                                       for count, error in sensitivity.trials.items()},
                               "worst_layers": [vars(s) for s in sensitivity.layers[:5]]}
 
         stage = "latency"
@@ -270,7 +271,7 @@ def write_results(rows: List[Dict], out_dir: Path, options, seconds: float) -> s
               "Calibration (unlabeled): mni2009a + mni152 + itk_t1 (8 crops); agreement: itk_t1 + colin27 "
               "(held out) at 2 mm (sliding window, "
               "overlap 0.25); fallback budget: agreement Dice >= "
-              f"{options.volume_budget} on the whole calibration volumes (ONNX Runtime; layers ranked on "
+              f"{options.volume_budget} on the whole calibration volumes (OpenVINO; layers ranked on "
               f"{options.sensitivity_crops} calibration crops). Agreement Dice = mean over the classes that "
               f"cover at least {MIN_FRACTION:.1%} of the voxels in either label map (the JSON also has it over "
               "every class).")

@@ -165,7 +165,7 @@ def train_one(name: str, steps: int, seed: int = 0, learning_rate: Optional[floa
         loss.backward()
         optimizer.step()
         schedule.step()
-        loss_value = float(loss)
+        loss_value = loss.item()
         if step % 25 == 0 or step == steps - 1:
             log(f"  {entry.name} step {step + 1}/{steps} loss {loss_value:.4f} "
                 f"({time.perf_counter() - start_time:.0f} s)")

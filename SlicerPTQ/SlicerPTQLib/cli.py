@@ -118,9 +118,7 @@ def run(args) -> int:
                   f"({sizes['quantized_onnx'] / sizes['fp32_onnx']:.2f}x)")
             sensitivity = result.report.get("sensitivity")
             if sensitivity:
-                print(f"agreement with FP32 on the calibration volumes: {sensitivity['final_dice']:.4f} "
-                      f"(budget {sensitivity['budget_dice']}, {'met' if sensitivity['met'] else 'NOT met'}); "
-                      f"layers kept float: {', '.join(sensitivity['layers_kept_float']) or 'none'}")
+                print(pipeline.describe_sensitivity(sensitivity))
         _emit_result(args, {"fp32_onnx": result.fp32_onnx, "quantized_onnx": result.quantized_onnx,
                             "report": result.report})
     elif args.command == "segment":

@@ -72,9 +72,9 @@ def sliding_window(runtime: Runtime, image: np.ndarray, roi, overlap: float = 0.
         next(ticks, None)
         return output
 
-    # Imported only when windows are blended: importing MONAI takes seconds.
     import torch
-    from monai.inferers import sliding_window_inference
+
+    sliding_window_inference = load_blending()
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:
         # The window is a strided view of the image: one copy makes it contiguous.
@@ -86,6 +86,17 @@ def sliding_window(runtime: Runtime, image: np.ndarray, roi, overlap: float = 0.
         output = sliding_window_inference(torch.from_numpy(image[None]), roi, batch_size, predictor,
                                           overlap=overlap, mode=mode)
     return output[0].numpy()
+
+
+def load_blending():
+    """MONAI's window blending (``sliding_window_inference``), imported on first use.
+
+    Importing MONAI takes seconds; callers that time volumes call this
+    first so the import does not land in the first measured volume.
+    """
+    from monai.inferers import sliding_window_inference
+
+    return sliding_window_inference
 
 
 def to_labels(output: np.ndarray, spec_output: str) -> np.ndarray:

@@ -99,19 +99,9 @@ class BuiltModel:
         found = self.sensitivity
         if found is None:
             return None
-        where = "calibration volumes" if found.get("checked_on") == "volumes" else "calibration crops"
-        if not found["met"]:
-            # The core then writes the fully quantized model: no count of float layers met the budget.
-            return (f"Accuracy budget {found['budget_dice']} not met on the {where}: agreement with FP32 "
-                    f"{found['full_int8_dice']:.4f} fully INT8, {found['final_dice']:.4f} with all "
-                    f"{found['layers_analysed']} layers in float. The model is fully INT8; lower the budget "
-                    "or run FP32.")
-        layers = found["layers_kept_float"]
-        if not layers:
-            return (f"Agreement with FP32 on the {where}: {found['final_dice']:.4f} (budget {found['budget_dice']}); "
-                    "no layer kept float.")
-        return (f"Agreement with FP32 on the {where}: {found['final_dice']:.4f} (budget {found['budget_dice']}, "
-                f"{found['full_int8_dice']:.4f} fully INT8); {len(layers)} layer(s) kept float: {', '.join(layers)}.")
+        from .pipeline import describe_sensitivity
+
+        return describe_sensitivity(found)
 
     def modelFor(self, precision: Optional[str] = None) -> Path:
         """The file to run for ``precision`` (default: the one it was built for)."""

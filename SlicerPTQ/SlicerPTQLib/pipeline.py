@@ -276,6 +276,28 @@ def sensitivity_summary(result) -> Dict:
                               "dice": layer.dice} for layer in result.layers[:5]]}
 
 
+def describe_sensitivity(summary: Dict) -> str:
+    """The accuracy-budget outcome (a :func:`sensitivity_summary`) in one line for the user."""
+    where = "calibration volumes" if summary.get("checked_on") == "volumes" else "calibration crops"
+    budget, final = summary["budget_dice"], summary["final_dice"]
+    if not summary["met"]:
+        # mixed_precision then writes the fully quantized model: no count of float layers met the budget.
+        return (f"Accuracy budget {budget} not met on the {where}: agreement with FP32 "
+                f"{summary['full_int8_dice']:.4f} fully INT8, {final:.4f} with all "
+                f"{summary['layers_analysed']} layers in float. The model is fully INT8; lower the budget "
+                "or run FP32.")
+    layers = summary["layers_kept_float"]
+    if not layers:
+        return f"Agreement with FP32 on the {where}: {final:.4f} (budget {budget}); no layer kept float."
+    if len(layers) == summary["layers_analysed"]:
+        return (f"Accuracy budget {budget} met on the {where} only with all {len(layers)} layers kept float "
+                f"(fully INT8: {summary['full_int8_dice']:.4f}), so nothing runs in INT8. Lower the budget to "
+                "keep some layers INT8, or run FP32.")
+    return (f"Agreement with FP32 on the {where}: {final:.4f} (budget {budget}, "
+            f"{summary['full_int8_dice']:.4f} fully INT8); {len(layers)} of {summary['layers_analysed']} "
+            f"layers kept float: {', '.join(layers)}.")
+
+
 def _check_channels(arrays, spec: ModelSpec, sources) -> None:
     for array, source in zip(arrays, sources):
         if array.shape[0] != spec.in_channels:

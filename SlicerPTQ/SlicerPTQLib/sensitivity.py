@@ -116,6 +116,8 @@ class SensitivityResult:
     report: Dict = field(default_factory=dict)
     #: where the budget was checked: "crops" or whole "volumes"
     checked_on: str = "crops"
+    #: layers kept float (worst first) -> error, for every count the search tried
+    trials: Dict[int, OutputError] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -219,9 +221,12 @@ def layer_groups(fp32_onnx: Path, in_int8: Sequence[Tuple[str, str]]) -> Dict[st
     Concat, pooling) on the way back from its input to the previous weighted
     nodes: their INT8 error reaches the network through that layer, and
     keeping the layer float without them would leave most of its error.
-    A node feeding several layers joins the first one in graph order; a
-    quantized node feeding no weighted layer (e.g. a residual Add that makes
-    the network output) is a layer of its own.
+    A node feeding several layers joins the first one in graph order. The
+    quantized nodes feeding no weighted layer (e.g. a residual Add that makes
+    the network output) form layers of their own, one per chain of such nodes
+    joined by tensors: a Q/DQ pair between two of them exists only while both
+    are quantized (VISTA3D's class-head LeakyReLU -> Reshape), so one alone
+    would measure as harmless however much the pair costs.
     """
     from . import onnx_graph
 
@@ -243,14 +248,30 @@ def layer_groups(fp32_onnx: Path, in_int8: Sequence[Tuple[str, str]]) -> Dict[st
                 claimed.add(producer.name)
             stack.extend(producer.input)
         groups[layer.name] = (layer.op_type, members)
-    for name, op in in_int8:
-        if name and op not in LAYER_OPS and name not in claimed:
-            groups[name] = (op, [name])
+    rest = [name for name, op in in_int8 if name and op not in LAYER_OPS and name not in claimed]
+    chain_of = {name: name for name in rest}
+
+    def root(name: str) -> str:
+        while chain_of[name] != name:
+            name = chain_of[name]
+        return name
+
+    by_name = {node.name: node for node in graph.node}
+    for name in rest:
+        for tensor in by_name[name].input:
+            producer = producers.get(tensor)
+            if producer is not None and producer.name in chain_of:
+                chain_of[root(name)] = root(producer.name)
+    chains: Dict[str, List[str]] = {}
+    for name in rest:  # graph order: a chain is named after its first node
+        chains.setdefault(root(name), []).append(name)
+    for members in chains.values():
+        groups[members[0]] = (ops[members[0]], members)
     return groups
 
 
 def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray], budget: Budget = Budget(),
-                    method: str = "max", placement: str = "cpu", backend: str = "onnxruntime",
+                    method: str = "max", placement: str = "cpu", backend: str = "openvino",
                     threads: Optional[int] = None, analyse_when_met: bool = False,
                     keep_policy_float: bool = True, volumes: Optional[Sequence[np.ndarray]] = None,
                     roi: Optional[Sequence[int]] = None, overlap: float = 0.25,
@@ -263,8 +284,9 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
     :func:`calibration.collect_ranges`) are passed, and check the budget
     unless whole ``volumes`` (``(C, D, H, W)``, segmented by sliding window
     of ``roi`` with ``overlap``) are given for that. ``backend``: runtime
-    that measures the error ("onnxruntime", the reference executor of Q/DQ
-    graphs, or "openvino"). ``keep_float``: nodes the caller keeps float in
+    that measures the error: "openvino" (what runs the INT8 model on the
+    CPU; on VISTA3D's volumes 6x faster than ONNX Runtime, 0.8 s vs 4.9 s)
+    or "onnxruntime" (the reference executor of Q/DQ graphs). ``keep_float``: nodes the caller keeps float in
     every variant. The result lists the per-layer sensitivities (worst
     first) and the node names kept float. When the fully quantized model
     already meets the budget, the per-layer pass is skipped (``layers``
@@ -339,7 +361,8 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
                                  full_int8=full_error, final=final, layers=sensitivities, evaluations=evaluations,
                                  seconds=time.perf_counter() - started, quantized_path=str(out_path),
                                  backend=backend, report=report.to_dict(),
-                                 checked_on="volumes" if volumes is not None else "crops")
+                                 checked_on="volumes" if volumes is not None else "crops",
+                                 trials=dict(sorted(errors.items())))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
