@@ -285,12 +285,12 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
     unless whole ``volumes`` (``(C, D, H, W)``, segmented by sliding window
     of ``roi`` with ``overlap``) are given for that. ``backend``: runtime
     that measures the error: "openvino" (what runs the INT8 model on the
-    CPU; on VISTA3D's volumes 6x faster than ONNX Runtime, 0.8 s vs 4.9 s)
-    or "onnxruntime" (the reference executor of Q/DQ graphs). ``keep_float``: nodes the caller keeps float in
-    every variant. The result lists the per-layer sensitivities (worst
-    first) and the node names kept float. When the fully quantized model
-    already meets the budget, the per-layer pass is skipped (``layers``
-    stays empty) unless ``analyse_when_met``. With ``keep_policy_float`` the
+    CPU; 6x faster than ONNX Runtime on VISTA3D's volumes) or "onnxruntime"
+    (the reference executor of Q/DQ graphs). ``keep_float``: nodes the
+    caller keeps float in every variant. The result lists the per-layer
+    sensitivities (worst first) and the node names kept float. When the
+    fully quantized model already meets the budget, the per-layer pass is
+    skipped (``layers`` stays empty) unless ``analyse_when_met``. With ``keep_policy_float`` the
     :func:`float_policy_nodes` are float in every variant too ("fully
     quantized" means all other nodes).
     """
