@@ -139,6 +139,7 @@ def test_glue_nodes_that_quantize_only_together_are_one_layer(tmp_path):
     are one layer; measured apart, each alone changed nothing although the pair cost agreement."""
     import torch
 
+    from SlicerPTQLib import onnx_graph
     from SlicerPTQLib.export import export_onnx
     from SlicerPTQLib.float_policy import float_policy_nodes
     from SlicerPTQLib.qdq import quantize_onnx
@@ -155,7 +156,7 @@ def test_glue_nodes_that_quantize_only_together_are_one_layer(tmp_path):
     groups = layer_groups(fp32, quantized_nodes(full))
     tail = [members for _, members in groups.values() if any(name.endswith("class_head/Reshape") for name in members)]
     assert len(tail) == 1 and any(name.endswith("LeakyRelu") for name in tail[0])
-    every_node = [node.name for node in __import__("onnx").load(str(fp32)).graph.node]
+    every_node = [node.name for node in onnx_graph.load_model(fp32).graph.node]
     alone = policy | frozenset(name for name in every_node if name not in tail[0])
     error = _Evaluator(fp32, crops, "onnxruntime", None, tmp_path).error(
         lambda path: quantize_onnx(fp32, path, crops, keep_float=alone))

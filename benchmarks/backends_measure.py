@@ -12,7 +12,6 @@ goes once the network is INT8.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import random
 import time
 from pathlib import Path
@@ -233,12 +232,13 @@ def _middle_slices(array: np.ndarray) -> List[np.ndarray]:
 def save_slices(path: Path, image: np.ndarray, fp32: np.ndarray, int8: np.ndarray, fp32_label: str,
                 int8_label: str) -> None:
     """Three orthogonal middle slices of image / FP32 labels / INT8 labels, for the report."""
+    from SlicerPTQLib.atomic import replacing
+
     arrays = {"fp32_label": np.array(fp32_label), "int8_label": np.array(int8_label)}
     for name, volume in (("image", image.astype(np.float32)), ("fp32", fp32.astype(np.uint8)),
                          ("int8", int8.astype(np.uint8))):
         for axis, plane in enumerate(_middle_slices(volume)):
             arrays[f"{name}_{axis}"] = plane
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    with replacing(path, suffix=".npz") as tmp:  # numpy appends .npz to any other name
+        np.savez_compressed(tmp, **arrays)

@@ -41,24 +41,6 @@ class _TimedRuntime:
         return output
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (10^6 bytes).
-
-    On Linux ``getrusage``'s ``ru_maxrss`` survives ``execve``: a worker
-    spawned by a large parent starts at the parent's peak (measured here:
-    a 30 MB child reported the 530 MB of its parent). ``VmHWM`` in
-    /proc/self/status is the peak of this process's own memory map.
-    """
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e6
-    from SlicerPTQLib.metrics import peak_rss_mb
-
-    return peak_rss_mb()
-
-
 def _runtime(variant: Dict, threads: Optional[int]):
     """The variant's runtime; a state dict with its architecture runs as the eager module it builds."""
     from SlicerPTQLib.runtimes import create_runtime
@@ -79,12 +61,12 @@ def _worker(conn, variant: Dict, spec_path: str, threads: int) -> None:
     rss_imports = None
     try:
         from SlicerPTQLib.inference import load_blending, segment_volume, sliding_window
-
-        load_blending()  # what the first segmentation would otherwise import (MONAI), before the memory baseline
+        from SlicerPTQLib.metrics import peak_rss_mb
         from SlicerPTQLib.spec import ModelSpec
         from SlicerPTQLib.volumes import read_volume
 
-        rss_imports = _peak_rss_mb()
+        load_blending()  # what the first segmentation would otherwise import (MONAI), before the memory baseline
+        rss_imports = peak_rss_mb()
         spec = ModelSpec.load(Path(spec_path))
         start = time.perf_counter()
         runtime = _runtime(variant, threads)
@@ -130,7 +112,7 @@ def _worker(conn, variant: Dict, spec_path: str, threads: int) -> None:
             elif command == "layers":
                 conn.send(("ok", runtime.layer_precisions()))
             elif command == "memory":
-                conn.send(("ok", {"peak_rss_mb": _peak_rss_mb(), "rss_imports_mb": rss_imports}))
+                conn.send(("ok", {"peak_rss_mb": peak_rss_mb(), "rss_imports_mb": rss_imports}))
             else:
                 conn.send(("error", f"unknown command {command}"))
         except Exception as exc:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -44,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_small_models as training  # noqa: E402  (sibling script)
 from SlicerPTQLib import architectures  # noqa: E402
+from SlicerPTQLib.atomic import replacing  # noqa: E402
 
 COMPUTE_TYPES = frozenset({"Convolution", "Deconvolution", "GroupConvolution", "MatMul", "FullyConnected"})
 #: Agreement Dice the fallback must reach on the whole calibration volumes: a margin over the
@@ -202,13 +202,11 @@ def bench_one(name: str, out_dir: Path, steps: Optional[int], threads: int, cali
         for volume_name, image in agreement_images:
             outputs = {key: labels_of(sliding_window(runtimes[key], image, roi, overlap=0.25))
                        for key in ("openvino_fp32", "openvino_int8", "openvino_mixed_int8")}
-            agreement[volume_name] = {
-                "int8": mean_dice(outputs["openvino_fp32"], outputs["openvino_int8"], min_fraction=MIN_FRACTION),
-                "mixed_int8": mean_dice(outputs["openvino_fp32"], outputs["openvino_mixed_int8"],
-                                        min_fraction=MIN_FRACTION),
-                # Every class counted, the tiny ones too:
-                "int8_all_classes": mean_dice(outputs["openvino_fp32"], outputs["openvino_int8"]),
-                "mixed_int8_all_classes": mean_dice(outputs["openvino_fp32"], outputs["openvino_mixed_int8"])}
+            agreement[volume_name] = {}
+            for kind in ("int8", "mixed_int8"):
+                fp32_labels, labels = outputs["openvino_fp32"], outputs[f"openvino_{kind}"]
+                agreement[volume_name][kind] = mean_dice(fp32_labels, labels, min_fraction=MIN_FRACTION)
+                agreement[volume_name][f"{kind}_all_classes"] = mean_dice(fp32_labels, labels)  # tiny classes too
             if row["trained"] and volume_name == "itk_t1":
                 classes = range(1, training.NUM_CLASSES)
                 for key in outputs:
@@ -278,9 +276,8 @@ def write_results(rows: List[Dict], out_dir: Path, options, seconds: float) -> s
     payload = {"rows": rows, "cpu": describe(), "threads": options.threads}
     for path, text in ((out_dir / "architectures.json", json.dumps(payload, indent=2, default=str)),
                        (out_dir / "architectures.md", markdown(rows, header))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            tmp.write_text(text)
     return header
 
 

@@ -118,6 +118,7 @@ def run(args: argparse.Namespace, command: str) -> Path:
         os.environ[variable] = str(args.threads)
     import torch
 
+    from SlicerPTQLib.atomic import replacing
     from SlicerPTQLib.cpu_info import cpu_summary
     from SlicerPTQLib.errors import PTQError
 
@@ -152,8 +153,10 @@ def run(args: argparse.Namespace, command: str) -> Path:
     }
     benchmark["wall_s"] = time.perf_counter() - started
     json_path = out / "benchmark.json"
-    _write_atomic(json_path, json.dumps(benchmark, indent=2, default=str))
-    _write_atomic(out / "benchmark.md", markdown(benchmark))
+    for path, text in ((json_path, json.dumps(benchmark, indent=2, default=str)),
+                       (out / "benchmark.md", markdown(benchmark))):
+        with replacing(path) as tmp:
+            tmp.write_text(text)
     if not args.no_report:
         from SlicerPTQLib.report import build_report
 
@@ -162,12 +165,6 @@ def run(args: argparse.Namespace, command: str) -> Path:
     print(markdown(benchmark))
     log(f"done in {time.perf_counter() - started:.0f} s: {json_path}")
     return json_path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _versions() -> Dict[str, str]:

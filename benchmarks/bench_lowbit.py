@@ -125,6 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from SlicerPTQLib import lowbit, shipped
+    from SlicerPTQLib.atomic import replacing
     from SlicerPTQLib.calibration import collect_ranges
     from SlicerPTQLib.export import export_onnx
     from SlicerPTQLib.preprocess import prepare
@@ -186,9 +187,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                "model": str(model_path), "calibration": str(calibration_path),
                "evaluation": [name for name, _, _ in cases], "iterations": args.iterations, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, args.out)
+    with replacing(args.out) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
     print(format_table(rows))
     print(f"wrote {args.out}")
     return 0

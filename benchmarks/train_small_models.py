@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from SlicerPTQLib import architectures
+from SlicerPTQLib.atomic import replacing
 from SlicerPTQLib.fetch import Source, cache_dir, fetch_all
 from SlicerPTQLib.spec import Intensity, ModelSpec
 
@@ -173,9 +173,8 @@ def train_one(name: str, steps: int, seed: int = 0, learning_rate: Optional[floa
     predicted = predict_volume(module, padded_image)
     scores = dice(padded_labels, predicted, labels=range(1, NUM_CLASSES))
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_name(weights.name + ".tmp")
-    torch.save(module.state_dict(), tmp)
-    os.replace(tmp, weights)
+    with replacing(weights) as tmp:
+        torch.save(module.state_dict(), tmp)
     record = {
         "arch": entry.name, "config": "small", "arch_args": args, "weights": str(weights),
         "parameters": int(sum(p.numel() for p in module.parameters())),
@@ -186,9 +185,8 @@ def train_one(name: str, steps: int, seed: int = 0, learning_rate: Optional[floa
         "train_mean_dice": float(np.mean(list(scores.values()))),
         "spec": training_spec(entry.name).to_dict(), "version": TRAINING_VERSION, "cached": False,
     }
-    tmp = record_file.with_name(record_file.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=list))
-    os.replace(tmp, record_file)
+    with replacing(record_file) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, default=list))
     return record
 
 
@@ -221,9 +219,8 @@ def write_summary(records: Sequence[Dict], out: Path, threads: int) -> None:
                                   f"Data: {IMAGE.label} {IMAGE.member} (+ k-means 6-class labels), RAS, 2 mm, "
                                   f"crops {ROI}, batch {BATCH}, {threads} CPU threads.\n\n" + markdown(records) + "\n"}
     for name, text in texts.items():
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        with replacing(out / name) as tmp:
+            tmp.write_text(text)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

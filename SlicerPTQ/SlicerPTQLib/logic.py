@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from . import catalog, slicer_nodes
+from . import catalog, pipeline, slicer_nodes
 from .errors import PTQError
 from .progress import ProgressCallback
 from .spec import ModelSpec, sidecar_path
@@ -99,9 +99,7 @@ class BuiltModel:
         found = self.sensitivity
         if found is None:
             return None
-        from .pipeline import describe_sensitivity
-
-        return describe_sensitivity(found)
+        return pipeline.describe_sensitivity(found)
 
     def modelFor(self, precision: Optional[str] = None) -> Path:
         """The file to run for ``precision`` (default: the one it was built for)."""
@@ -303,8 +301,6 @@ class PTQLogic:
                                accuracyBudget)
         if plan.cached is not None:
             return plan.cached
-        from . import pipeline
-
         result = pipeline.quantize(plan.modelPath, plan.volumes, plan.destination, method=method,
                                    num_crops=numCrops, weight_bits=plan.precision.weight_bits,
                                    placement=plan.placement, accuracy_budget=accuracyBudget, progress=progress)
@@ -336,8 +332,6 @@ class PTQLogic:
         if not self.inProcess:
             return self.startSegment(model, volumeNode, segmentationNode, runtime, compareWithFP32, precision,
                                      progress, log).wait()
-        from . import pipeline
-
         request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision)
         outputs = []
         for run in request.runs:
@@ -530,9 +524,7 @@ def _check_accuracy_budget(budget: Optional[float], choice: Precision) -> None:
     """Refuse a budget the build cannot honour here, before any worker starts."""
     if budget is None:
         return
-    from .pipeline import check_accuracy_budget
-
-    check_accuracy_budget(budget)
+    pipeline.check_accuracy_budget(budget)
     if not choice.takes_accuracy_budget:
         kind = "low-bit weights" if choice.quantized else "a float model, nothing is quantized"
         raise PTQError(f"The accuracy budget keeps INT8 layers in float, so it works with precision 'int8' only, "
@@ -541,11 +533,9 @@ def _check_accuracy_budget(budget: Optional[float], choice: Precision) -> None:
 
 def _build_folder(model_path: Path, volumes: Sequence[Volume], settings: Dict) -> Path:
     """The shared build cache folder (see :func:`pipeline.build_folder`), prefixed for builds made here."""
-    from .pipeline import build_folder
-
     spec_file = sidecar_path(model_path)
     spec = ModelSpec.load(spec_file) if spec_file.is_file() else ModelSpec(name=Path(model_path).name)
-    folder = build_folder(model_path, spec, volumes, settings)
+    folder = pipeline.build_folder(model_path, spec, volumes, settings)
     return folder.with_name(f"slicer-{folder.name}")
 
 

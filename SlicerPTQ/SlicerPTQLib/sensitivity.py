@@ -256,12 +256,13 @@ def layer_groups(fp32_onnx: Path, in_int8: Sequence[Tuple[str, str]]) -> Dict[st
             name = chain_of[name]
         return name
 
-    by_name = {node.name: node for node in graph.node}
-    for name in rest:
-        for tensor in by_name[name].input:
+    for node in graph.node:
+        if node.name not in chain_of:
+            continue
+        for tensor in node.input:
             producer = producers.get(tensor)
             if producer is not None and producer.name in chain_of:
-                chain_of[root(name)] = root(producer.name)
+                chain_of[root(node.name)] = root(producer.name)
     chains: Dict[str, List[str]] = {}
     for name in rest:  # graph order: a chain is named after its first node
         chains.setdefault(root(name), []).append(name)
@@ -290,9 +291,9 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
     caller keeps float in every variant. The result lists the per-layer
     sensitivities (worst first) and the node names kept float. When the
     fully quantized model already meets the budget, the per-layer pass is
-    skipped (``layers`` stays empty) unless ``analyse_when_met``. With ``keep_policy_float`` the
-    :func:`float_policy_nodes` are float in every variant too ("fully
-    quantized" means all other nodes).
+    skipped (``layers`` stays empty) unless ``analyse_when_met``. With
+    ``keep_policy_float`` the :func:`float_policy_nodes` are float in every
+    variant too ("fully quantized" means all other nodes).
     """
     from .calibration import collect_ranges
     from .qdq import PLACEMENTS, choose_activation_tensors, quantize_onnx
