@@ -8,7 +8,6 @@ the quantizer as one FP32 ONNX file with a single 5-D input
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .atomic import replacing
 from .errors import PTQError
 
 INPUT_NAME = "input"
@@ -117,8 +117,7 @@ def export_onnx(module, path: Path, in_channels: int,
         dynamic_axes = {INPUT_NAME: axes, **{name: axes for name in output_names}}
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with replacing(path, suffix=".onnx") as tmp:
         _export(module, example, tmp, output_names, dynamic_axes, opset)
         _check(tmp)
         _compare(tmp, example, reference, tolerance, what=f"the example input {shape}")
@@ -134,9 +133,6 @@ def export_onnx(module, path: Path, in_channels: int,
                          what=f"a second input size {wider}",
                          fix="the network bakes its input shape into the graph; export "
                              "with dynamic_spatial=False (a fixed patch size)")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -27,7 +27,6 @@ calibration crops -> rewrite the graph -> write atomically.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence,
 import numpy as np
 
 from . import onnx_graph
+from .atomic import replacing
 from .calibration import collect_ranges
 from .errors import PTQError
 from .float_policy import float_policy_nodes
@@ -528,15 +528,11 @@ def _save_atomic(model, path: Path) -> None:
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    except (OSError, ValueError) as exc:
-        raise PTQError(f"Cannot write the INT8 model to {path}: {exc}. Check the folder "
-                       "is writable and has space.") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+        with replacing(path, suffix=".onnx") as tmp:
+            onnx.save(model, str(tmp))
+    except ValueError as exc:  # e.g. a protobuf over 2 GB
+        raise PTQError(f"Cannot write the INT8 model to {path}: {exc}.") from exc
 
 
 def _file_bytes(path: Path) -> int:

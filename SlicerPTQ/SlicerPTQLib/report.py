@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from .atomic import replacing
 from .errors import PTQError
 
 BENCHMARK_KIND = "slicer-ptq-benchmark"
@@ -67,10 +67,11 @@ def _slug(text: str) -> str:
 
 def _save(fig, path: Path) -> Path:
     """Write a figure atomically (temp file, then rename) and close it."""
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=DPI)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
+    try:
+        with replacing(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=DPI)
+    finally:
+        _pyplot().close(fig)
     return path
 
 
@@ -398,7 +399,6 @@ def build_report(benchmark_json: Path, out_dir: Path) -> Path:
             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child{text-align:left}"
             "img{max-width:100%}</style></head><body>" + "\n".join(header + sections) + "</body></html>")
     index = out_dir / "index.html"
-    tmp = out_dir / "index.html.tmp"
-    tmp.write_text(page)
-    os.replace(tmp, index)
+    with replacing(index) as tmp:
+        tmp.write_text(page)
     return index

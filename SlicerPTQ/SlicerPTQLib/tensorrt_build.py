@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import tempfile
 import time
@@ -38,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+from .atomic import replacing
 from .engine_cache import CachedEngine, EngineCache, EngineKey, write_atomic
 from .errors import PTQError
 
@@ -475,11 +475,5 @@ def _save_onnx_atomic(model, out_path: Path) -> None:
     import onnx
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=".partial-", suffix=".onnx", dir=out_path.parent)
-    os.close(handle)
-    try:
-        onnx.save(model, temp_name)
-        os.replace(temp_name, out_path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with replacing(out_path, suffix=".onnx") as tmp:
+        onnx.save(model, str(tmp))

@@ -12,14 +12,13 @@ from the file is identical to the one built from the solver's result.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Tuple
 
 import numpy as np
 
+from ..atomic import replacing
 from ..errors import PTQError
 from .grid import level_limit
 from .result import LowBitResult
@@ -72,14 +71,8 @@ def save_packed(path: Path, result: LowBitResult) -> Path:
         header["layers"].append({"name": name, "bits": bits[name], "shape": list(q.shape), "axis": axes[name]})
     arrays["header"] = np.array(json.dumps(header))
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with replacing(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
     return path
 
 
