@@ -71,11 +71,13 @@ def test_time_forward_reports_positive_ordered_times():
 
 def test_file_size_mb(tmp_path):
     model = tmp_path / "model.onnx"
-    model.write_bytes(b"\0" * 1_500_000)
+    model.write_bytes(b"\0" * (3 * 2**19))
     assert file_size_mb(model) == pytest.approx(1.5)
-    (tmp_path / "model.onnx.data").write_bytes(b"\0" * 500_000)
+    (tmp_path / "model.onnx.data").write_bytes(b"\0" * 2**19)
     assert file_size_mb(model) == pytest.approx(2.0)
     assert file_size_mb(tmp_path) == pytest.approx(2.0)
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 2**20)
+    assert file_size_mb(model, tmp_path / "weights.bin") == pytest.approx(3.0)
     with pytest.raises(PTQError, match="does not exist"):
         file_size_mb(tmp_path / "missing.onnx")
 

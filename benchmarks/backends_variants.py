@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from SlicerPTQLib.metrics import file_size_mb
+
 METHODS = ("max", "percentile", "entropy", "mse")
 DEFAULT_METHOD = "max"
 
@@ -40,10 +42,6 @@ class Variant:
 def log(message: str) -> None:
     """A progress line on stderr, with the time."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _size_mb(*paths: Path) -> float:
-    return sum(Path(p).stat().st_size for p in paths if Path(p).is_file()) / 2**20
 
 
 def _lowbit_reason() -> str:
@@ -75,16 +73,16 @@ def build_variants(model: Path, calibration: Sequence[Path], out: Path, methods:
         seconds = time.perf_counter() - start
         first = first or result
         ours.append(Variant(f"slicerptq_int8_{method}", f"SlicerPTQ INT8 ({method})", "openvino",
-                            str(result.quantized_onnx), size_mb=_size_mb(result.quantized_onnx), quantize_s=seconds,
+                            str(result.quantized_onnx), size_mb=file_size_mb(result.quantized_onnx), quantize_s=seconds,
                             note="includes the FP32 ONNX export"))
     fp32_onnx = first.fp32_onnx
     variants = [
-        Variant("torch_fp32", "PyTorch eager FP32", "torch", str(model), "fp32", _size_mb(model),
+        Variant("torch_fp32", "PyTorch eager FP32", "torch", str(model), "fp32", file_size_mb(model),
                 extra={"arch": arch, "arch_args": arch_args} if arch else {}),
         Variant("onnxruntime_fp32", "ONNX Runtime FP32", "onnxruntime", str(fp32_onnx), "fp32",
-                _size_mb(fp32_onnx)),
-        Variant("openvino_fp32", "OpenVINO FP32", "openvino", str(fp32_onnx), "fp32", _size_mb(fp32_onnx)),
-        Variant("openvino_bf16", "OpenVINO BF16", "openvino", str(fp32_onnx), "bf16", _size_mb(fp32_onnx)),
+                file_size_mb(fp32_onnx)),
+        Variant("openvino_fp32", "OpenVINO FP32", "openvino", str(fp32_onnx), "fp32", file_size_mb(fp32_onnx)),
+        Variant("openvino_bf16", "OpenVINO BF16", "openvino", str(fp32_onnx), "bf16", file_size_mb(fp32_onnx)),
     ]
     crops = None
     if nncf or nncf_same_float or norm_inputs:
@@ -114,9 +112,9 @@ def build_variants(model: Path, calibration: Sequence[Path], out: Path, methods:
             result = quantize(model, calibration, out / "slicerptq_w4a8", method=DEFAULT_METHOD,
                               num_crops=num_crops, seed=seed, weight_bits=4, arch=arch, arch_args=arch_args)
             seconds = time.perf_counter() - start
-            packed = f"; packed 4-bit weights {_size_mb(result.packed_weights):.2f} MB" if result.packed_weights else ""
+            packed = f"; packed 4-bit weights {file_size_mb(result.packed_weights):.2f} MB" if result.packed_weights else ""
             variants.append(Variant("slicerptq_w4a8", "SlicerPTQ W4A8 (ADMM)", "openvino",
-                                    str(result.quantized_onnx), size_mb=_size_mb(result.quantized_onnx),
+                                    str(result.quantized_onnx), size_mb=file_size_mb(result.quantized_onnx),
                                     quantize_s=seconds, note="4-bit weight grid stored as int8 initializers" + packed))
         except Exception as exc:  # a failing optional variant must not sink the whole benchmark
             skipped.append({"label": "SlicerPTQ W4A8 (low-bit weights)", "reason": f"{type(exc).__name__}: {exc}"})
@@ -188,7 +186,7 @@ def _norm_inputs_variant(fp32_onnx: Path, crops, out: Path):
     qdq.quantize_onnx(fp32_onnx, path, crops, method=DEFAULT_METHOD, placement=NORM_PLACEMENT)
     seconds = time.perf_counter() - start
     return Variant("slicerptq_int8_norm_inputs", "SlicerPTQ INT8 (max, + Q/DQ on norm inputs)", "openvino",
-                   str(path), size_mb=_size_mb(path), quantize_s=seconds,
+                   str(path), size_mb=file_size_mb(path), quantize_s=seconds,
                    note="ablation, not the shipped placement; FP32 export not counted"), ""
 
 

@@ -116,7 +116,7 @@ def bench_one(name: str, out_dir: Path, steps: Optional[int], threads: int, cali
     from SlicerPTQLib.calibration import sample_crops
     from SlicerPTQLib.export import export_onnx
     from SlicerPTQLib.inference import sliding_window
-    from SlicerPTQLib.metrics import dice, mean_dice, time_forward
+    from SlicerPTQLib.metrics import dice, file_size_mb, mean_dice, time_forward
     from SlicerPTQLib.qdq import quantize_onnx
     from SlicerPTQLib.runtimes import available_backends, create_runtime
     from SlicerPTQLib.float_policy import float_policy_nodes
@@ -155,7 +155,7 @@ def bench_one(name: str, out_dir: Path, steps: Optional[int], threads: int, cali
         policy_float = float_policy_nodes(fp32)
         report = quantize_onnx(fp32, int8, crops, method="max", placement="cpu", keep_float=policy_float)
         row["policy_float_nodes"] = len(policy_float)
-        row["size_mb"] = {"fp32": fp32.stat().st_size / 2**20, "int8": int8.stat().st_size / 2**20}
+        row["size_mb"] = {"fp32": file_size_mb(fp32), "int8": file_size_mb(int8)}
         row["size_ratio"] = row["size_mb"]["fp32"] / row["size_mb"]["int8"]
         row["qdq_quantized_ops"] = report.quantized_ops
 

@@ -139,6 +139,7 @@ def center_patch(volume, spec) -> np.ndarray:
 
 def measure_engine(args, onnx_path: Path, precision: str, spec, volume, patch: np.ndarray):
     from SlicerPTQLib.inference import segment_volume
+    from SlicerPTQLib.metrics import file_size_mb
     from SlicerPTQLib.runtimes import int8_summary
     from SlicerPTQLib.runtimes.tensorrt_runtime import TensorRTRuntime
 
@@ -150,7 +151,7 @@ def measure_engine(args, onnx_path: Path, precision: str, spec, volume, patch: n
         result = {
             "onnx": str(onnx_path),
             "engine": str(runtime.engine_path),
-            "engine_mb": runtime.engine_path.stat().st_size / 2 ** 20,
+            "engine_mb": file_size_mb(runtime.engine_path),
             "ready_s": ready_s,
             "build_s": runtime.metadata.get("build_seconds"),
             "patch_batch1": gpu_patch_times(runtime, patch, 1, args.warmup, args.repeats),

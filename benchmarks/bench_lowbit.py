@@ -131,6 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from SlicerPTQLib import lowbit, shipped
     from SlicerPTQLib.atomic import replacing
+    from SlicerPTQLib.metrics import file_size_mb
     from SlicerPTQLib.calibration import collect_ranges
     from SlicerPTQLib.export import export_onnx
     from SlicerPTQLib.preprocess import prepare
@@ -159,7 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     fp32_dice = {name: brain_dice(fp32_labels[name], ref) for name, _, ref in cases}
     rows = [{"config": "FP32", "bits": 32, "solver": None,
              "dice_vs_reference": fp32_dice, "mean_dice_vs_reference": float(np.mean(list(fp32_dice.values()))),
-             "size_mb": {"onnx": fp32.stat().st_size / 2**20}}]
+             "size_mb": {"onnx": file_size_mb(fp32)}}]
 
     # The INT8 writer on its own (max-abs rounding), the usual W8A8 reference.
     int8 = work / "model.int8.onnx"
@@ -201,6 +202,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def evaluate(label: str, bits: int, config: Optional[Config], qdq: Path, packed: Optional[Path],
              timing: Optional[Dict[str, float]], cases, spec, fp32_labels) -> Dict:
+    from SlicerPTQLib.metrics import file_size_mb
+
     simulated = segment_all(qdq, "onnxruntime", cases, spec)
     openvino = segment_all(qdq, "openvino", cases, spec)
     # OpenVINO's own reproducibility: the same file on 1 thread against the
@@ -223,11 +226,11 @@ def evaluate(label: str, bits: int, config: Optional[Config], qdq: Path, packed:
                                                       for name, _, _ in cases}
                                       for factor, labels in nudged.items()},
         "openvino_conv_precisions": int8_layers(qdq),
-        "size_mb": {"onnx": qdq.stat().st_size / 2**20},
+        "size_mb": {"onnx": file_size_mb(qdq)},
         "quantize_time": timing,
     }
     if packed is not None:
-        row["size_mb"]["packed"] = packed.stat().st_size / 2**20
+        row["size_mb"]["packed"] = file_size_mb(packed)
     for key in ("dice_vs_reference", "dice_vs_fp32", "openvino_vs_simulated", "openvino_vs_openvino_1_thread"):
         row[f"mean_{key}"] = float(np.mean(list(row[key].values())))
     row["min_simulated_vs_nudged_input"] = min(min(by_case.values())

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .evaluation import evaluate_models, format_table, write_json
+from .metrics import file_size_mb
 from .progress import ProgressCallback
 
 LATENCY_BACKENDS = (
@@ -67,7 +68,7 @@ def run_demo(out_dir: Path, method: str = "max", num_crops: int = 20, repeats: i
         "model": str(model),
         "calibration": [str(p) for p in calibration],
         "settings": result.report["settings"],
-        "size_mb": {"torchscript": model.stat().st_size / 2**20, **sizes},
+        "size_mb": {"torchscript": file_size_mb(model), **sizes},
         "size_ratio_int8_vs_fp32_onnx": sizes["quantized_onnx"] / sizes["fp32_onnx"],
         "patch_latency": latency,
         "volumes": rows,

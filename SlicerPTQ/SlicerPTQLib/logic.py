@@ -35,6 +35,7 @@ import numpy as np
 
 from . import catalog, pipeline, slicer_nodes
 from .errors import PTQError
+from .metrics import file_size_mb
 from .progress import ProgressCallback
 from .spec import ModelSpec, sidecar_path
 from .volume import Volume
@@ -483,7 +484,7 @@ class PTQLogic:
         rows = []
         for run, label_map, (_, timing) in zip(request.runs, labels, outputs):
             row = {"model": run["title"], "file": Path(run["model"]).name, "runtime": request.runtime,
-                   "size (MB)": round(Path(run["model"]).stat().st_size / 2**20, 2),
+                   "size (MB)": round(file_size_mb(run["model"]), 2),
                    "time (s)": round(float(timing.get("total_s", float("nan"))), 3)}
             if len(labels) > 1:
                 scores = dice(label_map.array, labels[-1].array, sorted(request.spec.labels))

@@ -91,16 +91,21 @@ def time_forward(runtime: Runtime, shape: Sequence[int], warmup: int = 2,
             "mean_s": float(np.mean(seconds)), "runs": repeats}
 
 
-def file_size_mb(path: Path) -> float:
-    """Size in MB (10^6 bytes) of a file, with its ONNX external-data file, or of a folder."""
-    path = Path(path)
-    if not path.exists():
-        raise PTQError(f"Cannot measure the size of {path}: it does not exist.")
-    if path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file()]
-    else:
-        files = [path] + [p for p in (path.with_name(path.name + ".data"),) if p.is_file()]
-    return sum(p.stat().st_size for p in files) / 1e6
+def file_size_mb(*paths: Path) -> float:
+    """Total size in MB (2^20 bytes, as every report prints it) of files or folders.
+
+    A file counts with its ONNX external-data file (``<name>.data``) when
+    there is one; a folder counts every file under it.
+    """
+    files = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise PTQError(f"Cannot measure the size of {path}: it does not exist.")
+        if path.is_dir():
+            files += [p for p in path.rglob("*") if p.is_file()]
+        else:
+            files += [path] + [p for p in (path.with_name(path.name + ".data"),) if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
 
 
 def peak_rss_mb() -> float:

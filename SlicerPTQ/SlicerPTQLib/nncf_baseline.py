@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import PTQError
+from .metrics import file_size_mb
 
 
 @dataclass
@@ -36,8 +37,8 @@ class NNCFResult:
 
     @property
     def size_mb(self) -> float:
-        """Size of the IR on disk (graph + weights) in MiB."""
-        return (self.xml.stat().st_size + self.bin.stat().st_size) / 2**20
+        """Size of the IR on disk (graph + weights) in MB."""
+        return file_size_mb(self.xml, self.bin)
 
 
 def _batched(crop: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import PTQError
+from .metrics import file_size_mb
 from .models import LoadedModel, file_sha256, load_model
 from .progress import ProgressCallback
 from .spec import ModelSpec, sidecar_path
@@ -253,14 +254,14 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
         "model_sha256": file_sha256(loaded.source),
         "settings": settings,
         "calibration": [str(s) if not isinstance(s, Volume) else s.name for s in calibration],
-        "size_mb": {"fp32_onnx": fp32_onnx.stat().st_size / 2**20, "quantized_onnx": quantized.stat().st_size / 2**20},
+        "size_mb": {"fp32_onnx": file_size_mb(fp32_onnx), "quantized_onnx": file_size_mb(quantized)},
         "qdq": qdq_summary,
     }
     if sensitivity_report is not None:
         report["sensitivity"] = sensitivity_report
     if lowbit_report is not None:
         report["lowbit"] = lowbit_report
-        report["size_mb"]["packed_weights"] = packed.stat().st_size / 2**20
+        report["size_mb"]["packed_weights"] = file_size_mb(packed)
     return QuantizeResult(out_dir=folder, fp32_onnx=fp32_onnx, quantized_onnx=quantized, spec=spec,
                           report=report, packed_weights=packed)
 
