@@ -270,6 +270,28 @@ def test_quantize_weights_feeds_the_qdq_writer(tmp_path):
     assert probabilities.shape == (1, 2, 16, 16, 16) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
 
 
+def test_lowbit_file_runs_on_openvino_int8_kernels_as_simulated(tmp_path):
+    """The W4A8 file's 4-bit layers run OpenVINO's INT8 kernels and give the simulated model's output."""
+    from SlicerPTQLib.runtimes import create_runtime
+
+    path = export(TinySegNet(), tmp_path / "tiny.onnx", (1, 1, 16, 16, 16))
+    result = lowbit.quantize_weights(path, real_input(4, (1, 16, 16, 16)), 4, iterations=40)
+    out = tmp_path / "tiny.w4a8.onnx"
+    quantize_onnx(path, out, [real_input(4, (1, 16, 16, 16))], weight_quant=result.weight_quant)
+    simulated, openvino = create_runtime(out, "onnxruntime"), create_runtime(out, "openvino")
+    patch = real_input(11, (1, 1, 16, 16, 16))
+    expected, output = simulated.predict(patch), openvino.predict(patch)
+    # Probabilities differ only where a float sum rounds one activation to
+    # the neighbouring level (measured: 2.4e-4 at most); labels stay put.
+    assert np.abs(output - expected).max() < 5e-3
+    assert (output.argmax(axis=1) == expected.argmax(axis=1)).mean() >= 0.999
+    layers = [layer for layer in openvino.layer_precisions() if layer["type"] in ("Convolution", "Deconvolution")]
+    # The first and last layers keep 8-bit weights; OpenVINO names the transposed conv itself.
+    four_bit = [layer for layer in layers
+                if layer["name"].startswith(("/down/", "/mid/")) or layer["type"] == "Deconvolution"]
+    assert len(four_bit) == 3 and all(layer["precision"] == "int8" for layer in four_bit), layers
+
+
 def test_keep_float_and_simulated_4bit_activations(tmp_path):
     path = export(TinySegNet(), tmp_path / "tiny.onnx", (1, 1, 16, 16, 16))
     model = onnx.load(str(path))
