@@ -16,12 +16,11 @@ Runtime (asked: >= 0.999) next to two floors: OpenVINO vs itself on 1
 thread (the same file and runtime, only the order of float sums changes)
 and the simulated model vs itself on the images with multiplicative noise
 of 1e-5 (a thousandth of an MRI's own noise; FP32 measured the same way);
-then the quantization wall and
-CPU time and the sizes of the FP32 ONNX, the QDQ ONNX and the packed
-weights. The packed file is read back and must reproduce the QDQ model's
-weights exactly.
+then the quantization wall and CPU time and the sizes of the FP32 ONNX,
+the QDQ ONNX and the packed weights. The packed file is read back and must
+reproduce the QDQ model's weights exactly.
 
-Run (about 15 minutes on 2 shared cores)::
+Run (about 10 minutes on 2 cores)::
 
     python benchmarks/bench_lowbit.py [--bits 8 4 3 2] [--iterations 200] [--no-ablations]
         [--out benchmarks/results/lowbit.json]
@@ -134,9 +133,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from SlicerPTQLib import lowbit, shipped
     from SlicerPTQLib.atomic import replacing
-    from SlicerPTQLib.metrics import file_size_mb
     from SlicerPTQLib.calibration import collect_ranges
     from SlicerPTQLib.export import export_onnx
+    from SlicerPTQLib.metrics import file_size_mb
     from SlicerPTQLib.preprocess import prepare
     from SlicerPTQLib.qdq import PLACEMENTS, choose_activation_tensors, quantize_onnx
     from SlicerPTQLib.spec import ModelSpec, sidecar_path
