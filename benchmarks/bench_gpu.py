@@ -27,7 +27,6 @@ why in one sentence and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -63,6 +62,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     from SlicerPTQLib.errors import PTQError
+    from SlicerPTQLib.evaluation import write_json
     from SlicerPTQLib.runtimes.tensorrt_runtime import tensorrt_available
 
     usable, reason = tensorrt_available()
@@ -224,13 +224,6 @@ def print_table(results: Dict) -> None:
     for layer in results["engines"]["int8"]["convtranspose"]:
         if layer.get("note"):
             print(f"  {layer['name']}: {layer['note']}")
-
-
-def write_json(results: Dict, out: Path) -> None:
-    from SlicerPTQLib.engine_cache import write_atomic
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, (json.dumps(results, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":

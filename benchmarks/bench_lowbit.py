@@ -132,8 +132,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from SlicerPTQLib import lowbit, shipped
-    from SlicerPTQLib.atomic import replacing
     from SlicerPTQLib.calibration import collect_ranges
+    from SlicerPTQLib.evaluation import write_json
     from SlicerPTQLib.export import export_onnx
     from SlicerPTQLib.metrics import file_size_mb
     from SlicerPTQLib.preprocess import prepare
@@ -197,9 +197,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg()},
                "model": str(model_path), "calibration": str(calibration_path),
                "evaluation": [name for name, _, _ in cases], "iterations": args.iterations, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(args.out) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2))
+    write_json(payload, args.out)
     print(format_table(rows))
     print(f"wrote {args.out}")
     return 0
