@@ -275,9 +275,10 @@ def test_lowbit_file_runs_on_openvino_int8_kernels_as_simulated(tmp_path):
     from SlicerPTQLib.runtimes import create_runtime
 
     path = export(TinySegNet(), tmp_path / "tiny.onnx", (1, 1, 16, 16, 16))
-    result = lowbit.quantize_weights(path, real_input(4, (1, 16, 16, 16)), 4, iterations=40)
+    sample = real_input(4, (1, 16, 16, 16))
+    result = lowbit.quantize_weights(path, sample, 4, iterations=40)
     out = tmp_path / "tiny.w4a8.onnx"
-    quantize_onnx(path, out, [real_input(4, (1, 16, 16, 16))], weight_quant=result.weight_quant)
+    quantize_onnx(path, out, [sample], weight_quant=result.weight_quant)
     simulated, openvino = create_runtime(out, "onnxruntime"), create_runtime(out, "openvino")
     patch = real_input(11, (1, 1, 16, 16, 16))
     expected, output = simulated.predict(patch), openvino.predict(patch)

@@ -47,6 +47,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # edge of the first quantizer. (Scaling the image would not do: the intensity
 # normalization undoes it.)
 NOISE = 1e-5
+# Per-volume Dice entries of a row that the table shows as a mean.
+MEANS = ("dice_vs_reference", "dice_vs_fp32", "openvino_vs_simulated", "openvino_vs_openvino_1_thread",
+         "simulated_vs_noisy_input")
 
 
 @dataclass
@@ -159,13 +162,10 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{len(tensors)} activation tensors", flush=True)
 
     fp32_labels = segment_all(fp32, "onnxruntime", cases, spec)
-    fp32_dice = {name: brain_dice(fp32_labels[name], ref) for name, _, ref in cases}
-    fp32_noise_floor = noise_floor(fp32, cases, spec, fp32_labels)
-    rows = [{"config": "FP32", "bits": 32, "solver": None,
-             "dice_vs_reference": fp32_dice, "mean_dice_vs_reference": float(np.mean(list(fp32_dice.values()))),
-             "simulated_vs_noisy_input": fp32_noise_floor,
-             "mean_simulated_vs_noisy_input": float(np.mean(list(fp32_noise_floor.values()))),
-             "size_mb": {"onnx": file_size_mb(fp32)}}]
+    rows = [with_means({"config": "FP32", "bits": 32, "solver": None,
+                        "dice_vs_reference": {name: brain_dice(fp32_labels[name], ref) for name, _, ref in cases},
+                        "simulated_vs_noisy_input": noise_floor(fp32, cases, spec, fp32_labels),
+                        "size_mb": {"onnx": file_size_mb(fp32)}})]
 
     # The INT8 writer on its own (max-abs rounding), the usual W8A8 reference.
     int8 = work / "model.int8.onnx"
@@ -228,9 +228,14 @@ def evaluate(label: str, bits: int, config: Optional[Config], qdq: Path, packed:
     }
     if packed is not None:
         row["size_mb"]["packed"] = file_size_mb(packed)
-    for key in ("dice_vs_reference", "dice_vs_fp32", "openvino_vs_simulated", "openvino_vs_openvino_1_thread",
-                "simulated_vs_noisy_input"):
-        row[f"mean_{key}"] = float(np.mean(list(row[key].values())))
+    return with_means(row)
+
+
+def with_means(row: Dict) -> Dict:
+    """``row`` plus ``mean_<key>`` (over the volumes) for each per-volume Dice it holds."""
+    for key in MEANS:
+        if key in row:
+            row[f"mean_{key}"] = float(np.mean(list(row[key].values())))
     return row
 
 
@@ -244,8 +249,8 @@ def noise_floor(model: Path, cases, spec, clean_labels: Dict[str, np.ndarray]) -
 
 
 def format_table(rows: List[Dict]) -> str:
-    header = (f"{'config':<30} {'Dice/ref':>9} {'Dice/FP32':>9} {'OV/sim':>7} {'min OV/sim':>10} {'OV/OV1t':>7} {'sim/noisy':>9} "
-              f"{'quant s':>8} {'cpu s':>7} {'onnx MB':>8} {'packed MB':>9}")
+    header = (f"{'config':<30} {'Dice/ref':>9} {'Dice/FP32':>9} {'OV/sim':>7} {'min OV/sim':>10} {'OV/OV1t':>7} "
+              f"{'sim/noisy':>9} {'quant s':>8} {'cpu s':>7} {'onnx MB':>8} {'packed MB':>9}")
     lines = [header, "-" * len(header)]
     for row in rows:
         timing = row.get("quantize_time") or {}
