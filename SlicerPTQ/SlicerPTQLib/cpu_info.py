@@ -35,6 +35,12 @@ def parse_cpuinfo(text: str) -> Dict[str, object]:
     return {"model": model, "isa": [flag for flag in ISA_FLAGS if flag in flags]}
 
 
+def isa_flags() -> List[str]:
+    """The :data:`ISA_FLAGS` this CPU has ([] where /proc/cpuinfo does not exist)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return parse_cpuinfo(cpuinfo.read_text())["isa"] if cpuinfo.exists() else []
+
+
 def cpu_info() -> Dict[str, object]:
     """What this CPU is and can do.
 

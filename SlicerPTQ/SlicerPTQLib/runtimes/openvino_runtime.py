@@ -4,7 +4,9 @@ OpenVINO reads a Q/DQ ONNX file directly and runs the quantized
 convolutions with integer kernels (AMX or VNNI where the CPU has them).
 Its default CPU precision on AMX machines is BF16, so "fp32" sets the
 precision hint to f32 explicitly; every compiled model's hint is read back
-so :attr:`precision` says what really ran.
+so :attr:`precision` says what really ran. On CPUs without int8 dot
+products (no VNNI/AMX) a Q/DQ ONNX file is adapted as it is read
+(:mod:`..int8_compat`); :attr:`int8_adaptation` says what was done.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ class OpenVINORuntime(Runtime):
     name = "openvino"
 
     def __init__(self, model_path: Path, precision: Optional[str] = None,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, adapt_int8: Optional[bool] = None):
+        """``adapt_int8``: rewrite a Q/DQ ONNX file for CPUs without int8 dot
+        products; ``None`` decides from this CPU (:func:`..int8_compat.int8_path`)."""
         import openvino as ov
 
         from . import resolve_precision
@@ -69,8 +73,9 @@ class OpenVINORuntime(Runtime):
         self.model_path = model_path
         self.threads = threads
         self._core = ov.Core()
+        self.int8_adaptation = ""
         try:
-            self._model = self._core.read_model(str(model_path))
+            self._model = self._read_model(model_path, adapt_int8)
         except RuntimeError as exc:
             raise PTQError(f"OpenVINO cannot read {model_path}: {str(exc).splitlines()[0]}. "
                            "Check that the file is a complete ONNX export.") from exc
@@ -87,6 +92,23 @@ class OpenVINORuntime(Runtime):
         self._last_compiled = None
         if self._model.inputs[0].get_partial_shape().is_static:
             self._compile(tuple(self._model.inputs[0].get_shape()))
+
+    def _read_model(self, model_path: Path, adapt_int8: Optional[bool]):
+        """Read the file, adapted for this CPU's int8 path when it is a Q/DQ ONNX model."""
+        from ..int8_compat import adapted_model, path_here
+        from ..onnx_graph import load_model
+
+        path = path_here(adapt_int8)
+        if model_path.suffix.lower() != ".onnx" or not path.needs_adaptation:
+            self.int8_adaptation = f"none: {path.reason}"
+            return self._core.read_model(str(model_path))
+        model, changes = adapted_model(load_model(model_path), path.shift_activations, path.seven_bit_weights)
+        if not any(changes.values()):
+            self.int8_adaptation = "none: no int8 Q/DQ pairs or wide weights"
+            return self._core.read_model(str(model_path))
+        self.int8_adaptation = (f"{changes['activation_pairs']} activation Q/DQ pairs as uint8 with zero "
+                                f"point 128, {changes['weights_requantized']} weights at 7 bits ({path.reason})")
+        return self._core.read_model(model.SerializeToString(), b"")
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """``(B, C_in, D, H, W)`` float32 -> ``(B, C_out, D, H, W)`` float32."""

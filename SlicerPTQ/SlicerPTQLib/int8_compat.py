@@ -1,0 +1,197 @@
+"""The form of a Q/DQ INT8 graph that runs right on the CPU at hand.
+
+The quantized file is one portable artifact; this module adapts it when
+OpenVINO loads it. Measured with OpenVINO 2026.4 on an AMX Xeon with
+oneDNN capped by ``ONEDNN_MAX_CPU_ISA`` (``Testing/test_int8_compat.py``
+keeps the cases), and matching what an AMD EPYC (AVX2) gave:
+
+- Everywhere but AMX, OpenVINO shifts signed int8 activations to u8 for
+  its kernels, and a signed activation that reaches a Conv through a
+  Concat then loses its scale: the Conv sees it rounded to whole float
+  units (relative error ~0.13-0.19 on a Concat -> Conv, correlation 0.96
+  with FP32 on a small Concat U-Net; held-out U-Nets gave empty masks).
+  Written as uint8 with zero point 128 (``q_u8 = q_s8 + 128``: the same
+  grid, so nothing changes numerically) the pair runs right.
+- Without VNNI (AVX2: AMD Zen 2/3, Intel before Ice Lake) int8 products
+  go through ``vpmaddubsw``, u8 x s8 pairs summed into int16 with
+  saturation: a pair overflows once ``|weight| > 63``, so weights are
+  requantized to 7 bits where a channel uses more.
+
+:func:`adapted_model` is that rewrite; ONNX Runtime on its output is the
+reference for what OpenVINO computes (:func:`as_run_here`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+#: Largest weight magnitude whose u8 x s8 pair sums fit int16: 2 * 255 * 63 < 32767.
+SAFE_WEIGHT_MAX = 63
+#: ``/proc/cpuinfo`` flags by int8 level: 2 = AMX (s8 x s8 tiles), 1 = VNNI (u8 x s8 into int32).
+_FLAG_LEVELS = (("amx_int8", 2), ("avx512_vnni", 1), ("avx_vnni", 1))
+#: ``ONEDNN_MAX_CPU_ISA`` values that hold oneDNN below AMX (1) or below VNNI (0).
+_CAP_LEVELS = {"SSE41": 0, "AVX": 0, "AVX2": 0, "AVX512_CORE": 0, "AVX512_MIC": 0, "AVX512_MIC_4OPS": 0,
+               "AVX2_VNNI": 1, "AVX2_VNNI_2": 1, "AVX512_CORE_VNNI": 1, "AVX512_CORE_BF16": 1,
+               "AVX512_CORE_FP16": 1, "AVX10_1_512": 1, "AVX10_2_512": 1}
+
+
+@dataclass(frozen=True)
+class Int8Path:
+    """How this CPU runs int8 products, and what :func:`adapted_model` must change for it.
+
+    ``shift_activations``: OpenVINO turns signed activations into u8 here
+    (everything but AMX), so the file's int8 pairs are written as uint8 with
+    zero point 128 themselves. ``seven_bit_weights``: products are summed
+    in int16 pairs (no VNNI), so weights stay within ``|q| <= 63``.
+    """
+
+    shift_activations: bool
+    seven_bit_weights: bool
+    reason: str
+
+    @property
+    def needs_adaptation(self) -> bool:
+        return self.shift_activations or self.seven_bit_weights
+
+
+def int8_path(isa_flags, environ: Optional[Dict[str, str]] = None) -> Int8Path:
+    """Decide from the CPU's ISA flags and oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA``).
+
+    Unknown flags (no /proc/cpuinfo) count as the lowest level: the fully
+    adapted graph is right on every CPU, only slightly coarser in its weights.
+    """
+    environ = os.environ if environ is None else environ
+    present = [(flag, level) for flag, level in _FLAG_LEVELS if flag in set(isa_flags)]
+    flag, level = present[0] if present else ("", 0)
+    cap = environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if _CAP_LEVELS.get(cap, 2) < level:
+        level, why = _CAP_LEVELS[cap], f"ONEDNN_MAX_CPU_ISA={cap} hides {flag}"
+    elif flag:
+        why = f"int8 via {flag}"
+    else:
+        why = "this CPU has no VNNI/AMX" if isa_flags else "this CPU's instruction sets are unknown"
+    return Int8Path(shift_activations=level < 2, seven_bit_weights=level < 1, reason=why)
+
+
+def adapted_model(model, shift_activations: bool = True,
+                  seven_bit_weights: bool = True) -> Tuple[object, Dict[str, int]]:
+    """Rewrite an ONNX Q/DQ model in place for a CPU's :class:`Int8Path`.
+
+    ``shift_activations``: activation pairs with an int8 zero point of 0 get
+    a uint8 zero point of 128 (same grid), except those only a ConvTranspose
+    reads. ``seven_bit_weights``: int8 weight initializers read by a
+    DequantizeLinear are requantized per channel to ``|q| <= 63`` where they
+    exceed it. Returns the model and ``{"activation_pairs", "weights_requantized"}``.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    constant_inputs = set(initializers)
+    uint8_zero_points: Dict[str, str] = {}
+    activation_pairs = weights_requantized = 0
+
+    def shifted_zero_point(name: str) -> Optional[str]:
+        """The uint8-128 twin of a scalar int8 zero-point initializer of 0."""
+        tensor = initializers.get(name)
+        if tensor is None:
+            return None
+        value = numpy_helper.to_array(tensor)
+        if value.dtype != np.int8 or value.size != 1 or value.item() != 0:
+            return None
+        if name not in uint8_zero_points:
+            twin = f"{name}_uint8_128"
+            graph.initializer.append(numpy_helper.from_array(np.array(128, np.uint8), twin))
+            uint8_zero_points[name] = twin
+        return uint8_zero_points[name]
+
+    # Pairs read only by ConvTranspose stay int8: OpenVINO runs a transposed
+    # convolution over uint8 with a zero point in f32 (measured, AVX2 and AMX),
+    # and 7-bit weights alone keep it exact there.
+    readers: Dict[str, set] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    dequantized_by = {node.input[0]: node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+
+    quantized_outputs = {}
+    for node in graph.node:
+        if (shift_activations and node.op_type == "QuantizeLinear" and len(node.input) == 3
+                and node.input[0] not in constant_inputs):
+            if readers.get(dequantized_by.get(node.output[0]), set()) == {"ConvTranspose"}:
+                continue
+            twin = shifted_zero_point(node.input[2])
+            if twin:
+                node.input[2] = twin
+                quantized_outputs[node.output[0]] = twin
+                activation_pairs += 1
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 2:
+            continue
+        if node.input[0] in quantized_outputs:
+            node.input[2] = quantized_outputs[node.input[0]]
+        elif seven_bit_weights and node.input[0] in initializers:
+            weights_requantized += _requantize_weight(node, initializers)
+    # Drop the int8 zero points nothing reads any more (ONNX Runtime warns on each).
+    read = {name for node in graph.node for name in node.input}
+    unread = [tensor for tensor in graph.initializer if tensor.name in uint8_zero_points and tensor.name not in read]
+    for tensor in unread:
+        graph.initializer.remove(tensor)
+    return model, {"activation_pairs": activation_pairs, "weights_requantized": weights_requantized}
+
+
+def _requantize_weight(node, initializers) -> int:
+    """Bring an int8 weight's channels to ``|q| <= SAFE_WEIGHT_MAX``; 1 if anything changed."""
+    from onnx import numpy_helper
+
+    q_tensor, scale_tensor = initializers[node.input[0]], initializers.get(node.input[1])
+    q = numpy_helper.to_array(q_tensor)
+    if q.dtype != np.int8 or scale_tensor is None or np.abs(q.astype(np.int16)).max() <= SAFE_WEIGHT_MAX:
+        return 0
+    scale = numpy_helper.to_array(scale_tensor).astype(np.float32)
+    axis = next((attr.i for attr in node.attribute if attr.name == "axis"), 1) % q.ndim
+    # Per-channel peak |q|, shaped to broadcast along the scale's axis.
+    reduce_axes = tuple(i for i in range(q.ndim) if i != axis) if scale.size > 1 else None
+    peak = np.abs(q.astype(np.int32)).max(axis=reduce_axes, keepdims=True)
+    factor = np.maximum(peak, SAFE_WEIGHT_MAX) / SAFE_WEIGHT_MAX   # 1 where the channel already fits
+    new_q = np.clip(np.round(q / factor), -SAFE_WEIGHT_MAX, SAFE_WEIGHT_MAX).astype(np.int8)
+    new_scale = (scale * factor.reshape(scale.shape)).astype(np.float32)
+    q_tensor.CopyFrom(numpy_helper.from_array(new_q, q_tensor.name))
+    scale_tensor.CopyFrom(numpy_helper.from_array(new_scale, scale_tensor.name))
+    return 1
+
+
+def path_here(adapt: Optional[bool] = None) -> Int8Path:
+    """This CPU's :class:`Int8Path`; ``adapt`` True/False forces full/no adaptation."""
+    from .cpu_info import isa_flags
+
+    if adapt is None:
+        return int8_path(isa_flags())
+    return Int8Path(adapt, adapt, "asked for" if adapt else "turned off")
+
+
+def as_run_here(qdq_file, out_dir, adapt: Optional[bool] = None):
+    """The Q/DQ file OpenVINO really runs on this CPU, for reference executors.
+
+    Returns ``qdq_file`` itself when no adaptation applies, else the adapted
+    graph written to ``out_dir``: ONNX Runtime on it is what OpenVINO's INT8
+    output must match here. ``adapt`` as in :func:`path_here`.
+    """
+    from pathlib import Path
+
+    import onnx
+
+    from .onnx_graph import load_model
+
+    qdq_file = Path(qdq_file)
+    path = path_here(adapt)
+    if not path.needs_adaptation:
+        return qdq_file
+    model, _ = adapted_model(load_model(qdq_file), path.shift_activations, path.seven_bit_weights)
+    out = Path(out_dir) / f"{qdq_file.stem}.as-run-here.onnx"
+    onnx.save(model, str(out))
+    return out

@@ -1,0 +1,187 @@
+"""INT8 on CPUs without int8 dot products: the adapted graph, and OpenVINO on every ISA reachable here.
+
+oneDNN honours ``ONEDNN_MAX_CPU_ISA``, so a machine with AMX also runs the
+AVX-512 VNNI and the AVX2 (no VNNI) paths in a subprocess; a lower ISA
+cannot be raised, so on an AVX2 machine every case runs the AVX2 path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from SlicerPTQLib.export import export_onnx  # noqa: E402
+from SlicerPTQLib.int8_compat import SAFE_WEIGHT_MAX, adapted_model, as_run_here, int8_path  # noqa: E402
+from SlicerPTQLib.qdq import quantize_onnx  # noqa: E402
+from SlicerPTQLib.runtimes import create_runtime  # noqa: E402
+
+ROI = (32, 32, 32)
+
+
+class ConcatUNet(torch.nn.Module):
+    """Conv3d + LeakyReLU, no norm, nearest upsampling, Concat skips: the held-out net's shape."""
+
+    def __init__(self, channels=(16, 32, 64)):
+        super().__init__()
+
+        def block(c_in, c_out):
+            return torch.nn.Sequential(torch.nn.Conv3d(c_in, c_out, 3, padding=1), torch.nn.LeakyReLU(0.01),
+                                       torch.nn.Conv3d(c_out, c_out, 3, padding=1), torch.nn.LeakyReLU(0.01))
+
+        self.down = torch.nn.ModuleList(block(1 if i == 0 else channels[i - 1], c) for i, c in enumerate(channels))
+        self.up = torch.nn.ModuleList(block(channels[i] + channels[i - 1], channels[i - 1])
+                                      for i in range(len(channels) - 1, 0, -1))
+        self.head = torch.nn.Conv3d(channels[0], 2, 1)
+
+    def forward(self, x):
+        skips = []
+        for index, layer in enumerate(self.down):
+            x = layer(x)
+            if index < len(self.down) - 1:
+                skips.append(x)
+                x = torch.nn.functional.max_pool3d(x, 2)
+        for layer in self.up:
+            x = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+            x = layer(torch.cat([x, skips.pop()], 1))
+        return self.head(x)
+
+
+@pytest.fixture(scope="module")
+def concat_unet(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("concat_unet")
+    torch.manual_seed(0)
+    fp32 = export_onnx(ConcatUNet().eval(), folder / "net.fp32.onnx", 1, (1, 1, *ROI), dynamic_spatial=True)
+    rng = np.random.default_rng(0)
+    crops = [rng.standard_normal((1, *ROI)).astype(np.float32) for _ in range(4)]
+    quantize_onnx(fp32, folder / "net.int8.onnx", crops)
+    np.save(folder / "patch.npy", rng.standard_normal((1, 1, *ROI)).astype(np.float32))
+    return folder
+
+
+_RUN_ON_ISA = """
+import json, sys
+import numpy as np
+from pathlib import Path
+from SlicerPTQLib.int8_compat import as_run_here
+from SlicerPTQLib.runtimes import create_runtime
+folder = Path(sys.argv[1])
+patch = np.load(folder / "patch.npy")
+openvino = create_runtime(folder / "net.int8.onnx", "openvino", threads=2)
+output = openvino.predict(patch)
+reference = create_runtime(as_run_here(folder / "net.int8.onnx", sys.argv[2]), "onnxruntime").predict(patch)
+fp32 = create_runtime(folder / "net.fp32.onnx", "onnxruntime").predict(patch)
+print(json.dumps({
+    "adaptation": openvino.int8_adaptation,
+    "kernels": sorted({layer["implementation"] for layer in openvino.layer_precisions()
+                       if layer["type"] == "Convolution"}),
+    "max_diff_vs_graph_run": float(np.abs(output - reference).max() / np.abs(reference).max()),
+    "correlation_vs_fp32": float(np.corrcoef(output.ravel(), fp32.ravel())[0, 1]),
+    "agreement_vs_fp32": float((output.argmax(1) == fp32.argmax(1)).mean()),
+}))
+"""
+
+
+@pytest.mark.parametrize("isa", ["native", "AVX512_CORE_VNNI", "AVX2"])
+def test_openvino_int8_matches_the_graph_it_runs_on_each_isa(concat_unet, tmp_path, isa):
+    """Concat -> signed int8 -> Conv was wrong on AVX2 (correlation 0.96, empty masks on real nets)."""
+    env = dict(os.environ)
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    if isa != "native":
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+    done = subprocess.run([sys.executable, "-c", _RUN_ON_ISA, str(concat_unet), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(isa, result)  # which kernels this ISA ran, for the log
+    assert result["max_diff_vs_graph_run"] < 1e-2, result
+    assert result["correlation_vs_fp32"] > 0.999, result
+    assert result["agreement_vs_fp32"] >= 0.99, result
+    if isa != "native":
+        assert not result["adaptation"].startswith("none"), result   # adapted, with counts
+
+
+def _changes(flags, environ=None):
+    path = int8_path(flags, environ or {})
+    return path.shift_activations, path.seven_bit_weights
+
+
+def test_int8_path_follows_the_cpu_flags_and_the_onednn_cap():
+    assert _changes(["amx_int8", "avx512_vnni", "avx2"]) == (False, False)
+    assert _changes(["avx512_vnni", "avx2"]) == (True, False)
+    assert _changes(["avx_vnni", "avx2"]) == (True, False)
+    assert _changes(["avx2"]) == (True, True)
+    assert _changes([]) == (True, True)   # unknown CPU: the adapted graph is right everywhere
+    assert _changes(["amx_int8"], {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}) == (True, False)
+    assert _changes(["amx_int8"], {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}) == (False, False)
+    capped = int8_path(["amx_int8", "avx2"], {"ONEDNN_MAX_CPU_ISA": "avx2"})
+    assert (capped.shift_activations, capped.seven_bit_weights) == (True, True)
+    assert "ONEDNN_MAX_CPU_ISA=AVX2 hides amx_int8" in capped.reason
+    assert _changes(["avx2"], {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}) == (True, True)   # a cap never raises
+
+
+def _qdq_conv(weight: np.ndarray, scale: np.ndarray) -> "onnx.ModelProto":
+    """x -> int8 Q/DQ -> Conv with the given int8 weight (per output channel scales)."""
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xdq"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wdq"], axis=0),
+             helper.make_node("Conv", ["xdq", "wdq"], ["y"], pads=[1] * 6)]
+    inits = [numpy_helper.from_array(np.array(0.03, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z"),
+             numpy_helper.from_array(weight, "w"), numpy_helper.from_array(scale, "ws"),
+             numpy_helper.from_array(np.zeros(scale.shape, np.int8), "wz")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_adapted_graph_keeps_the_activation_grid_and_fitting_weights(tmp_path):
+    rng = np.random.default_rng(3)
+    weight = rng.integers(-SAFE_WEIGHT_MAX, SAFE_WEIGHT_MAX + 1, (3, 4, 3, 3, 3)).astype(np.int8)
+    original = _qdq_conv(weight, np.array([0.01, 0.02, 0.03], np.float32))
+    onnx.save(original, tmp_path / "a.onnx")
+    adapted, changes = adapted_model(onnx.load(tmp_path / "a.onnx"))
+    onnx.save(adapted, tmp_path / "b.onnx")
+    assert changes == {"activation_pairs": 1, "weights_requantized": 0}
+    zero_points = {numpy_helper.to_array(t).dtype for t in adapted.graph.initializer if t.name.startswith("z")}
+    assert zero_points == {np.dtype(np.uint8)}   # the unused int8 zero point is gone
+    patch = rng.uniform(-4, 4, (1, 4, 8, 8, 8)).astype(np.float32)
+    before = create_runtime(tmp_path / "a.onnx", "onnxruntime").predict(patch)
+    after = create_runtime(tmp_path / "b.onnx", "onnxruntime").predict(patch)
+    np.testing.assert_array_equal(before, after)   # uint8 - 128 is the same grid as int8
+
+
+def test_weights_go_to_seven_bits_only_in_channels_that_need_it(tmp_path):
+    weight = np.zeros((2, 4, 3, 3, 3), np.int8)
+    weight[0, 0, 0, 0, 0], weight[0, 1, 1, 1, 1] = 127, -90
+    weight[1, 0, 0, 0, 0], weight[1, 2, 2, 2, 2] = 40, -63
+    scale = np.array([0.01, 0.02], np.float32)
+    adapted, changes = adapted_model(_qdq_conv(weight.copy(), scale.copy()))
+    assert changes["weights_requantized"] == 1
+    values = {t.name: numpy_helper.to_array(t) for t in adapted.graph.initializer}
+    new_q, new_scale = values["w"], values["ws"]
+    assert np.abs(new_q.astype(int)).max() <= SAFE_WEIGHT_MAX
+    np.testing.assert_array_equal(new_q[1], weight[1])          # fitted already: untouched
+    assert new_scale[1] == scale[1]
+    dequantized = new_q[0].astype(np.float32) * new_scale[0]
+    np.testing.assert_allclose(dequantized, weight[0].astype(np.float32) * scale[0], atol=new_scale[0] / 2 + 1e-7)
+
+
+def test_as_run_here_returns_the_file_itself_where_nothing_is_adapted(concat_unet, tmp_path):
+    assert as_run_here(concat_unet / "net.int8.onnx", tmp_path, adapt=False) == concat_unet / "net.int8.onnx"
+    written = as_run_here(concat_unet / "net.int8.onnx", tmp_path, adapt=True)
+    assert written.parent == tmp_path and written.is_file()
