@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: openvino for ONNX, torch for TorchScript")
     s.add_argument("--precision", help="runtime precision, e.g. fp32 or bf16 for float models on OpenVINO")
     s.add_argument("--batch-size", type=int, default=1, help="sliding-window patches per forward")
+    s.add_argument("--no-self-check", action="store_true",
+                   help="run a quantized model without first checking, once per machine and runtime, that its "
+                        "INT8 labels agree with FP32's here")
 
     e = sub.add_parser("evaluate", help="FP32 vs quantized table: Dice, size, latency")
     e.add_argument("fp32_model", type=Path)
@@ -119,13 +122,16 @@ def run(args) -> int:
             sensitivity = result.report.get("sensitivity")
             if sensitivity:
                 print(pipeline.describe_sensitivity(sensitivity))
+            print(pipeline.describe_self_check(result.report["self_check"]))
         _emit_result(args, {"fp32_onnx": result.fp32_onnx, "quantized_onnx": result.quantized_onnx,
                             "report": result.report})
     elif args.command == "segment":
         labels, timings = pipeline.segment(args.model, args.image, runtime=args.runtime, precision=args.precision,
-                                           batch_size=args.batch_size, progress=_progress(args))
+                                           batch_size=args.batch_size, progress=_progress(args),
+                                           self_check=not args.no_self_check)
         pipeline.write_outputs(labels, pipeline.model_spec_for(args.model), args.out)
         if not args.progress_json:
+            print(timings["self_check"])
             print(f"labels written to {args.out} in {timings['total_s']:.2f} s")
         _emit_result(args, {"labels": args.out, "timings": timings})
     elif args.command == "evaluate":

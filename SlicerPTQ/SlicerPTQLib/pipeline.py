@@ -242,20 +242,22 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
                                       method=settings["method"], placement=settings["placement"],
                                       keep_policy_float=False, keep_float=keep_float, ranges=ranges,
                                       volumes=arrays, roi=spec.roi_size, overlap=spec.overlap,
-                                      progress_callback=progress)
+                                      output_kind=spec.output, progress_callback=progress)
         qdq_summary = sensitivity.report
         sensitivity_report = sensitivity_summary(sensitivity)
     else:
         qdq_summary = quantize_onnx(fp32_onnx, quantized, ranges, placement=settings["placement"],
                                     weight_quant=weight_quant, keep_float=keep_float).to_dict()
     spec.save(sidecar_path(quantized))
+    check = _check_build(fp32_onnx, quantized, arrays, spec, calibration, progress)
     report = {
         "model": str(loaded.source),
         "model_sha256": file_sha256(loaded.source),
         "settings": settings,
-        "calibration": [str(s) if not isinstance(s, Volume) else s.name for s in calibration],
+        "calibration": [_source_name(source) for source in calibration],
         "size_mb": {"fp32_onnx": file_size_mb(fp32_onnx), "quantized_onnx": file_size_mb(quantized)},
         "qdq": qdq_summary,
+        "self_check": check.to_dict(),
     }
     if sensitivity_report is not None:
         report["sensitivity"] = sensitivity_report
@@ -264,6 +266,38 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
         report["size_mb"]["packed_weights"] = file_size_mb(packed)
     return QuantizeResult(out_dir=folder, fp32_onnx=fp32_onnx, quantized_onnx=quantized, spec=spec,
                           report=report, packed_weights=packed)
+
+
+def _check_build(fp32_onnx: Path, quantized: Path, arrays, spec: ModelSpec,
+                 calibration: Sequence[VolumeSource], progress: Optional[ProgressCallback]):
+    """OpenVINO's INT8 labels vs FP32's on (up to 4) calibration volumes, cached for this machine."""
+    from . import selfcheck
+
+    if progress is not None:
+        progress("self-check", 0, 1)
+    names = [_source_name(source) for source in calibration][:selfcheck.MAX_VOLUMES]
+    check = selfcheck.run_check(fp32_onnx, quantized, arrays[:selfcheck.MAX_VOLUMES], spec, names=names)
+    selfcheck.record(quantized, check)
+    if progress is not None:
+        progress("self-check", 1, 1)
+    return check
+
+
+def describe_self_check(check: Dict) -> str:
+    """The build's self-check (``quantization.json``'s ``"self_check"``) in one or two lines."""
+    from .selfcheck import SelfCheck
+
+    result = SelfCheck.from_dict(check)
+    lines = [result.summary()]
+    if not result.passed:
+        lines.append(result.refusal(Path("This build")))
+    elif result.warning():
+        lines.append(result.warning())
+    return "\n".join(lines)
+
+
+def _source_name(source: VolumeSource) -> str:
+    return source.name if isinstance(source, Volume) else str(source)
 
 
 def sensitivity_summary(result) -> Dict:
@@ -348,21 +382,73 @@ def default_backend(model_path: Path) -> str:
 
 def segment(model_path: Union[str, Path], volume: VolumeSource, runtime: Optional[str] = None,
             precision: Optional[str] = None, batch_size: int = 1, threads: Optional[int] = None,
-            progress: Optional[ProgressCallback] = None) -> Tuple[Volume, Dict]:
-    """Segment one volume; returns the label map on the input grid and timings (s)."""
+            progress: Optional[ProgressCallback] = None, self_check: bool = True) -> Tuple[Volume, Dict]:
+    """Segment one volume; returns the label map on the input grid and timings (s).
+
+    A quantized model is first checked on this machine and runtime
+    (:func:`ensure_checked`, cached); ``self_check=False`` skips that. The
+    timings dict carries the check's summary as ``"self_check"``.
+    """
     from .inference import segment_volume
     from .runtimes import create_runtime
 
     model_path = Path(model_path)
     spec = model_spec_for(model_path)
-    engine = create_runtime(model_path, runtime or default_backend(model_path), precision=precision,
-                            threads=threads, batch_size=batch_size)
+    runtime = runtime or default_backend(model_path)
+    image = read_any(volume)
+    engine = create_runtime(model_path, runtime, precision=precision, threads=threads, batch_size=batch_size)
     try:
-        labels, timings = segment_volume(engine, read_any(volume), spec, batch_size=batch_size,
+        check = ensure_checked(model_path, runtime, spec, image, threads, progress) \
+            if self_check and engine.precision == "int8" else "not self-checked: " + (
+                "turned off" if engine.precision == "int8" else "a float model")
+        labels, timings = segment_volume(engine, image, spec, batch_size=batch_size,
                                          progress_callback=progress)
     finally:
         engine.close()
+    timings["self_check"] = check
     return labels, timings
+
+
+def ensure_checked(model_path: Path, runtime: str, spec: ModelSpec, image: Volume,
+                   threads: Optional[int] = None, progress: Optional[ProgressCallback] = None) -> str:
+    """Self-check a quantized file on this machine and runtime; PTQError when it fails.
+
+    Runs once per file, machine and runtime: on the build's calibration
+    volumes where they still exist, else on ``image``. Returns the check's
+    one-line summary, or a sentence saying why no check could run (no FP32
+    model beside the file, or a runtime checked elsewhere).
+    """
+    from . import selfcheck
+
+    if runtime not in selfcheck.CHECKED_RUNTIMES:
+        return f"not self-checked: {runtime} is checked by benchmarks/gpu_check.py"
+    check = selfcheck.recorded(model_path, runtime)
+    if check is None:
+        build = _build_report(model_path)
+        fp32_onnx = model_path.parent / build.get("files", {}).get("fp32_onnx", "model.fp32.onnx")
+        if not fp32_onnx.is_file():
+            return f"not self-checked: no FP32 model beside {model_path.name} ({fp32_onnx.name}) to compare with"
+        sources = [Path(name) for name in build.get("calibration", []) if Path(name).is_file()]
+        sources = sources[:selfcheck.MAX_VOLUMES] or [image]
+        if progress is not None:
+            progress("self-check", 0, 1)
+        check = selfcheck.run_check(fp32_onnx, model_path, prepared_arrays(sources, spec), spec,
+                                    runtime=runtime, threads=threads,
+                                    names=[_source_name(source) for source in sources])
+        selfcheck.record(model_path, check)
+        if progress is not None:
+            progress("self-check", 1, 1)
+    if not check.passed:
+        raise PTQError(check.refusal(model_path))
+    return check.summary()
+
+
+def _build_report(model_path: Path) -> Dict:
+    """``quantization.json`` of the build ``model_path`` belongs to ({} if none or unreadable)."""
+    try:
+        return json.loads((model_path.parent / REPORT_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def write_outputs(labels: Volume, spec: ModelSpec, out: Path) -> List[Path]:

@@ -126,12 +126,14 @@ class SensitivityResult:
 
 
 def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
-                 min_fraction: float = 0.0) -> OutputError:
+                 min_fraction: float = 0.0, output_kind: Optional[str] = None) -> OutputError:
     """:class:`OutputError` of ``outputs`` against ``reference``, each ``(B, K, D, H, W)``.
 
     Dice pools the voxels of all crops (one Dice per label over all of
     them), so a class with a few voxels in one crop does not swing it;
-    ``min_fraction`` as in :func:`metrics.mean_dice`.
+    ``min_fraction`` as in :func:`metrics.mean_dice`. ``output_kind``: the
+    model spec's ``output`` (labels as :func:`inference.to_labels` makes
+    them); ``None`` takes argmax, or ``> 0`` for one channel of logits.
     """
     from .metrics import mean_dice
 
@@ -141,14 +143,18 @@ def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
         squared += float(np.sum((out64 - ref64) ** 2))
         energy += float(np.sum(ref64 ** 2))
         for ref_item, out_item in zip(ref, out):
-            reference_labels.append(_labels(ref_item).ravel())
-            output_labels.append(_labels(out_item).ravel())
+            reference_labels.append(_labels(ref_item, output_kind).ravel())
+            output_labels.append(_labels(out_item, output_kind).ravel())
     agreement = mean_dice(np.concatenate(reference_labels), np.concatenate(output_labels),
                           min_fraction=min_fraction)
     return OutputError(relative_mse=squared / max(energy, 1e-30), dice=agreement)
 
 
-def _labels(output: np.ndarray) -> np.ndarray:
+def _labels(output: np.ndarray, output_kind: Optional[str] = None) -> np.ndarray:
+    if output_kind is not None:
+        from .inference import to_labels
+
+        return to_labels(output, output_kind)
     if output.shape[0] == 1:
         return (output[0] > 0).astype(np.uint8)
     return output.argmax(axis=0).astype(np.uint8)
@@ -163,7 +169,7 @@ class _Evaluator:
 
     def __init__(self, fp32_onnx: Path, inputs: Sequence[np.ndarray], backend: str, threads: Optional[int],
                  workdir: Path, roi: Optional[Sequence[int]] = None, overlap: float = 0.25,
-                 min_fraction: float = 0.0):
+                 min_fraction: float = 0.0, output_kind: Optional[str] = None):
         self.fp32_onnx = fp32_onnx
         self.inputs = [np.asarray(array, dtype=np.float32) for array in inputs]
         self.backend = backend
@@ -172,6 +178,7 @@ class _Evaluator:
         self.roi = roi
         self.overlap = overlap
         self.min_fraction = min_fraction
+        self.output_kind = output_kind
         self.evaluations = 0
         self.reference = self._run(fp32_onnx)
 
@@ -199,7 +206,7 @@ class _Evaluator:
     def error_of(self, path: Path) -> OutputError:
         """Error of the quantized model at ``path`` against the FP32 outputs."""
         self.evaluations += 1
-        return output_error(self.reference, self._run(path), self.min_fraction)
+        return output_error(self.reference, self._run(path), self.min_fraction, self.output_kind)
 
 
 def quantized_nodes(int8_onnx: Path) -> List[Tuple[str, str]]:
@@ -277,6 +284,7 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
                     keep_policy_float: bool = True, volumes: Optional[Sequence[np.ndarray]] = None,
                     roi: Optional[Sequence[int]] = None, overlap: float = 0.25,
                     ranges: Optional[Dict[str, float]] = None, keep_float: Sequence[str] = (),
+                    output_kind: Optional[str] = None,
                     progress_callback: Optional[ProgressCallback] = None) -> SensitivityResult:
     """Write a QDQ model of ``fp32_onnx`` to ``out_path`` that meets ``budget``.
 
@@ -288,7 +296,9 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
     that measures the error: "openvino" (what runs the INT8 model on the
     CPU; 6x faster than ONNX Runtime on VISTA3D's volumes) or "onnxruntime"
     (the reference executor of Q/DQ graphs). ``keep_float``: nodes the
-    caller keeps float in every variant. The result lists the per-layer
+    caller keeps float in every variant. ``output_kind``: the spec's
+    ``output``, so labels are the ones segmentation gives (see
+    :func:`output_error`). The result lists the per-layer
     sensitivities (worst first) and the node names kept float. When the
     fully quantized model already meets the budget, the per-layer pass is
     skipped (``layers`` stays empty) unless ``analyse_when_met``. With
@@ -323,10 +333,12 @@ def mixed_precision(fp32_onnx: Path, out_path: Path, crops: Sequence[np.ndarray]
 
     workdir = Path(tempfile.mkdtemp(prefix="ptq-sensitivity-"))
     try:
-        ranking = _Evaluator(fp32_onnx, crops, backend, threads, workdir, min_fraction=budget.min_fraction)
+        ranking = _Evaluator(fp32_onnx, crops, backend, threads, workdir, min_fraction=budget.min_fraction,
+                             output_kind=output_kind)
         checking = ranking if volumes is None else _Evaluator(fp32_onnx, volumes, backend, threads, workdir,
                                                               roi=roi, overlap=overlap,
-                                                              min_fraction=budget.min_fraction)
+                                                              min_fraction=budget.min_fraction,
+                                                              output_kind=output_kind)
         full_path = workdir / "full.int8.onnx"
         quantizer(())(full_path)
         full_error = checking.error_of(full_path)

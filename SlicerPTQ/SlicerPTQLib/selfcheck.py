@@ -1,0 +1,184 @@
+"""Does a quantized model give FP32's labels here, with this runtime?
+
+INT8 correctness depends on the CPU (see :mod:`.int8_compat`): a file that
+is right on one machine came out as an empty mask on another. So a build
+checks itself where it runs: the runtime's INT8 labels against its FP32
+labels on whole calibration volumes, once per model file, machine and
+runtime (cached under ``<cache>/selfchecks``).
+
+The floor is what the quantized model itself can give: ONNX Runtime (the
+reference executor of Q/DQ graphs) on the same file and volumes, capped at
+:data:`MIN_AGREEMENT`, less :data:`TOLERANCE` for rounding differences
+between executors. Calibration volumes can lie outside what the network
+was trained for (the shipped set has two 13-slice kidney MRIs for a brain
+model, where even correct INT8 agrees at 0.976), so an absolute floor
+alone would refuse correct models; the reference tells a wrong runtime
+(agreement 0.05 on a held-out U-Net on AVX2) from a lossy quantization,
+which the build reports; below :data:`HARD_FLOOR` a model is refused
+whatever the reference says. Below the floor the runtime is refused for
+that model with a sentence that says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .errors import PTQError
+
+#: Agreement Dice with FP32 that a runtime must reach where the reference reaches it.
+MIN_AGREEMENT = 0.99
+#: Below this a model is refused whatever the reference says: it is no longer the network.
+HARD_FLOOR = 0.9
+#: How far a runtime may fall below the reference (measured: OpenVINO and ONNX
+#: Runtime on the same W2A8 file differ by <= 0.0005 in agreement with FP32).
+TOLERANCE = 0.005
+#: Calibration volumes a check segments, at most.
+MAX_VOLUMES = 4
+#: Runtimes checked on the CPU (TensorRT is checked by benchmarks/gpu_check.py).
+CHECKED_RUNTIMES = ("openvino", "onnxruntime")
+
+
+@dataclass
+class SelfCheck:
+    """One check of a quantized file on one machine with one runtime."""
+
+    runtime: str
+    machine: str
+    #: Dice of the runtime's INT8 labels with FP32's, pooled over the volumes
+    agreement: float
+    #: the same for ONNX Runtime on the same Q/DQ file
+    reference_agreement: float
+    per_volume: List[float]
+    adaptation: str = ""
+    seconds: float = 0.0
+    volumes: List[str] = field(default_factory=list)
+
+    @property
+    def floor(self) -> float:
+        return max(HARD_FLOOR, min(MIN_AGREEMENT, self.reference_agreement) - TOLERANCE)
+
+    @property
+    def passed(self) -> bool:
+        return self.agreement >= self.floor
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "floor": self.floor, "passed": self.passed}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SelfCheck":
+        """Inverse of :meth:`to_dict` (the derived ``floor`` and ``passed`` are recomputed)."""
+        return cls(**{key: value for key, value in data.items() if key not in ("floor", "passed")})
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return (f"self-check {verdict}: {self.runtime} INT8 agrees with FP32 at Dice {self.agreement:.4f} "
+                f"(reference {self.reference_agreement:.4f}, floor {self.floor:.4f}) on "
+                f"{len(self.per_volume)} volume(s); {self.machine}")
+
+    def refusal(self, model_path: Path) -> str:
+        if self.reference_agreement < HARD_FLOOR:
+            return (f"{model_path} is not the network it was made from: its INT8 labels agree with FP32 at "
+                    f"Dice {self.agreement:.4f} on the check volumes, and the reference math gives "
+                    f"{self.reference_agreement:.4f} too. Quantize again with --accuracy-budget "
+                    f"{MIN_AGREEMENT} (or more weight bits), or use the FP32 model (model.fp32.onnx).")
+        return (f"{model_path} runs wrong with {self.runtime} on this machine: its INT8 labels agree with "
+                f"FP32 at Dice {self.agreement:.4f} where the same file's reference math gives "
+                f"{self.reference_agreement:.4f} ({self.machine}). Use another runtime "
+                "(--runtime onnxruntime), or the FP32 model (model.fp32.onnx) beside it.")
+
+    def warning(self) -> str:
+        """A sentence when the quantized model itself loses agreement (any runtime), else ""."""
+        if self.reference_agreement >= MIN_AGREEMENT:
+            return ""
+        return (f"INT8 agrees with FP32 at only Dice {self.reference_agreement:.4f} on the check volumes "
+                f"({', '.join(self.volumes) or 'the input'}), by the reference math itself: if these "
+                f"volumes are what the network segments, quantize again with --accuracy-budget "
+                f"{MIN_AGREEMENT}.")
+
+
+def machine_description(runtime: str) -> str:
+    """CPU, its int8 path and the runtime's version: what the check depends on."""
+    import importlib.metadata
+
+    from .cpu_info import describe, cpu_info
+    from .int8_compat import path_here
+
+    package = {"openvino": "openvino", "onnxruntime": "onnxruntime"}.get(runtime, runtime)
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    path = path_here()
+    return f"{describe(cpu_info())}; {path.reason}; {runtime} {version}"
+
+
+def run_check(fp32_onnx: Path, quantized_onnx: Path, volumes: Sequence[np.ndarray], spec,
+              runtime: str = "openvino", threads: Optional[int] = None,
+              names: Sequence[str] = ()) -> SelfCheck:
+    """Segment preprocessed ``volumes`` ``(C, D, H, W)`` with FP32 and INT8 on ``runtime``, and INT8 on
+    ONNX Runtime (the reference), and compare their labels with FP32's.
+
+    ``spec`` (:class:`..spec.ModelSpec`) gives the patch size, overlap and
+    how outputs become labels; agreement is Dice pooled over the volumes.
+    """
+    from .inference import sliding_window
+    from .runtimes import create_runtime
+    from .sensitivity import output_error
+
+    start = time.perf_counter()
+    outputs = {}
+    adaptation = ""
+    runs = [("fp32", fp32_onnx, runtime, "fp32"), ("int8", quantized_onnx, runtime, None)]
+    if runtime != "onnxruntime":
+        runs.append(("reference", quantized_onnx, "onnxruntime", None))
+    for key, path, backend, precision in runs:
+        engine = create_runtime(path, backend, precision=precision, threads=threads)
+        try:
+            outputs[key] = [sliding_window(engine, np.asarray(array, np.float32), spec.roi_size,
+                                           overlap=spec.overlap)[None] for array in volumes]
+            if key == "int8":
+                adaptation = getattr(engine, "int8_adaptation", "")
+        finally:
+            engine.close()
+    per_volume = [output_error([ref], [out], output_kind=spec.output).dice
+                  for ref, out in zip(outputs["fp32"], outputs["int8"])]
+    pooled = output_error(outputs["fp32"], outputs["int8"], output_kind=spec.output).dice
+    reference = output_error(outputs["fp32"], outputs.get("reference", outputs["int8"]),
+                             output_kind=spec.output).dice
+    return SelfCheck(runtime=runtime, machine=machine_description(runtime), agreement=float(pooled),
+                     reference_agreement=float(reference), per_volume=[float(value) for value in per_volume],
+                     adaptation=adaptation, seconds=time.perf_counter() - start, volumes=list(names))
+
+
+def _record_path(quantized_onnx: Path, runtime: str) -> Path:
+    from .fetch import cache_dir, sha256_of
+
+    machine = machine_description(runtime)
+    key = hashlib.sha256(f"{sha256_of(quantized_onnx)}|{machine}".encode()).hexdigest()[:24]
+    return cache_dir() / "selfchecks" / f"{key}.json"
+
+
+def recorded(quantized_onnx: Path, runtime: str) -> Optional[SelfCheck]:
+    """The cached check of this file on this machine and runtime, if any (unreadable: none)."""
+    path = _record_path(quantized_onnx, runtime)
+    try:
+        return SelfCheck.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def record(quantized_onnx: Path, check: SelfCheck) -> None:
+    """Cache ``check`` for this file, machine and runtime."""
+    from .atomic import replacing
+
+    path = _record_path(quantized_onnx, check.runtime)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path, suffix=".json") as tmp:
+        Path(tmp).write_text(json.dumps(check.to_dict(), indent=2))
