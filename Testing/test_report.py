@@ -41,6 +41,8 @@ def test_report_renders_every_chart(benchmark_json, tmp_path):
     html = index.read_text()
     for label in ("PyTorch eager FP32", "NNCF INT8 (OpenVINO)", "SlicerPTQ INT8 (max)"):
         assert label in html
+    cpu = json.loads(benchmark_json.read_text())["cpu"]
+    assert f"INT8 path: {cpu['int8_path']}" in html and "none found" not in html
     images = {path.name: path for path in _images(index)}
     kinds = {"_latency.png": "latency", "_size.png": "size", "_volume_time.png": "volume_time",
              "_dice.png": "dice", "_overlay.png": "overlay", "_layers.png": "layers"}

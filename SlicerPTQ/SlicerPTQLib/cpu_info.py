@@ -11,15 +11,10 @@ import platform
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from .int8_compat import int8_path
+
 #: Flags that decide INT8/BF16 speed, best first (Linux /proc/cpuinfo names).
 ISA_FLAGS = ("amx_int8", "amx_bf16", "avx512_vnni", "avx512_bf16", "avx_vnni", "avx512f", "avx2")
-
-_INT8_PATHS = (
-    ("amx_int8", "AMX INT8"),
-    ("avx512_vnni", "AVX-512 VNNI"),
-    ("avx_vnni", "AVX-VNNI"),
-    ("avx2", "AVX2 without VNNI: small INT8 gains, int16 saturation possible"),
-)
 
 
 def parse_cpuinfo(text: str) -> Dict[str, object]:
@@ -45,7 +40,8 @@ def cpu_info() -> Dict[str, object]:
     """What this CPU is and can do.
 
     ``{"model", "cores" (usable by this process), "isa" (present
-    :data:`ISA_FLAGS`), "int8_path" (best INT8 instruction set, in words),
+    :data:`ISA_FLAGS`), "int8_path" (the INT8 instruction set in effect, in words, with the
+    ``ONEDNN_MAX_CPU_ISA`` cap when one hides a better one),
     "openvino_capabilities" (OpenVINO's OPTIMIZATION_CAPABILITIES, [] without
     OpenVINO)}``. ``isa`` is empty where /proc/cpuinfo does not exist (macOS,
     Windows); OpenVINO's capabilities still tell INT8/BF16 support there.
@@ -55,7 +51,9 @@ def cpu_info() -> Dict[str, object]:
     capabilities, device_name = _openvino_cpu()
     info["model"] = info["model"] or device_name or platform.processor() or platform.machine()
     info["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info["int8_path"] = next((words for flag, words in _INT8_PATHS if flag in info["isa"]), "unknown")
+    path = int8_path(info["isa"])
+    capped = "ONEDNN_MAX_CPU_ISA" in path.reason
+    info["int8_path"] = f"{path.name} ({path.reason})" if capped or not info["isa"] else path.name
     info["openvino_capabilities"] = capabilities
     return info
 

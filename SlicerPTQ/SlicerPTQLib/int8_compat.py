@@ -54,6 +54,13 @@ class Int8Path:
     reason: str
 
     @property
+    def name(self) -> str:
+        """The int8 instruction set in effect, in words."""
+        if not self.shift_activations:
+            return "AMX INT8"
+        return "VNNI" if not self.seven_bit_weights else "AVX2 without VNNI (int16 pair sums)"
+
+    @property
     def needs_adaptation(self) -> bool:
         return self.shift_activations or self.seven_bit_weights
 

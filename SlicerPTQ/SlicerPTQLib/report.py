@@ -380,8 +380,9 @@ def build_report(benchmark_json: Path, out_dir: Path) -> Path:
     cpu = data.get("cpu", {})
     header = [
         "<h1>SlicerPTQ benchmark</h1>",
-        f"<p>CPU: {html.escape(str(cpu.get('model', '?')))}; INT8 instruction sets: "
-        f"{html.escape(', '.join(cpu.get('int8_isa', [])) or 'none found')}; threads: "
+        f"<p>CPU: {html.escape(str(cpu.get('model', '?')))}; INT8 path: "
+        f"{html.escape(str(cpu.get('int8_path', 'unknown')))}; instruction sets: "
+        f"{html.escape(', '.join(cpu.get('isa', [])) or 'none found')}; threads: "
         f"{html.escape(str(data.get('threads', 'default')))}</p>",
     ]
     if data.get("load_average_at_end"):
