@@ -91,6 +91,15 @@ def headline(rows: List[Dict], profile: Optional[Dict]):
                                                         / row["volume_fastest_mean_s"])
         if torch_row.get("patch_median_s"):
             entry["patch_speedup_vs_torch"] = torch_row["patch_median_s"] / row["patch_median_s"]
+        openvino_fp32 = by_key.get("openvino_fp32", {})
+        if openvino_fp32.get("patch_median_s"):
+            # The precision's own gain: the same runtime, FP32 vs INT8.
+            entry["patch_speed_vs_openvino_fp32"] = openvino_fp32["patch_median_s"] / row["patch_median_s"]
+        defaults = by_key.get("nncf_int8_defaults", {})
+        if defaults.get("patch_median_s"):
+            entry["patch_speed_vs_nncf_defaults"] = defaults["patch_median_s"] / row["patch_median_s"]
+        if defaults.get("dice_vs_fp32_mean") is not None and row.get("dice_vs_fp32_mean") is not None:
+            entry["agreement_minus_nncf_defaults"] = row["dice_vs_fp32_mean"] - defaults["dice_vs_fp32_mean"]
         same_float = by_key.get("nncf_int8_same_float", {})
         if same_float.get("patch_median_s"):
             entry["patch_speed_vs_nncf_same_float"] = same_float["patch_median_s"] / row["patch_median_s"]
@@ -98,6 +107,14 @@ def headline(rows: List[Dict], profile: Optional[Dict]):
         summary[method] = entry
     for method, entry in summary.items():
         parts = []
+        if "patch_speed_vs_openvino_fp32" in entry:
+            gain = entry["patch_speed_vs_openvino_fp32"]
+            parts.append(f"per patch {gain:.2f}x OpenVINO FP32's speed"
+                         + ("" if gain >= 1.0 else " (INT8 is not faster than FP32 on this CPU)"))
+        if "patch_speed_vs_nncf_defaults" in entry:
+            parts.append(f"{entry['patch_speed_vs_nncf_defaults']:.2f}x NNCF-with-defaults' speed")
+        if "agreement_minus_nncf_defaults" in entry:
+            parts.append(f"agreement with FP32 {entry['agreement_minus_nncf_defaults']:+.4f} vs NNCF with defaults")
         if "patch_speed_vs_nncf" in entry:
             parts.append(f"per patch {entry['patch_speed_vs_nncf']:.2f}x NNCF's speed by median, "
                          f"{entry['patch_speed_vs_nncf_min']:.2f}x by fastest round, "

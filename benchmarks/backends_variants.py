@@ -89,6 +89,7 @@ def build_variants(model: Path, calibration: Sequence[Path], out: Path, methods:
         # Exactly the crops quantize() calibrated on: same volumes, roi, count and seed.
         crops = sample_crops(prepared_arrays(calibration, first.spec), first.spec.roi_size, num_crops, seed)
     if nncf:
+        variants.append(_nncf_variant(fp32_onnx, crops, out, preset="defaults"))
         variants.append(_nncf_variant(fp32_onnx, crops, out))
     same_float = float_compute_nodes(Path(ours[0].path)) if nncf_same_float else []
     if same_float:
@@ -121,12 +122,18 @@ def build_variants(model: Path, calibration: Sequence[Path], out: Path, methods:
     return variants, first.quantized_onnx.with_name("model.json"), skipped
 
 
-def _nncf_variant(fp32_onnx: Path, crops, out: Path, ignored: Sequence[str] = ()) -> Variant:
+def _nncf_variant(fp32_onnx: Path, crops, out: Path, ignored: Sequence[str] = (),
+                  preset: str = "performance") -> Variant:
     from SlicerPTQLib.nncf_baseline import quantize_with_nncf
 
-    key = "nncf_int8_same_float" if ignored else "nncf_int8"
-    log(f"NNCF INT8 quantization on the same {len(crops)} crops" + (f", ignoring {list(ignored)}" if ignored else ""))
-    result = quantize_with_nncf(fp32_onnx, crops, out / key / "model.int8.xml", ignored_names=ignored)
+    key = "nncf_int8_same_float" if ignored else ("nncf_int8_defaults" if preset == "defaults" else "nncf_int8")
+    log(f"NNCF INT8 quantization ({preset}) on the same {len(crops)} crops"
+        + (f", ignoring {list(ignored)}" if ignored else ""))
+    result = quantize_with_nncf(fp32_onnx, crops, out / key / "model.int8.xml", preset=preset, ignored_names=ignored)
+    if preset == "defaults":
+        return Variant(key, "NNCF INT8 (defaults)", "openvino", str(result.xml), size_mb=result.size_mb,
+                       quantize_s=result.seconds,
+                       note=f"nncf.quantize(model, dataset) as its users call it, {result.num_crops} crops")
     note = f"preset {result.preset}, target CPU, {result.num_crops} crops; from the FP32 ONNX (export not counted)"
     if ignored:
         return Variant(key, "NNCF INT8, SlicerPTQ's float layers ignored", "openvino", str(result.xml),

@@ -261,7 +261,7 @@ def markdown(rows: List[Dict], header: str) -> str:
 
 def write_results(rows: List[Dict], out_dir: Path, options, seconds: float) -> str:
     """Write ``architectures.json`` and ``.md`` atomically; returns the markdown header."""
-    from SlicerPTQLib.cpu_info import describe
+    from SlicerPTQLib.cpu_info import cpu_summary, describe
 
     header = ("# Architectures through PTQ (small configs, 64^3 patches, 6 classes)\n\n"
               f"CPU: {describe()}; {options.threads} threads; {platform.python_version()}; "
@@ -273,7 +273,7 @@ def write_results(rows: List[Dict], out_dir: Path, options, seconds: float) -> s
               f"{options.sensitivity_crops} calibration crops). Agreement Dice = mean over the classes that "
               f"cover at least {MIN_FRACTION:.1%} of the voxels in either label map (the JSON also has it over "
               "every class).")
-    payload = {"rows": rows, "cpu": describe(), "threads": options.threads}
+    payload = {"rows": rows, "cpu": cpu_summary(), "threads": options.threads}
     for path, text in ((out_dir / "architectures.json", json.dumps(payload, indent=2, default=str)),
                        (out_dir / "architectures.md", markdown(rows, header))):
         with replacing(path) as tmp:

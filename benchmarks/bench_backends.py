@@ -65,7 +65,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="skip the Q/DQ-on-norm-inputs placement ablation")
     parser.add_argument("--only", nargs="+", metavar="KEY",
                         help="measure only these variants (keys: torch_fp32 onnxruntime_fp32 openvino_fp32 "
-                             "openvino_bf16 nncf_int8 nncf_int8_same_float slicerptq_int8_<method> "
+                             "openvino_bf16 nncf_int8_defaults nncf_int8 nncf_int8_same_float slicerptq_int8_<method> "
                              "slicerptq_int8_norm_inputs slicerptq_w4a8)")
     args = parser.parse_args(argv)
     for name in args.models:
@@ -94,7 +94,7 @@ def bench_model(subject: Subject, args: argparse.Namespace, out: Path) -> Dict:
     ablation = not args.no_ablation and (not wanted or "slicerptq_int8_norm_inputs" in wanted)
     variants, spec_path, skipped = build_variants(
         subject.path, subject.calibration, out / "models" / subject.folder, args.methods, num_crops, lowbit,
-        nncf=not wanted or "nncf_int8" in wanted,
+        nncf=not wanted or bool(wanted & {"nncf_int8", "nncf_int8_defaults"}),
         nncf_same_float=not wanted or "nncf_int8_same_float" in wanted,
         norm_inputs=ablation and subject.arch is None, arch=subject.arch, arch_args=subject.arch_args)
     if ablation and subject.arch is not None:

@@ -193,8 +193,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(result.table(), flush=True)
         print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
 
+    from SlicerPTQLib.cpu_info import cpu_summary
+
     payload = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg()},
+               "cpu": cpu_summary(),
                "model": str(model_path), "calibration": str(calibration_path),
                "evaluation": [name for name, _, _ in cases], "iterations": args.iterations, "rows": rows}
     write_json(payload, args.out)
@@ -205,9 +208,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def evaluate(label: str, bits: int, config: Optional[Config], qdq: Path, packed: Optional[Path],
              timing: Optional[Dict[str, float]], cases, spec, fp32_labels) -> Dict:
+    from SlicerPTQLib.int8_compat import as_run_here
     from SlicerPTQLib.metrics import file_size_mb
 
-    simulated = segment_all(qdq, "onnxruntime", cases, spec)
+    # The simulation of what OpenVINO runs on this CPU (adapted below AMX: int8_compat).
+    simulated = segment_all(as_run_here(qdq, qdq.parent), "onnxruntime", cases, spec)
     openvino = segment_all(qdq, "openvino", cases, spec)
     # OpenVINO's own reproducibility: the same file on 1 thread against the
     # default; only the order of its float sums changes.

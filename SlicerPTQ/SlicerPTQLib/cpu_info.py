@@ -43,7 +43,7 @@ def cpu_info() -> Dict[str, object]:
     :data:`ISA_FLAGS`), "int8_path" (the INT8 instruction set in effect, in words, with the
     ``ONEDNN_MAX_CPU_ISA`` cap when one hides a better one),
     "openvino_capabilities" (OpenVINO's OPTIMIZATION_CAPABILITIES, [] without
-    OpenVINO)}``. ``isa`` is empty where /proc/cpuinfo does not exist (macOS,
+    OpenVINO), "onednn_max_cpu_isa" (the ``ONEDNN_MAX_CPU_ISA`` cap, "" when unset)}``. ``isa`` is empty where /proc/cpuinfo does not exist (macOS,
     Windows); OpenVINO's capabilities still tell INT8/BF16 support there.
     """
     cpuinfo = Path("/proc/cpuinfo")
@@ -55,6 +55,7 @@ def cpu_info() -> Dict[str, object]:
     capped = "ONEDNN_MAX_CPU_ISA" in path.reason
     info["int8_path"] = f"{path.name} ({path.reason})" if capped or not info["isa"] else path.name
     info["openvino_capabilities"] = capabilities
+    info["onednn_max_cpu_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
     return info
 
 

@@ -49,7 +49,7 @@ def run_demo(out_dir: Path, method: str = "max", num_crops: int = 20, repeats: i
     """Fetch, quantize, evaluate; print the table and write ``demo.json``."""
     from . import shipped
     from .cpu_info import cpu_summary
-    from .pipeline import quantize
+    from .pipeline import describe_self_check, quantize
 
     model = shipped.shipped_model()
     calibration = shipped.calibration_volumes()
@@ -66,6 +66,8 @@ def run_demo(out_dir: Path, method: str = "max", num_crops: int = 20, repeats: i
     summary = {
         "cpu": cpu_summary(),
         "model": str(model),
+        "models": {key: str(path) for key, path in models.items()},
+        "self_check": describe_self_check(result.report["self_check"]),
         "calibration": [str(p) for p in calibration],
         "settings": result.report["settings"],
         "size_mb": {"torchscript": file_size_mb(model), **sizes},
@@ -79,18 +81,26 @@ def run_demo(out_dir: Path, method: str = "max", num_crops: int = 20, repeats: i
 
 
 def render(summary: Dict) -> str:
-    """The demo's human-readable tables."""
+    """The demo's human-readable tables, INT8 against the same runtime's FP32 first."""
     sizes = summary["size_mb"]
-    fastest_fp32 = next(r for r in summary["patch_latency"] if r["backend"] == "PyTorch eager FP32")["median_s"]
+    seconds = {row["backend"]: row["median_s"] for row in summary["patch_latency"]}
     latency_rows = [{**{k: v for k, v in r.items() if k != "int8_layers"},
-                     "speed-up vs PyTorch FP32": fastest_fp32 / r["median_s"],
+                     "x OpenVINO FP32": seconds["OpenVINO FP32"] / r["median_s"],
+                     "x PyTorch FP32": seconds["PyTorch eager FP32"] / r["median_s"],
                      "INT8 layers": (f"{r['int8_layers']['conv_int8']}/{r['int8_layers']['conv_total']} conv"
                                      if "int8_layers" in r else "")}
                     for r in summary["patch_latency"]]
+    gain = seconds["OpenVINO FP32"] / seconds["OpenVINO INT8"]
+    verdict = (f"INT8 runs {gain:.2f}x OpenVINO FP32's speed per patch on this CPU."
+               if gain >= 1.0 else
+               f"INT8 is NOT faster than OpenVINO FP32 on this CPU ({gain:.2f}x): here the FP32 model "
+               f"({Path(summary['models']['fp32_onnx']).name}) is the faster pick at FP32's accuracy.")
     return "\n\n".join([
         f"CPU: {summary['cpu']['description']}",
         f"Size: FP32 ONNX {sizes['fp32_onnx']:.2f} MB -> INT8 ONNX {sizes['quantized_onnx']:.2f} MB "
         f"({summary['size_ratio_int8_vs_fp32_onnx']:.2f}x)",
         "Per-patch latency\n" + format_table(latency_rows),
+        verdict,
+        "Self-check on the calibration volumes\n" + summary["self_check"],
         "Per volume (whole-volume wall time, Dice)\n" + format_table(summary["volumes"]),
     ])

@@ -1,10 +1,12 @@
 """OpenVINO's own post-training quantizer (NNCF) as the INT8 competitor.
 
 The benchmark feeds NNCF the same FP32 ONNX file and the same calibration
-crops SlicerPTQ uses, with the settings that suit these networks on the CPU:
-the "performance" preset (symmetric int8 activations and weights; the
-"mixed" preset's asymmetric activations leave ConvTranspose3d in f32 on
-OpenVINO) and CPU as the target device. The result is an OpenVINO IR pair
+crops SlicerPTQ uses, twice: as its users call it (``nncf.quantize(model,
+dataset)``, every setting at NNCF's default: preset "defaults") and with
+the settings that suit these networks on the CPU: the "performance" preset
+(symmetric int8 activations and weights; the "mixed" preset's asymmetric
+activations leave ConvTranspose3d in f32 on OpenVINO) and CPU as the
+target device. The result is an OpenVINO IR pair
 (``.xml`` + ``.bin``) that ``create_runtime(path, "openvino")`` runs.
 """
 
@@ -57,6 +59,9 @@ def quantize_with_nncf(fp32_onnx: Path, crops: Sequence[np.ndarray], out_xml: Pa
                        ignored_names: Sequence[str] = ()) -> NNCFResult:
     """INT8-quantize ``fp32_onnx`` with ``nncf.quantize`` on its OpenVINO model.
 
+    ``preset``: "defaults" calls ``nncf.quantize(model, dataset)`` with
+    nothing else set (``ignored_names`` still applies); "performance" and
+    "mixed" set that preset, the CPU target and ``fast_bias_correction``.
     ``crops`` are the calibration patches, each ``(C, D, H, W)`` float32
     (already preprocessed, as fed to the network). ``ignored_names``: ONNX
     node names NNCF must leave in float (its ``IgnoredScope``). Writes
@@ -75,7 +80,8 @@ def quantize_with_nncf(fp32_onnx: Path, crops: Sequence[np.ndarray], out_xml: Pa
                        "model.fp32.onnx beside the INT8 file.")
     if not crops:
         raise PTQError("No calibration crops given to the NNCF baseline. Pass the crops SlicerPTQ calibrated on.")
-    presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
+    presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED,
+               "defaults": None}
     if preset not in presets:
         raise PTQError(f"Unknown NNCF preset '{preset}'. Choose one of: {', '.join(presets)}.")
     batches = [_batched(crop) for crop in crops]
@@ -83,9 +89,12 @@ def quantize_with_nncf(fp32_onnx: Path, crops: Sequence[np.ndarray], out_xml: Pa
     start = time.perf_counter()
     model = ov.Core().read_model(str(fp32_onnx))
     ignored = nncf.IgnoredScope(names=list(ignored_names)) if ignored_names else None
-    quantized = nncf.quantize(model, nncf.Dataset(batches), preset=presets[preset],
-                              target_device=nncf.TargetDevice.CPU, subset_size=len(batches),
-                              fast_bias_correction=fast_bias_correction, ignored_scope=ignored)
+    if preset == "defaults":
+        quantized = nncf.quantize(model, nncf.Dataset(batches), ignored_scope=ignored)
+    else:
+        quantized = nncf.quantize(model, nncf.Dataset(batches), preset=presets[preset],
+                                  target_device=nncf.TargetDevice.CPU, subset_size=len(batches),
+                                  fast_bias_correction=fast_bias_correction, ignored_scope=ignored)
     out_xml.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".nncf-", dir=out_xml.parent))
     try:

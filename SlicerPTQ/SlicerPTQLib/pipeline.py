@@ -291,8 +291,7 @@ def describe_self_check(check: Dict) -> str:
     lines = [result.summary()]
     if not result.passed:
         lines.append(result.refusal(Path("This build")))
-    elif result.warning():
-        lines.append(result.warning())
+    lines += [note for note in (result.warning(), result.speed_note()) if note]
     return "\n".join(lines)
 
 
@@ -440,7 +439,7 @@ def ensure_checked(model_path: Path, runtime: str, spec: ModelSpec, image: Volum
             progress("self-check", 1, 1)
     if not check.passed:
         raise PTQError(check.refusal(model_path))
-    return check.summary()
+    return "\n".join(line for line in (check.summary(), check.speed_note()) if line)
 
 
 def _build_report(model_path: Path) -> Dict:

@@ -59,6 +59,8 @@ class SelfCheck:
     adaptation: str = ""
     seconds: float = 0.0
     volumes: List[str] = field(default_factory=list)
+    #: the runtime's time over the check volumes, FP32 / INT8 (after one warm-up patch each)
+    int8_speedup: float = float("nan")
 
     @property
     def floor(self) -> float:
@@ -80,7 +82,7 @@ class SelfCheck:
         verdict = "passed" if self.passed else "FAILED"
         return (f"self-check {verdict}: {self.runtime} INT8 agrees with FP32 at Dice {self.agreement:.4f} "
                 f"(reference {self.reference_agreement:.4f}, floor {self.floor:.4f}) on "
-                f"{len(self.per_volume)} volume(s); {self.machine}")
+                f"{len(self.per_volume)} volume(s) and runs {self.int8_speedup:.2f}x FP32's speed; {self.machine}")
 
     def refusal(self, model_path: Path) -> str:
         if self.reference_agreement < HARD_FLOOR:
@@ -92,6 +94,18 @@ class SelfCheck:
                 f"FP32 at Dice {self.agreement:.4f} where the same file's reference math gives "
                 f"{self.reference_agreement:.4f} ({self.machine}). Use another runtime "
                 "(--runtime onnxruntime), or the FP32 model (model.fp32.onnx) beside it.")
+
+    @property
+    def int8_slower(self) -> bool:
+        """INT8 gained no speed over FP32 with this runtime here: the float model is the better pick."""
+        return self.int8_speedup < 1.0
+
+    def speed_note(self) -> str:
+        """A sentence saying that the FP32 model is faster here, else ""."""
+        if not self.int8_slower:
+            return ""
+        return (f"INT8 is not faster than FP32 with {self.runtime} on this CPU ({self.int8_speedup:.2f}x; "
+                f"{self.machine}): the FP32 model (model.fp32.onnx) gives FP32's labels at least as fast.")
 
     def warning(self) -> str:
         """A sentence when the quantized model itself loses agreement (any runtime), else ""."""
@@ -110,9 +124,8 @@ def machine_description(runtime: str) -> str:
     from .cpu_info import describe, cpu_info
     from .int8_compat import path_here
 
-    package = {"openvino": "openvino", "onnxruntime": "onnxruntime"}.get(runtime, runtime)
     try:
-        version = importlib.metadata.version(package)
+        version = importlib.metadata.version(runtime)
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     path = path_here()
@@ -138,11 +151,15 @@ def run_check(fp32_onnx: Path, quantized_onnx: Path, volumes: Sequence[np.ndarra
     runs = [("fp32", fp32_onnx, runtime, "fp32"), ("int8", quantized_onnx, runtime, None)]
     if runtime != "onnxruntime":
         runs.append(("reference", quantized_onnx, "onnxruntime", None))
+    seconds = {}
     for key, path, backend, precision in runs:
         engine = create_runtime(path, backend, precision=precision, threads=threads)
         try:
+            engine.predict(np.zeros((1, volumes[0].shape[0], *spec.roi_size), np.float32))   # compile first
+            started = time.perf_counter()
             outputs[key] = [sliding_window(engine, np.asarray(array, np.float32), spec.roi_size,
                                            overlap=spec.overlap)[None] for array in volumes]
+            seconds[key] = time.perf_counter() - started
             if key == "int8":
                 adaptation = getattr(engine, "int8_adaptation", "")
         finally:
@@ -154,7 +171,8 @@ def run_check(fp32_onnx: Path, quantized_onnx: Path, volumes: Sequence[np.ndarra
                              output_kind=spec.output).dice
     return SelfCheck(runtime=runtime, machine=machine_description(runtime), agreement=float(pooled),
                      reference_agreement=float(reference), per_volume=[float(value) for value in per_volume],
-                     adaptation=adaptation, seconds=time.perf_counter() - start, volumes=list(names))
+                     adaptation=adaptation, seconds=time.perf_counter() - start, volumes=list(names),
+                     int8_speedup=seconds["fp32"] / max(seconds["int8"], 1e-9))
 
 
 def _record_path(quantized_onnx: Path, runtime: str) -> Path:
