@@ -279,3 +279,23 @@ def _logger(trt):
     from SlicerPTQLib.tensorrt_build import trt_logger
 
     return trt_logger()
+
+
+def test_bench_gpu_table_with_max_batch_1(capsys, monkeypatch):
+    """``--max-batch 1`` used to stop the table with StopIteration (and the JSON was written after it)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_gpu
+
+    def row(ms: float) -> dict:
+        times = {"batch": 1, "mean_ms": ms, "median_ms": ms, "median_ms_per_patch": ms, "runs": 3}
+        return {"engine_mb": ms, "patch_batch1": times, "patch_max_batch": times, "volume_median_s": ms,
+                "dice_vs_fp32": 1.0, "layers": {"conv_int8": 0, "conv_total": 1}, "convtranspose": []}
+
+    engines = {"fp32": row(4.0), "fp16": row(2.0), "int8": row(1.0)}
+    results = {"machine": {"gpu": "GPU", "tensorrt_runtime": "TensorRT"}, "roi": [16, 16, 16], "max_batch": 1,
+               "engines": engines, "int8_vs_fp16": bench_gpu.speedups(engines["fp16"], engines["int8"]),
+               "int8_vs_fp32": bench_gpu.speedups(engines["fp32"], engines["int8"])}
+    bench_gpu.print_table(results)
+    table = capsys.readouterr().out
+    assert "INT8 vs FP16: patch 2.00x faster (batch 1), 2.00x (batch 1)" in table
+    assert "INT8 vs FP32: patch 4.00x faster" in table
