@@ -299,3 +299,28 @@ def test_bench_gpu_table_with_max_batch_1(capsys, monkeypatch):
     table = capsys.readouterr().out
     assert "INT8 vs FP16: patch 2.00x faster (batch 1), 2.00x (batch 1)" in table
     assert "INT8 vs FP32: patch 4.00x faster" in table
+
+
+def test_fp16_cache_key_names_the_onnxruntime_converter(trt, float_onnx):
+    import onnxruntime
+
+    from SlicerPTQLib.tensorrt_build import BuildSettings, engine_key
+
+    key = engine_key(float_onnx, BuildSettings(precision="fp16", roi=ROI, max_batch=1))
+    assert key.quantization["fp16_converter"] == f"onnxruntime {onnxruntime.__version__}"
+    assert (key.gpu_name, key.compute_capability, key.tensorrt_version) == ("Stand-in GPU", "8.9", trt.__version__)
+
+
+def test_cpu_placement_file_warns_when_built_for_tensorrt(trt, qdq_onnx, tmp_path):
+    import json
+    import shutil
+
+    from SlicerPTQLib.pipeline import REPORT_NAME
+    from SlicerPTQLib.tensorrt_build import BuildSettings, engine_for
+
+    model = tmp_path / "model.int8.onnx"
+    shutil.copy(qdq_onnx, model)
+    (tmp_path / REPORT_NAME).write_text(json.dumps({"settings": {"placement": "cpu"},
+                                                    "files": {"quantized_onnx": model.name}}))
+    engine = engine_for(model, BuildSettings(precision="int8", roi=ROI, max_batch=1), cache_dir=tmp_path / "c")
+    assert any("placement 'cpu'" in warning for warning in engine.metadata["qdq_warnings"])

@@ -457,7 +457,11 @@ def engine_key(onnx_path: Path, settings: BuildSettings, device: int = 0) -> Eng
     quantization: Dict[str, Any] = {"precision": settings.precision,
                                     "producer_settings": _producer_settings(onnx_path)}
     if settings.precision == "fp16":
+        import onnxruntime
+
+        # The FP16 file comes from onnxruntime's converter: another version may write another graph.
         quantization["fp16_recipe"] = FP16_RECIPE
+        quantization["fp16_converter"] = f"onnxruntime {onnxruntime.__version__}"
     return EngineKey(model_sha256=sha256_of(onnx_path), quantization=quantization,
                      tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
                      profile=profile_shapes(onnx_path, settings), builder=settings.builder_fields())
@@ -482,6 +486,11 @@ def engine_for(onnx_path: Path, settings: BuildSettings, cache_dir: Optional[Pat
             raise PTQError(f"{onnx_path} has no Q/DQ nodes, so TensorRT cannot build INT8 kernels from it. "
                            "Quantize it first (slicer-ptq quantize --placement tensorrt) and give model.int8.onnx.")
         warnings = [str(finding) for finding in assert_valid(onnx_path, target="tensorrt")]
+        if _producer_settings(onnx_path).get("placement") == "cpu":
+            warnings.append(f"{onnx_path.name} was quantized with placement 'cpu' (for OpenVINO: norm and "
+                            "activation outputs quantized too); TensorRT runs it, but re-quantize with "
+                            "--placement tensorrt for TensorRT's fusions")
+            log.warning("%s", warnings[-1])
     elif quantized:
         raise PTQError(f"{onnx_path} is a quantized (Q/DQ) model; {settings.precision} engines are built from "
                        "the float model (model.fp32.onnx).")
