@@ -278,7 +278,7 @@ class _Builder:
                     return trt._si_error(self._si_logger, f"profile of '{name}' disagrees with fixed dim {axis}")
         plan = {"version": trt.__version__, "inputs": {name: shapes[name] for name in inputs},
                 "outputs": network._si_outputs, "flags": network._si_flags, "onnx": network._si_onnx,
-                "quantized": network._si_quantized}
+                "quantized": network._si_quantized, "compute": network._si_compute}
         memory = trt._si_new("IHostMemory")
         memory._si_bytes = _PLAN_MAGIC + json.dumps(plan).encode()
         return memory
@@ -323,6 +323,8 @@ class _OnnxParser:
         network._si_num_layers = len(graph.node)
         network._si_onnx = str(model)
         network._si_quantized = any(node.op_type == "DequantizeLinear" for node in graph.node)
+        network._si_compute = [[node.op_type, node.name, node.input[0], node.output[0], node.input[1]]
+                               for node in graph.node if node.op_type in ("Conv", "ConvTranspose")]
         return True
 
     def _si_get_num_errors(self) -> int:
@@ -468,13 +470,9 @@ class _IExecutionContext:
 
 class _EngineInspector:
     def _si_get_engine_information(self, format):
-        from onnx import load
-
         plan = self._si_engine._si_plan
-        graph = load(plan["onnx"], load_external_data=False).graph
         eleven = int(self._si_module.__version__.split(".")[0]) >= 11
-        layers = [_inspector_layer(node, plan["quantized"], eleven) for node in graph.node
-                  if node.op_type in ("Conv", "ConvTranspose")]
+        layers = [_inspector_layer(node, plan["quantized"], eleven) for node in plan["compute"]]
         document = {"Layers": layers}
         if eleven:
             document["I/O Tensors"] = [{"Name": name, "IOMode": "Input" if name in plan["inputs"] else "Output",
@@ -485,20 +483,21 @@ class _EngineInspector:
 
 
 def _inspector_layer(node, quantized: bool, eleven: bool) -> Dict[str, Any]:
-    """One layer of the engine inspector's JSON in the 10.x or 11.x schema."""
+    """One layer of the engine inspector's JSON in the 10.x or 11.x schema (``node``: op, name, x, y, w)."""
+    op_type, name, source, target, weight = node
     kind = "Int8" if quantized else "Float"
-    deconv = node.op_type == "ConvTranspose"
-    metadata = f"[ONNX Layer: {node.name}]"
+    deconv = op_type == "ConvTranspose"
+    metadata = f"[ONNX Layer: {name}]"
     if eleven:
-        return {"Name": f"myl0_{node.name}", "LayerType": "kgen",
-                "Inputs": [{"Name": node.input[0], "Datatype": kind, "Format": "kDHWC32"}],
-                "Outputs": [{"Name": node.output[0], "Datatype": "Float", "Format": "kLINEAR"}],
-                "Constants": [{"Name": node.input[1], "Datatype": kind, "Dimensions": [8, 8, 3, 3, 3]}],
+        return {"Name": f"myl0_{name}", "LayerType": "kgen",
+                "Inputs": [{"Name": source, "Datatype": kind, "Format": "kDHWC32"}],
+                "Outputs": [{"Name": target, "Datatype": "Float", "Format": "kLINEAR"}],
+                "Constants": [{"Name": weight, "Datatype": kind, "Dimensions": [8, 8, 3, 3, 3]}],
                 "Metadata": metadata}
-    return {"Name": node.name, "LayerType": "CaskDeconvolutionV2" if deconv else "CaskConvolution",
+    return {"Name": name, "LayerType": "CaskDeconvolutionV2" if deconv else "CaskConvolution",
             "ParameterType": "Deconvolution" if deconv else "Convolution",
-            "Inputs": [{"Name": node.input[0], "Format/Datatype": f"Row major linear {kind}"}],
-            "Outputs": [{"Name": node.output[0], "Format/Datatype": "Row major linear FP32"}],
+            "Inputs": [{"Name": source, "Format/Datatype": f"Row major linear {kind}"}],
+            "Outputs": [{"Name": target, "Format/Datatype": "Row major linear FP32"}],
             "Weights": {"Type": kind, "Count": 216}, "Metadata": metadata}
 
 

@@ -31,7 +31,7 @@ from tensorrt_standin import HostMemory, distinct_releases, standin, surfaces
 REPO = Path(__file__).resolve().parents[1]
 TENSORRT_CODE = [REPO / "SlicerPTQ" / "SlicerPTQLib" / "tensorrt_build.py",
                  REPO / "SlicerPTQ" / "SlicerPTQLib" / "runtimes" / "tensorrt_runtime.py",
-                 REPO / "benchmarks" / "bench_gpu.py"]
+                 REPO / "benchmarks" / "bench_gpu.py", REPO / "benchmarks" / "gpu_check.py"]
 RELEASES = distinct_releases()
 ROI = (16, 16, 16)
 
@@ -324,3 +324,35 @@ def test_cpu_placement_file_warns_when_built_for_tensorrt(trt, qdq_onnx, tmp_pat
                                                     "files": {"quantized_onnx": model.name}}))
     engine = engine_for(model, BuildSettings(precision="int8", roi=ROI, max_batch=1), cache_dir=tmp_path / "c")
     assert any("placement 'cpu'" in warning for warning in engine.metadata["qdq_warnings"])
+
+
+def test_gpu_check_without_gpu_exits_2_and_writes_the_environment(tmp_path):
+    import json
+    import subprocess
+
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.strip().count("\n") == 0
+    record = json.loads((tmp_path / "gpu_check.json").read_text())["environment"]
+    assert record["ok"] and record["tensorrt_available"] is False and record["versions"]["python"]
+
+
+def test_gpu_check_steps_run_against_the_stand_in(trt, tmp_path, monkeypatch):
+    """Steps 1-5 end to end on the stand-in: every TensorRT call they make exists and binds."""
+    import json
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "SPEED_ROI", ROI)
+    assert gpu_check.main(["--out", str(tmp_path), "--repeats", "2", "--skip-shipped"]) == 0
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(results) == ["environment", "tiny_unet", "convtranspose_axis", "inspector_fixtures", "speed"]
+    assert all(step["ok"] for step in results.values()), results
+    assert results["tiny_unet"]["second_load_cache_hit"] is True
+    axes = {key: row for key, row in results["convtranspose_axis"].items() if key not in ("ok", "seconds")}
+    assert set(axes) == {"axis0", "axis1", "per_tensor"}
+    assert all("error" not in row and row["convtranspose_ran_int8"] for row in axes.values()), axes
+    assert len(list((tmp_path / "inspector").glob("*.json"))) == 6
+    assert set(results["speed"]["int8_speedup_vs_fp16"]) == {"batch1", "batch2"}
