@@ -19,6 +19,7 @@ Two checks use it:
 from __future__ import annotations
 
 import ast
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def trt(request, monkeypatch):
     return module
 
 
-_find_spec = __import__("importlib.util").util.find_spec
+_find_spec = importlib.util.find_spec
 
 
 def _in_order(names, expected) -> bool:

@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .atomic import replacing
 from .engine_cache import CachedEngine, EngineCache, EngineKey, write_atomic
