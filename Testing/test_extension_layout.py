@@ -330,7 +330,16 @@ def test_install_plan_lists_missing_and_outdated_packages_only():
     assert "PyTorch" in plan.question() and "onnxruntime>=1.18" in plan.question()
     gpu_plan = dependencies.install_plan(find_spec=lambda name: object() if name in present else None,
                                          version_of=installed.get, cuda_gpu=True)
-    assert "tensorrt" in gpu_plan.pip_arguments() and "CUDA build" in gpu_plan.question()
+    assert "tensorrt-cu12" in gpu_plan.pip_arguments() or "tensorrt-cu13" in gpu_plan.pip_arguments()
+    assert gpu_plan.pip_arguments()[-2:] == ["--extra-index-url", dependencies.NVIDIA_INDEX]
+    assert "CUDA build" in gpu_plan.question() and dependencies.NVIDIA_INDEX in gpu_plan.question()
+
+
+def test_tensorrt_is_planned_for_the_cuda_major_version():
+    assert dependencies.tensorrt_requirement(12).pip == "tensorrt-cu12"
+    assert dependencies.tensorrt_requirement(13).pip == "tensorrt-cu13"
+    assert dependencies.cuda_python_requirement(13).pip == "cuda-bindings>=13,<14"
+    assert dependencies.gpu_requirements(12)[0].pip == "tensorrt-cu12"
 
 
 def test_this_environment_needs_nothing():

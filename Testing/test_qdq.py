@@ -48,15 +48,18 @@ def axis_of(node):
 
 
 def check_weight(graph, node, weight_shape, axis):
-    """The weight of ``node`` is an int8 initializer -> per-channel DequantizeLinear."""
+    """The weight of ``node`` is an int8 initializer -> per-channel (axis None: per-tensor) DequantizeLinear."""
     dq = graph.dequantized_from(node.input[1])
     assert dq is not None, node.name
     q_name, scale_name, zp_name = dq.input
     assert graph.init[q_name].data_type == INT8
     assert tuple(graph.init[q_name].dims) == tuple(weight_shape)
-    assert axis_of(dq) == axis
     scales, zero_points = graph.array(scale_name), graph.array(zp_name)
-    assert scales.shape == (weight_shape[axis],) and np.all(scales > 0)
+    if axis is None:  # one scale for the whole weight (ConvTranspose under "tensorrt")
+        assert "axis" not in [a.name for a in dq.attribute] and scales.shape == () and scales > 0
+    else:
+        assert axis_of(dq) == axis
+        assert scales.shape == (weight_shape[axis],) and np.all(scales > 0)
     assert zero_points.dtype == np.int8 and not zero_points.any()
     return graph.array(q_name), scales
 

@@ -78,7 +78,7 @@ def test_tensorrt_available_says_what_is_missing():
 
     assert USABLE is False and REASON
     if not torch.cuda.is_available():
-        assert "no CUDA GPU found (torch.cuda.is_available() is False)" in REASON
+        assert "no CUDA GPU found" in REASON
     if importlib.util.find_spec("tensorrt") is None:
         assert "TensorRT is not installed (pip install tensorrt-cu12)" in REASON
 
@@ -195,8 +195,10 @@ def test_engine_for_checks_the_model_before_tensorrt(float_onnx, qdq_onnx, tmp_p
 
 
 # Engine inspector output in the two documented schemas. TensorRT 10: tensors
-# carry "Format/Datatype" and the engine lists "Bindings"; TensorRT 11 splits
-# out "DataType" and lists "I/O Tensors".
+# carry "Format/Datatype", weights "Weights": {"Type", "Count"}, and the engine
+# lists "Bindings"; TensorRT 11 (NVIDIA's 10.x-to-11.x inspector migration
+# page and the schema of its trt-perf-analysis tool) splits "Format" and
+# "Datatype", lists weights as "Constants" tensors and I/O as "I/O Tensors".
 _TRT10_LAYERS = {
     "Layers": [
         {"Name": "/conv1/Conv + /act/Relu", "LayerType": "CaskConvolution", "ParameterType": "Convolution",
@@ -222,18 +224,25 @@ _TRT10_LAYERS = {
 }
 _TRT11_LAYERS = {
     "Layers": [
-        {"Name": "myl0_3", "LayerType": "kgen", "ParameterType": "Convolution",
-         "Inputs": [{"Name": "a", "DataType": "Int8", "Format": "kDHWC32"}], "Outputs": [],
+        {"Name": "myl0_3", "LayerType": "kgen",
+         "Inputs": [{"Name": "a", "Datatype": "Int8", "Format": "kDHWC32", "Dimensions": [1, 16, 16, 16, 16]}],
+         "Outputs": [{"Name": "y", "Datatype": "Float", "Format": "kLINEAR"}],
+         "Constants": [{"Name": "bias", "Datatype": "Float", "Dimensions": [8]},
+                       {"Name": "w", "Datatype": "Int8", "Dimensions": [16, 8, 2, 2, 2]}],
          "Metadata": "[ONNX Layer: /up/ConvTranspose]\x1e[ONNX Layer: /up/ConvTranspose_output_0_QuantizeLinear]"},
-        {"Name": "myl0_4", "LayerType": "kgen", "ParameterType": "Pooling",
-         "Inputs": [{"Name": "b", "DataType": "Half"}], "Outputs": []},
+        {"Name": "myl0_4", "LayerType": "kgen",
+         "Inputs": [{"Name": "y_q", "Datatype": "Int8", "Format": "kDHWC32"}], "Outputs": [],
+         "Constants": [{"Name": "w2", "Datatype": "Half", "Dimensions": [8, 8, 3, 3, 3]}],
+         "Metadata": "[ONNX Layer: /up/ConvTranspose_output_0_DequantizeLinear]\x1e[ONNX Layer: /conv2/Conv]"},
+        {"Name": "myl0_5", "LayerType": "kgen", "Inputs": [{"Name": "b", "Datatype": "Half"}], "Outputs": []},
     ],
     "I/O Tensors": [{"Name": "input", "IOMode": "Input", "DataType": "Float"}],
 }
+ONNX_OPS = {"/conv1/Conv": "Conv", "/up/ConvTranspose": "ConvTranspose", "/conv2/Conv": "Conv"}
 
 
 def test_layer_information_from_tensorrt10_json():
-    layers = parse_layer_information(json.dumps(_TRT10_LAYERS), ["/up/ConvTranspose"])
+    layers = parse_layer_information(json.dumps(_TRT10_LAYERS), ONNX_OPS)
     assert [layer["name"] for layer in layers] == ["/conv1/Conv + /act/Relu", "/up/ConvTranspose",
                                                    "/norm/InstanceNormalization"]
     conv, deconv, norm = layers
@@ -244,10 +253,12 @@ def test_layer_information_from_tensorrt10_json():
 
 
 def test_layer_information_from_tensorrt11_json():
-    layers = parse_layer_information(json.dumps(_TRT11_LAYERS), ["/up/ConvTranspose"])
-    assert [(layer["precision"], layer.get("convtranspose")) for layer in layers] == [("int8", "yes"),
-                                                                                      ("fp16", None)]
-    assert "note" not in layers[0]
+    deconv, conv, other = parse_layer_information(json.dumps(_TRT11_LAYERS), ONNX_OPS)
+    assert (deconv["type"], deconv["precision"], deconv["convtranspose"]) == ("Deconvolution", "int8", "yes")
+    assert "note" not in deconv
+    # The Conv reading the ConvTranspose's dequantized output is a Conv, by exact ONNX names.
+    assert (conv["type"], conv["precision"]) == ("Convolution", "fp16") and "convtranspose" not in conv
+    assert other["precision"] == "fp16"
 
 
 def test_layer_information_needs_detailed_verbosity():
@@ -257,12 +268,43 @@ def test_layer_information_needs_detailed_verbosity():
 
 # -- GPU ----------------------------------------------------------------------------------
 
+def _gpu_data(what, fetch):
+    """Fetch test data for a GPU test: a machine that can run TensorRT must have it, so a miss FAILS."""
+    from SlicerPTQLib import shipped
+
+    try:
+        return fetch(shipped)
+    except PTQError as exc:
+        pytest.fail(f"TensorRT runs here but the {what} for its tests is missing: {exc}")
+
+
 @pytest.fixture(scope="module")
-def shipped_qdq(shipped_model_path, calibration_paths, tmp_path_factory):
+def shipped_qdq(tmp_path_factory):
     from SlicerPTQLib.pipeline import quantize
 
-    return quantize(shipped_model_path, calibration_paths[:3], out_dir=tmp_path_factory.mktemp("shipped_trt"),
+    model = _gpu_data("shipped model", lambda shipped: shipped.shipped_model())
+    calibration = _gpu_data("calibration volumes", lambda shipped: shipped.calibration_volumes())
+    return quantize(model, calibration[:3], out_dir=tmp_path_factory.mktemp("shipped_trt"),
                     method="max", num_crops=8, placement="tensorrt")
+
+
+@pytest.fixture(scope="module")
+def gpu_evaluation_cases():
+    return _gpu_data("evaluation volumes", lambda shipped: shipped.evaluation_volumes())
+
+
+def _real_patches(spec, volume_path, count):
+    """``count`` roi-sized float32 patches of a real preprocessed volume: its centre, then mirrored copies."""
+    from SlicerPTQLib.preprocess import prepare
+    from SlicerPTQLib.volumes import read_volume
+
+    image, _ = prepare(read_volume(volume_path), spec)
+    roi = tuple(spec.roi_size)
+    image = np.pad(image, [(0, 0)] + [(0, max(0, r - s)) for s, r in zip(image.shape[1:], roi)])
+    starts = [(s - r) // 2 for s, r in zip(image.shape[1:], roi)]
+    centre = image[:, starts[0]:starts[0] + roi[0], starts[1]:starts[1] + roi[1], starts[2]:starts[2] + roi[2]]
+    patches = [centre if index == 0 else np.flip(centre, axis=1 + (index - 1) % 3) for index in range(count)]
+    return np.ascontiguousarray(np.stack(patches), dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +314,7 @@ def engine_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.gpu
 @needs_gpu
-def test_int8_engine_agrees_with_fp32_and_is_smaller(shipped_qdq, evaluation_cases, engine_dir):
+def test_int8_engine_agrees_with_fp32_and_is_smaller(shipped_qdq, gpu_evaluation_cases, engine_dir):
     from SlicerPTQLib.inference import segment_volume
     from SlicerPTQLib.metrics import mean_dice
     from SlicerPTQLib.runtimes import int8_summary
@@ -280,7 +322,7 @@ def test_int8_engine_agrees_with_fp32_and_is_smaller(shipped_qdq, evaluation_cas
     from SlicerPTQLib.volumes import read_volume
 
     spec = shipped_qdq.spec
-    volume = read_volume(evaluation_cases[0][1])
+    volume = read_volume(gpu_evaluation_cases[0][1])
     runtimes = {precision: TensorRTRuntime(path, precision=precision, roi=spec.roi_size, max_batch=1,
                                            cache_dir=engine_dir)
                 for precision, path in (("fp32", shipped_qdq.fp32_onnx), ("int8", shipped_qdq.quantized_onnx))}
@@ -289,7 +331,10 @@ def test_int8_engine_agrees_with_fp32_and_is_smaller(shipped_qdq, evaluation_cas
         assert labels["fp32"].any()
         assert mean_dice(labels["int8"], labels["fp32"]) >= 0.99
         sizes = {precision: runtime.engine_path.stat().st_size for precision, runtime in runtimes.items()}
-        assert sizes["int8"] <= 0.35 * sizes["fp32"], sizes
+        # Engines also hold kernel code, which INT8 does not shrink: ask for at least a third of the
+        # 3 bytes per weight that INT8 storage saves, not a ratio of whole files.
+        weights = sum(int(np.prod(init.dims)) for init in onnx.load(str(shipped_qdq.fp32_onnx)).graph.initializer)
+        assert sizes["fp32"] - sizes["int8"] >= weights, (sizes, weights)
         summary = int8_summary(runtimes["int8"].layer_precisions())
         assert summary["conv_int8"] > 0, summary
         assert int8_summary(runtimes["fp32"].layer_precisions())["conv_int8"] == 0
@@ -300,7 +345,7 @@ def test_int8_engine_agrees_with_fp32_and_is_smaller(shipped_qdq, evaluation_cas
 
 @pytest.mark.gpu
 @needs_gpu
-def test_second_load_is_a_cache_hit_and_batches_are_chunked(shipped_qdq, engine_dir):
+def test_second_load_is_a_cache_hit_and_batches_are_chunked(shipped_qdq, gpu_evaluation_cases, engine_dir):
     from SlicerPTQLib.runtimes.tensorrt_runtime import TensorRTRuntime
 
     spec = shipped_qdq.spec
@@ -309,7 +354,7 @@ def test_second_load_is_a_cache_hit_and_batches_are_chunked(shipped_qdq, engine_
     try:
         assert second.built is False and second.engine_path == first.engine_path
         assert first.precision == "int8" and first.max_batch == 2
-        patches = np.random.default_rng(0).random((3, spec.in_channels, *spec.roi_size), dtype=np.float32)
+        patches = _real_patches(spec, gpu_evaluation_cases[0][1], 3)
         together = second.predict(patches)
         one_by_one = np.concatenate([second.predict(patches[i:i + 1]) for i in range(3)])
         assert together.shape == (3, spec.out_channels, *spec.roi_size)
@@ -321,11 +366,11 @@ def test_second_load_is_a_cache_hit_and_batches_are_chunked(shipped_qdq, engine_
 
 @pytest.mark.gpu
 @needs_gpu
-def test_fp16_engine_tracks_fp32(shipped_qdq, engine_dir):
+def test_fp16_engine_tracks_fp32(shipped_qdq, gpu_evaluation_cases, engine_dir):
     from SlicerPTQLib.runtimes.tensorrt_runtime import TensorRTRuntime
 
     spec = shipped_qdq.spec
-    patch = np.random.default_rng(1).random((1, spec.in_channels, *spec.roi_size), dtype=np.float32)
+    patch = _real_patches(spec, gpu_evaluation_cases[0][1], 1)  # argmax agreement means nothing on noise
     outputs = {}
     for precision in ("fp32", "fp16"):
         runtime = TensorRTRuntime(shipped_qdq.fp32_onnx, precision=precision, roi=spec.roi_size, max_batch=1,

@@ -4,7 +4,13 @@ Nothing is installed at import: the Slicer module calls :func:`install_plan`
 on first use, asks the user with :meth:`InstallPlan.question`, then runs
 :func:`install` with Slicer's installers (PyTorch through the PyTorch
 extension, which picks the CUDA build; the rest with pip). TensorRT is
-planned only when a CUDA GPU is present.
+planned only when a CUDA GPU is present, in the build for the machine's
+CUDA major version (``tensorrt-cu12`` or ``tensorrt-cu13``: an unpinned
+``tensorrt`` pulls the newest, CUDA-13, build, which needs an R580+
+driver), with cuda-python for the device memory when torch is a CPU-only
+build. The ``tensorrt-cu*`` packages on PyPI are installers: TensorRT's
+libraries come from NVIDIA's index (``https://pypi.nvidia.com``), which an
+air-gapped site must mirror.
 """
 
 from __future__ import annotations
@@ -58,7 +64,8 @@ CORE_REQUIREMENTS: Tuple[Requirement, ...] = (
     Requirement("tqdm", "tqdm", "progress reporting"),
     Requirement("einops", "einops", "MONAI SwinUNETR / UNETR blocks"),
 )
-TENSORRT = Requirement("tensorrt", "tensorrt", "INT8 engines on NVIDIA GPUs")
+#: Where pip finds TensorRT's libraries (the PyPI packages only fetch them from there).
+NVIDIA_INDEX = "https://pypi.nvidia.com"
 
 
 @dataclass
@@ -74,8 +81,11 @@ class InstallPlan:
         return not self.torch and not self.packages
 
     def pip_arguments(self) -> List[str]:
-        """Requirement strings for one ``pip install`` call."""
-        return [requirement.pip for requirement in self.packages]
+        """Arguments of one ``pip install`` call (NVIDIA's index added when TensorRT is planned)."""
+        arguments = [requirement.pip for requirement in self.packages]
+        if any(requirement.module == "tensorrt" for requirement in self.packages):
+            arguments += ["--extra-index-url", NVIDIA_INDEX]
+        return arguments
 
     def question(self) -> str:
         """The confirmation text shown before installing anything."""
@@ -84,6 +94,8 @@ class InstallPlan:
             lines.append("  - PyTorch (installed by the PyTorch extension, "
                          + ("CUDA build" if self.cuda_gpu else "CPU build") + ")")
         lines += [f"  - {requirement.pip}: {requirement.purpose}" for requirement in self.packages]
+        if any(requirement.module == "tensorrt" for requirement in self.packages):
+            lines += ["", f"TensorRT's libraries are downloaded from NVIDIA's index ({NVIDIA_INDEX})."]
         lines += ["", "Install them now? This downloads several hundred MB and can take a few minutes."]
         return "\n".join(lines)
 
@@ -108,26 +120,71 @@ def is_satisfied(requirement: Requirement, find_spec: FindSpec = importlib.util.
 
 
 def cuda_gpu_present() -> bool:
-    """True when an NVIDIA GPU with a working driver is visible (torch's view when torch is installed)."""
+    """True when an NVIDIA GPU with a working driver is visible (torch's, cuda-python's or nvidia-smi's view)."""
+    from .runtimes.cuda_memory import device_status, nvidia_gpu_listed
+
+    return device_status()[0] or nvidia_gpu_listed()
+
+
+def cuda_major() -> int:
+    """The CUDA major version TensorRT must be built for here: torch's CUDA, else the driver's.
+
+    A CUDA build of torch fixes the CUDA runtime in the process, so TensorRT
+    follows it; without one, the newest CUDA the driver supports decides
+    (``nvidia-smi`` prints it as "CUDA Version: 13.0"), and 12 when unknown.
+    """
     if importlib.util.find_spec("torch") is not None:
         import torch
 
-        return bool(torch.cuda.is_available())
+        if torch.version.cuda:
+            return int(str(torch.version.cuda).split(".")[0])
+    driver = _driver_cuda_version()
+    return driver[0] if driver and driver[0] >= 13 else 12
+
+
+def _driver_cuda_version() -> Tuple[int, ...]:
+    """The newest CUDA version the NVIDIA driver supports, from ``nvidia-smi`` (``()`` if unknown)."""
     nvidia_smi = shutil.which("nvidia-smi")
     if nvidia_smi is None:
-        return False
+        return ()
     try:
-        listing = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=20, check=False)
+        header = subprocess.run([nvidia_smi], capture_output=True, text=True, timeout=20, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return listing.returncode == 0 and "GPU" in listing.stdout
+        return ()
+    match = re.search(r"CUDA Version:\s*([0-9.]+)", header)
+    return _version_tuple(match.group(1)) if match else ()
+
+
+def tensorrt_requirement(major: Optional[int] = None) -> Requirement:
+    """TensorRT for CUDA ``major`` (default: :func:`cuda_major`)."""
+    major = cuda_major() if major is None else major
+    return Requirement("tensorrt", f"tensorrt-cu{major}", f"INT8 engines on NVIDIA GPUs (CUDA {major} build, "
+                                                          "libraries from NVIDIA's index)")
+
+
+def cuda_python_requirement(major: Optional[int] = None) -> Requirement:
+    """cuda-python's bindings for CUDA ``major``: device memory when torch has no CUDA."""
+    major = cuda_major() if major is None else major
+    return Requirement("cuda.bindings", f"cuda-bindings>={major},<{major + 1}",
+                       "GPU memory for TensorRT (this torch is a CPU-only build)")
+
+
+def gpu_requirements(major: Optional[int] = None) -> List[Requirement]:
+    """What TensorRT needs on a GPU machine: TensorRT, and cuda-python unless torch has CUDA."""
+    from .runtimes.cuda_memory import torch_has_cuda
+
+    major = cuda_major() if major is None else major
+    wanted = [tensorrt_requirement(major)]
+    if importlib.util.find_spec("torch") is None or not torch_has_cuda():
+        wanted.append(cuda_python_requirement(major))
+    return wanted
 
 
 def install_plan(find_spec: FindSpec = importlib.util.find_spec, version_of: VersionOf = installed_version,
                  cuda_gpu: Optional[bool] = None) -> InstallPlan:
     """What must be installed before the core can run here (nothing is installed)."""
     cuda_gpu = cuda_gpu_present() if cuda_gpu is None else cuda_gpu
-    wanted = list(CORE_REQUIREMENTS) + ([TENSORRT] if cuda_gpu else [])
+    wanted = list(CORE_REQUIREMENTS) + (gpu_requirements() if cuda_gpu else [])
     return InstallPlan(torch=find_spec("torch") is None,
                        packages=[r for r in wanted if not is_satisfied(r, find_spec, version_of)],
                        cuda_gpu=cuda_gpu)

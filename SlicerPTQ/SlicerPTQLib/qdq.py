@@ -8,8 +8,12 @@ an INT8 network:
   ``DequantizeLinear`` (zero-point 0; Conv axis 0, ConvTranspose axis 1
   because its weight is ``(C_in, C_out/groups, k...)``, MatMul ``(K, N)``
   and Gemm ``(K, N)`` axis 1, Gemm with ``transB`` axis 0); the
-  "tensorrt" placement quantizes ConvTranspose per input channel (axis 0)
-  instead, as TensorRT requires. Biases stay float. No float copy of a
+  "tensorrt" placement gives ConvTranspose weights one scale per tensor
+  instead: NVIDIA's answers (TensorRT #2380, #1694) say its INT8
+  deconvolution takes per-input-channel scales (axis 0), NVIDIA's
+  Model-Optimizer writes axis 1, and no GPU run here settled it yet; a
+  per-tensor scale is correct under either reading (benchmarks/gpu_check.py
+  tests all three). Biases stay float. No float copy of a
   quantized weight is kept, so the file is about 4x smaller;
 - activations: one ``QuantizeLinear -> DequantizeLinear`` pair per chosen
   tensor, symmetric per tensor, int8 zero-point 0 (asymmetric uint8 made
@@ -62,7 +66,8 @@ class Placement:
     only when both inputs are activations, i.e. a residual; MatMul/Gemm
     only when the other input is a constant weight). ``output_ops``: ops
     whose float outputs are quantized. ``conv_transpose_axis``: the
-    ConvTranspose weight axis that gets one scale per channel.
+    ConvTranspose weight axis that gets one scale per channel (None: one
+    scale for the whole weight).
     ``min_input_channels``: a Conv/ConvTranspose with fewer input channels
     (per group) keeps a float input (its weights are still stored int8).
     """
@@ -70,7 +75,7 @@ class Placement:
     name: str
     input_ops: FrozenSet[str]
     output_ops: FrozenSet[str]
-    conv_transpose_axis: int = 1
+    conv_transpose_axis: Optional[int] = 1
     min_input_channels: int = 1
     description: str = ""
 
@@ -96,12 +101,13 @@ PLACEMENTS: Dict[str, Placement] = {
         name="tensorrt",
         input_ops=_COMPUTE_INPUTS,
         output_ops=frozenset({"ConvTranspose"}),
-        conv_transpose_axis=0,
+        conv_transpose_axis=None,
         description="Q/DQ on the activation inputs of Conv, ConvTranspose, MatMul, Gemm, "
                     "pooling and residual Add, and on ConvTranspose outputs so TensorRT "
-                    "fuses them into INT8 deconvolutions; ConvTranspose weights per input "
-                    "channel (axis 0), the only per-channel layout TensorRT's INT8 "
-                    "deconvolution supports (NVIDIA/TensorRT #2380, #1694)."),
+                    "fuses them into INT8 deconvolutions; ConvTranspose weights per tensor, "
+                    "correct whichever per-channel axis TensorRT's INT8 deconvolution "
+                    "takes (axis 0 per NVIDIA/TensorRT #2380, #1694; axis 1 in "
+                    "Model-Optimizer) until a GPU run settles it."),
 }
 
 
@@ -126,7 +132,7 @@ class QuantizationReport:
     #: weight initializer -> "rounded" (here) or "given" (``weight_quant``)
     weight_sources: Dict[str, str] = field(default_factory=dict)
     #: weight initializer -> axis of its per-channel scales
-    weight_axes: Dict[str, int] = field(default_factory=dict)
+    weight_axes: Dict[str, Optional[int]] = field(default_factory=dict)  # None: one scale per tensor
 
     @property
     def size_ratio(self) -> float:
@@ -315,8 +321,8 @@ def _reads_float(node, keep_float: FrozenSet[str], placement: Placement,
     return False
 
 
-def weight_axis(node, weight: np.ndarray, conv_transpose_axis: int = 1) -> int:
-    """The per-channel axis of ``node``'s weight (see module docstring)."""
+def weight_axis(node, weight: np.ndarray, conv_transpose_axis: Optional[int] = 1) -> Optional[int]:
+    """The per-channel axis of ``node``'s weight (see module docstring); None: per tensor."""
     if node.op_type == "Conv":
         return 0
     if node.op_type == "ConvTranspose":
@@ -338,7 +344,7 @@ class WeightSite:
     """
 
     op_type: str
-    axis: int
+    axis: Optional[int]
     output_axis: int
 
 
@@ -376,11 +382,17 @@ def choose_weights(model, placement: Placement,
     return chosen
 
 
-def quantize_weight(weight: np.ndarray, axis: int) -> Tuple[np.ndarray, np.ndarray]:
+def quantize_weight(weight: np.ndarray, axis: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
     """Symmetric per-channel INT8: ``(q int8 like weight, scales (weight.shape[axis],))``.
 
-    ``q`` lies in [-127, 127]; an all-zero channel gets scale 1.
+    ``q`` lies in [-127, 127]; an all-zero channel gets scale 1. ``axis``
+    None gives one scalar scale for the whole weight.
     """
+    if axis is None:
+        amax = float(np.abs(weight).max()) if weight.size else 0.0
+        scale = (amax if amax > 0 else INT8_MAX) / INT8_MAX
+        q = np.clip(np.round(weight / scale), -INT8_MAX, INT8_MAX)
+        return q.astype(np.int8), np.array(scale, dtype=np.float32)
     moved = np.moveaxis(weight.astype(np.float64), axis, 0).reshape(weight.shape[axis], -1)
     amax = np.abs(moved).max(axis=1)
     scales = np.where(amax > 0, amax, INT8_MAX) / INT8_MAX
@@ -459,9 +471,10 @@ def rewrite_graph(model, placement: Placement, ranges: Mapping[str, float],
         new_initializers += [numpy_helper.from_array(q, q_name),
                              numpy_helper.from_array(scales, scale_name),
                              numpy_helper.from_array(np.zeros(scales.shape, np.int8), zp_name)]
+        per_axis = {} if axis is None else {"axis": axis}
         front_nodes.append(helper.make_node("DequantizeLinear", [q_name, scale_name, zp_name],
                                             [out_name], name=fresh(f"{name}_DequantizeLinear"),
-                                            axis=axis))
+                                            **per_axis))
         dequantized[name] = out_name
 
     input_name = onnx_graph.image_input_name(model)

@@ -216,8 +216,6 @@ class _Checker:
             self._check_blocked(node)
         elif scale.size > 1:
             self._check_per_axis(node, scale)
-        if self._is_weight(node) and node.op_type == "DequantizeLinear":
-            self._check_weight_range(node)
 
     def _check_scale_values(self, node, scale: np.ndarray) -> None:
         values = scale.astype(np.float64)
@@ -268,6 +266,10 @@ class _Checker:
     def _check_blocked(self, node) -> None:
         if not self._is_weight(node):
             self._add(ERROR, node, "block-wise scales on an activation: activations must be per tensor")
+        elif self._for_tensorrt() and self._quantized_type(node) == _INT8:
+            # TensorRT's block quantization is for INT4/FP4/FP8 weights only.
+            self._add(ERROR, node, "block-wise scales on INT8 weights: TensorRT takes block-wise scales for "
+                                   "INT4/FP4/FP8 only; quantize INT8 weights per output channel")
 
     def _check_per_axis(self, node, scale: np.ndarray) -> None:
         axis = int(self._attr(node, "axis", 1))
@@ -327,12 +329,6 @@ class _Checker:
             if axis != expected:
                 self._add(ERROR, node, f"Gemm weights of {consumer_name} are quantized on axis {axis}; "
                                        f"with transB={1 - expected} the output axis is {expected}")
-
-    def _check_weight_range(self, node) -> None:
-        weight = self._const(node.input[0])
-        if self._for_tensorrt() and weight.dtype == np.int8 and weight.size and int(weight.min()) == -128:
-            self._add(WARNING, node, "int8 weights use -128; TensorRT's INT8 weight range is [-127, 127] "
-                                     "(quantize weights with a narrow range)")
 
     # -- graph structure ---------------------------------------------------
     def _check_followed_by_dequantize(self, node) -> None:

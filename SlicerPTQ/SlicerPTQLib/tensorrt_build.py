@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .atomic import replacing
 from .engine_cache import CachedEngine, EngineCache, EngineKey, write_atomic
@@ -152,12 +152,6 @@ def has_qdq(onnx_path: Path) -> bool:
     return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
 
 
-def convtranspose_names(onnx_path: Path) -> List[str]:
-    """Names of the ConvTranspose nodes (to find their layers in the built engine)."""
-    model = _load_onnx(onnx_path, load_weights=False)
-    return [node.name for node in model.graph.node if node.op_type == "ConvTranspose" and node.name]
-
-
 def convert_to_fp16(float_onnx: Path, out_path: Path) -> Path:
     """Write an FP16 copy of a float ONNX model for a strongly typed FP16 engine.
 
@@ -179,16 +173,35 @@ def convert_to_fp16(float_onnx: Path, out_path: Path) -> Path:
     return out_path
 
 
-def parse_layer_information(engine_json: str, convtranspose: Iterable[str] = ()) -> List[Dict[str, str]]:
+def onnx_compute_ops(onnx_path: Path) -> Dict[str, str]:
+    """``{node name: op type}`` of the Conv/ConvTranspose/MatMul/Gemm nodes (to find their engine layers)."""
+    model = _load_onnx(onnx_path, load_weights=False)
+    return {node.name: node.op_type for node in model.graph.node
+            if node.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm") and node.name}
+
+
+_LAYER_TYPES = {"Conv": "Convolution", "ConvTranspose": "Deconvolution", "MatMul": "MatrixMultiply",
+                "Gemm": "MatrixMultiply"}
+_ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
+
+
+def parse_layer_information(engine_json: str, onnx_ops: Optional[Dict[str, str]] = None) -> List[Dict[str, str]]:
     """Per engine layer ``{"name", "type", "precision"}`` from the inspector's JSON.
 
     ``engine_json`` is ``IEngineInspector.get_engine_information(LayerInformationFormat.JSON)``
-    of an engine built with ``ProfilingVerbosity.DETAILED``. Reads both the
-    TensorRT 10 tensor field (``"Format/Datatype"``) and the TensorRT 11 one
-    (``"DataType"``). A layer's precision is its weights' type when it has
-    weights, else its first input's type. Layers that come from an ONNX
-    ConvTranspose (by layer type or by the node names in ``convtranspose``)
-    get ``"convtranspose": "yes"``, and ``"note"`` when they are not INT8.
+    of an engine built with ``ProfilingVerbosity.DETAILED``; ``onnx_ops``
+    maps the ONNX compute nodes to their op types (:func:`onnx_compute_ops`).
+    Both documented schemas are read: TensorRT 10 (tensor ``"Format/Datatype"``,
+    layer ``"Weights": {"Type", "Count"}``, ``"ParameterType"``) and TensorRT 11
+    (tensor ``"Datatype"`` and ``"Format"``, weights as ``"Constants"``
+    tensors, generated ``"kgen"`` layers). A layer's type comes from its
+    TensorRT layer/parameter type, else from the ONNX nodes it was built
+    from: the exact names in its ``"Metadata"`` (``[ONNX Layer: name]``) or
+    its ``" + "``-joined name, never a substring, so the Conv that reads a
+    ConvTranspose's dequantized output is not taken for it. Precision is
+    the weights' type when there are weights, else the first input's type.
+    Layers from a ConvTranspose get ``"convtranspose": "yes"``, and a
+    ``"note"`` when they are not INT8.
     """
     try:
         document = json.loads(engine_json)
@@ -198,19 +211,26 @@ def parse_layer_information(engine_json: str, convtranspose: Iterable[str] = ())
     if layers and not isinstance(layers[0], dict):
         raise PTQError("The engine holds layer names only: it was built without ProfilingVerbosity.DETAILED; "
                        "rebuild it with slicer-ptq (the builder sets it).")
-    names = [name for name in convtranspose if name]
+    onnx_ops = dict(onnx_ops or {})
     result = []
     for layer in layers:
         layer_kind = str(layer.get("LayerType", ""))
         if layer_kind in ("NoOp", "Reformat") or "Reformat" in layer_kind:
             continue
-        parameter_kind = str(layer.get("ParameterType", layer_kind))
-        text = f"{layer.get('Name', '')} {layer.get('Metadata', '')}"
-        is_deconv = ("Deconv" in layer_kind or parameter_kind == "Deconvolution"
-                     or any(name in text for name in names))
-        entry = {"name": str(layer.get("Name", "")),
-                 "type": "Deconvolution" if is_deconv and parameter_kind == "Convolution" else parameter_kind,
-                 "precision": _layer_precision(layer)}
+        sources = _ONNX_LAYER.findall(str(layer.get("Metadata", ""))) + str(layer.get("Name", "")).split(" + ")
+        ops = [onnx_ops[name.strip()] for name in sources if name.strip() in onnx_ops]
+        parameter_kind = str(layer.get("ParameterType", ""))
+        is_deconv = ("deconv" in layer_kind.lower() or parameter_kind == "Deconvolution"
+                     or "ConvTranspose" in ops)
+        if is_deconv:
+            kind = "Deconvolution"
+        elif parameter_kind:
+            kind = parameter_kind
+        elif ops:
+            kind = _LAYER_TYPES[ops[0]]
+        else:
+            kind = layer_kind
+        entry = {"name": str(layer.get("Name", "")), "type": kind, "precision": _layer_precision(layer)}
         if is_deconv:
             entry["convtranspose"] = "yes"
             if entry["precision"] != "int8":
@@ -220,24 +240,41 @@ def parse_layer_information(engine_json: str, convtranspose: Iterable[str] = ())
     return result
 
 
-_DTYPE_PATTERN = re.compile(r"\b(Int8|INT8|FP8|FP16|Half|BFloat16|BF16|FP32|Float|Int32|INT32|Int64|UInt8|Bool)\b")
+_DTYPE_PATTERN = re.compile(r"\b(Int8|INT8|FP8|FP16|Half|BFloat16|BF16|FP32|Float|Int32|INT32|Int64|UInt8|Bool)\b",
+                            re.IGNORECASE)
 _DTYPE_NAMES = {"int8": "int8", "fp8": "fp8", "fp16": "fp16", "half": "fp16", "bfloat16": "bf16", "bf16": "bf16",
                 "fp32": "fp32", "float": "fp32", "int32": "int32", "int64": "int64", "uint8": "uint8",
                 "bool": "bool"}
 
 
-def _tensor_precision(tensor: Dict[str, Any]) -> Optional[str]:
-    text = str(tensor.get("DataType") or tensor.get("Format/Datatype") or "")
-    match = _DTYPE_PATTERN.search(text)
+def _precision_of(text: Any) -> Optional[str]:
+    match = _DTYPE_PATTERN.search(str(text or ""))
     return _DTYPE_NAMES[match.group(1).lower()] if match else None
+
+
+def _tensor_precision(tensor: Dict[str, Any]) -> Optional[str]:
+    """TensorRT 11 ``"Datatype"`` (I/O tensors: ``"DataType"``), TensorRT 10 ``"Format/Datatype"``."""
+    return _precision_of(tensor.get("Datatype") or tensor.get("DataType") or tensor.get("Format/Datatype"))
+
+
+def _elements(tensor: Dict[str, Any]) -> int:
+    count = 1
+    for dim in tensor.get("Dimensions") or []:
+        count *= int(dim) if isinstance(dim, int) and dim > 0 else 1
+    return count
 
 
 def _layer_precision(layer: Dict[str, Any]) -> str:
     weights = layer.get("Weights")
     if isinstance(weights, dict) and weights.get("Count", 1):
-        match = _DTYPE_PATTERN.search(str(weights.get("Type", "")))
-        if match:
-            return _DTYPE_NAMES[match.group(1).lower()]
+        precision = _precision_of(weights.get("Type"))
+        if precision is not None:
+            return precision
+    constants = [tensor for tensor in layer.get("Constants") or [] if isinstance(tensor, dict)]
+    for tensor in sorted(constants, key=_elements, reverse=True):
+        precision = _tensor_precision(tensor)
+        if precision is not None:
+            return precision
     for key in ("Inputs", "Outputs"):
         for tensor in layer.get(key) or []:
             if isinstance(tensor, dict):
@@ -254,21 +291,29 @@ def tensorrt_major(trt) -> int:
 
 
 def gpu_identity(device: int = 0) -> Tuple[str, str]:
-    """``(GPU name, compute capability "major.minor")`` of a CUDA device."""
-    import torch
+    """``(GPU name, compute capability "major.minor")`` of a CUDA device (torch or cuda-python)."""
+    from .runtimes import cuda_memory
 
-    major, minor = torch.cuda.get_device_capability(device)
-    return torch.cuda.get_device_name(device), f"{major}.{minor}"
+    return cuda_memory.open_device(device).identity()
 
 
 _LOGGER = None
 
 
 def trt_logger():
-    """The process-wide TensorRT logger (TensorRT treats its logger as a singleton)."""
+    """The process-wide TensorRT logger (TensorRT treats its logger as a singleton).
+
+    Errors are kept (the last 20) so a failure can quote them; messages the
+    Python log would drop are returned from before any work is done on them,
+    since a build sends thousands of VERBOSE/INFO lines through this callback.
+    """
     global _LOGGER
     if _LOGGER is None:
         import tensorrt as trt
+
+        levels = {trt.ILogger.INTERNAL_ERROR: logging.ERROR, trt.ILogger.ERROR: logging.ERROR,
+                  trt.ILogger.WARNING: logging.WARNING, trt.ILogger.INFO: logging.DEBUG,
+                  trt.ILogger.VERBOSE: logging.DEBUG}
 
         class _Logger(trt.ILogger):
             """Forwards TensorRT messages to Python logging and keeps the recent errors."""
@@ -278,16 +323,54 @@ def trt_logger():
                 self.errors: List[str] = []
 
             def log(self, severity, msg) -> None:
-                if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
-                    self.errors = (self.errors + [msg])[-20:]
-                    log.error("TensorRT: %s", msg)
-                elif severity == trt.ILogger.WARNING:
-                    log.warning("TensorRT: %s", msg)
-                else:
-                    log.debug("TensorRT: %s", msg)
+                level = levels.get(severity, logging.DEBUG)
+                if level >= logging.ERROR:
+                    self.errors = (self.errors + [str(msg)])[-20:]
+                if log.isEnabledFor(level):
+                    log.log(level, "TensorRT: %s", msg)
 
         _LOGGER = _Logger()
     return _LOGGER
+
+
+def tensorrt_failure(what: str, fix: str, exc: Optional[BaseException] = None) -> PTQError:
+    """A PTQError for a failed TensorRT call that quotes the logger's last errors (the real reason)."""
+    import tensorrt as trt
+
+    errors = trt_logger().errors[-3:]
+    reason = "; ".join(errors) if errors else (str(exc) if exc is not None else "no error was logged")
+    return PTQError(f"TensorRT {trt.__version__} {what}: {reason}. {fix}")
+
+
+def create_builder(logger):
+    """``trt.Builder``; a PTQError instead of pybind11's ``TypeError`` when CUDA cannot start."""
+    import tensorrt as trt
+
+    try:
+        builder = trt.Builder(logger)
+    except (TypeError, RuntimeError) as exc:
+        raise tensorrt_failure("cannot create a builder", CUDA_FIX, exc) from exc
+    if builder is None:
+        raise tensorrt_failure("cannot create a builder", CUDA_FIX)
+    return builder
+
+
+def create_runtime(logger):
+    """``trt.Runtime``; a PTQError instead of pybind11's ``TypeError`` when CUDA cannot start."""
+    import tensorrt as trt
+
+    try:
+        runtime = trt.Runtime(logger)
+    except (TypeError, RuntimeError) as exc:
+        raise tensorrt_failure("cannot create a runtime", CUDA_FIX, exc) from exc
+    if runtime is None:
+        raise tensorrt_failure("cannot create a runtime", CUDA_FIX)
+    return runtime
+
+
+#: The fix for a builder or runtime that cannot be created.
+CUDA_FIX = ("Check the NVIDIA driver (nvidia-smi) and that TensorRT's CUDA major version (tensorrt-cu12 or "
+            "tensorrt-cu13) matches the driver's")
 
 
 def build_serialized_engine(onnx_path: Path, settings: BuildSettings,
@@ -305,14 +388,13 @@ def build_serialized_engine(onnx_path: Path, settings: BuildSettings,
     profile = profile_shapes(onnx_path, settings)
     logger = trt_logger()
     logger.errors = []
-    builder = trt.Builder(logger)
+    builder = create_builder(logger)
     # TensorRT 11 networks are always strongly typed and ignore the flag.
     flags = 0 if tensorrt_major(trt) >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if hasattr(trt, "OnnxParserFlag") and hasattr(trt.OnnxParserFlag, "NATIVE_INSTANCENORM"):
-        # INormalizationLayer instead of the legacy InstanceNorm plugin (works in every precision).
-        parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)
+    # INormalizationLayer instead of the legacy InstanceNorm plugin (works in every precision).
+    parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)
     started = time.perf_counter()
     if not parser.parse_from_file(str(onnx_path)):
         problems = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
@@ -333,9 +415,8 @@ def build_serialized_engine(onnx_path: Path, settings: BuildSettings,
     serialized = builder.build_serialized_network(network, config)
     build_seconds = time.perf_counter() - started
     if serialized is None:
-        details = "; ".join(logger.errors[-3:]) or "see the TensorRT log"
-        raise PTQError(f"TensorRT {trt.__version__} failed to build a {settings.precision} engine from "
-                       f"{onnx_path}: {details}. A smaller max_batch or a larger workspace may help.")
+        raise tensorrt_failure(f"failed to build a {settings.precision} engine from {onnx_path}",
+                               "A smaller max_batch or a larger workspace may help.")
     if timing_cache is not None:
         write_atomic(Path(timing_cache), bytes(config.get_timing_cache().serialize()))
     metadata = {
@@ -347,7 +428,7 @@ def build_serialized_engine(onnx_path: Path, settings: BuildSettings,
         "network_layers": network.num_layers,
         "parse_seconds": round(parse_seconds, 3),
         "build_seconds": round(build_seconds, 3),
-        "convtranspose_nodes": convtranspose_names(onnx_path),
+        "onnx_ops": onnx_compute_ops(onnx_path),
     }
     return bytes(serialized), metadata
 
@@ -376,7 +457,11 @@ def engine_key(onnx_path: Path, settings: BuildSettings, device: int = 0) -> Eng
     quantization: Dict[str, Any] = {"precision": settings.precision,
                                     "producer_settings": _producer_settings(onnx_path)}
     if settings.precision == "fp16":
+        import onnxruntime
+
+        # The FP16 file comes from onnxruntime's converter: another version may write another graph.
         quantization["fp16_recipe"] = FP16_RECIPE
+        quantization["fp16_converter"] = f"onnxruntime {onnxruntime.__version__}"
     return EngineKey(model_sha256=sha256_of(onnx_path), quantization=quantization,
                      tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
                      profile=profile_shapes(onnx_path, settings), builder=settings.builder_fields())
@@ -401,6 +486,11 @@ def engine_for(onnx_path: Path, settings: BuildSettings, cache_dir: Optional[Pat
             raise PTQError(f"{onnx_path} has no Q/DQ nodes, so TensorRT cannot build INT8 kernels from it. "
                            "Quantize it first (slicer-ptq quantize --placement tensorrt) and give model.int8.onnx.")
         warnings = [str(finding) for finding in assert_valid(onnx_path, target="tensorrt")]
+        if _producer_settings(onnx_path).get("placement") == "cpu":
+            warnings.append(f"{onnx_path.name} was quantized with placement 'cpu' (for OpenVINO: norm and "
+                            "activation outputs quantized too); TensorRT runs it, but re-quantize with "
+                            "--placement tensorrt for TensorRT's fusions")
+            log.warning("%s", warnings[-1])
     elif quantized:
         raise PTQError(f"{onnx_path} is a quantized (Q/DQ) model; {settings.precision} engines are built from "
                        "the float model (model.fp32.onnx).")
@@ -417,7 +507,7 @@ def engine_for(onnx_path: Path, settings: BuildSettings, cache_dir: Optional[Pat
             with tempfile.TemporaryDirectory(prefix="slicer-ptq-fp16-") as folder:
                 fp16_model = convert_to_fp16(onnx_path, Path(folder) / (onnx_path.stem + ".fp16.onnx"))
                 engine, metadata = build_serialized_engine(fp16_model, settings, timing_cache)
-            metadata["convtranspose_nodes"] = convtranspose_names(onnx_path)
+            metadata["onnx_ops"] = onnx_compute_ops(onnx_path)
         metadata.update({"source_onnx": str(onnx_path), "gpu_name": key.gpu_name,
                          "compute_capability": key.compute_capability, "qdq_warnings": warnings})
         return engine, metadata

@@ -2,13 +2,16 @@
 
 The engine comes from :mod:`..tensorrt_build` (strongly typed, one
 optimization profile for the sliding-window patches, cached per model,
-settings, TensorRT version and GPU). Inference binds torch CUDA tensors to
-the engine's I/O (``set_input_shape`` + ``set_tensor_address``) and enqueues
-``execute_async_v3`` on a torch CUDA stream; a batch larger than the
-profile's maximum is run in chunks.
+settings, TensorRT version and GPU). Inference binds device buffers to the
+engine's I/O (``set_input_shape`` + ``set_tensor_address``) and enqueues
+``execute_async_v3`` on one stream; a batch larger than the profile's
+maximum is run in chunks. Device memory and the stream come from
+:mod:`.cuda_memory`: torch CUDA tensors when torch has CUDA, else
+cuda-python (a CPU-only torch, as in many Slicer installs, must not hide
+the GPU).
 
-This module imports without TensorRT, CUDA or a GPU: ``tensorrt`` and
-``torch.cuda`` are touched only inside functions, and
+This module imports without TensorRT, CUDA or a GPU: ``tensorrt``, torch
+and cuda-python are touched only inside functions, and
 :func:`tensorrt_available` says in one sentence what is missing.
 """
 
@@ -16,42 +19,71 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import torch
-
 from ..errors import PTQError
+from . import cuda_memory
 from .base import Runtime
 
 PRECISIONS = ("int8", "fp16", "fp32")
 ENGINE_SUFFIXES = (".engine", ".plan")
-INSTALL_HINT = "pip install tensorrt-cu12"
+
+_RUNTIME_CHECK: Dict[str, str] = {}  # TensorRT version -> why a Runtime cannot be created ("" = it can)
+
+
+def install_hint() -> str:
+    """The pip command for TensorRT matching this machine's CUDA (see dependencies.tensorrt_requirement)."""
+    from ..dependencies import tensorrt_requirement
+
+    return f"pip install {tensorrt_requirement().pip}"
 
 
 def tensorrt_available() -> Tuple[bool, str]:
-    """``(True, "TensorRT x on <GPU>")`` when engines can run here, else ``(False, why not)``."""
+    """``(True, "TensorRT x on <GPU>")`` when engines can run here, else ``(False, why not)``.
+
+    Really creates a ``trt.Runtime`` once per process (the cheapest call
+    that needs libnvinfer and a working CUDA driver), so a broken install
+    is reported here and not halfway through a segmentation.
+    """
     reasons = []
-    try:
-        import torch
-    except ImportError:
-        torch = None
-        reasons.append("PyTorch is not installed (install a CUDA build of torch)")
-    if torch is not None and not torch.cuda.is_available():
-        reasons.append("no CUDA GPU found (torch.cuda.is_available() is False)")
+    device_ok, device_how = cuda_memory.device_status()
+    if not device_ok:
+        reasons.append(device_how)
     trt = None
     if importlib.util.find_spec("tensorrt") is None:
-        reasons.append(f"TensorRT is not installed ({INSTALL_HINT})")
+        reasons.append(f"TensorRT is not installed ({install_hint()})")
     else:
         try:
             import tensorrt as trt
         except (ImportError, OSError) as exc:
             reasons.append(f"TensorRT is installed but cannot be loaded ({exc})")
+    if trt is not None and device_ok:
+        problem = _runtime_problem(trt)
+        if problem:
+            reasons.append(problem)
     if reasons:
         return False, "; ".join(reasons)
-    return True, f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(0)}"
+    try:
+        gpu, _ = cuda_memory.open_device(0).identity()
+    except PTQError as exc:
+        return False, str(exc).rstrip(".")
+    return True, f"TensorRT {trt.__version__} on {gpu} (device memory: {device_how})"
+
+
+def _runtime_problem(trt) -> str:
+    """Why ``trt.Runtime`` cannot be created here ("" when it can); tried once per process."""
+    from ..tensorrt_build import create_runtime, trt_logger
+
+    version = str(trt.__version__)
+    if version not in _RUNTIME_CHECK:
+        try:
+            create_runtime(trt_logger())
+            _RUNTIME_CHECK[version] = ""
+        except PTQError as exc:
+            _RUNTIME_CHECK[version] = str(exc).rstrip(".")
+    return _RUNTIME_CHECK[version]
 
 
 def require_tensorrt() -> None:
@@ -73,6 +105,8 @@ class TensorRTRuntime(Runtime):
     ``max_batch`` patches go through one engine call. Engines are cached in
     ``cache_dir`` (default ``~/.cache/slicer-ptq/tensorrt``); :attr:`built`
     tells whether this call built the engine or found it cached.
+    :attr:`memory` holds the device buffers and the stream (torch or
+    cuda-python, :mod:`.cuda_memory`).
 
     Example::
 
@@ -87,16 +121,15 @@ class TensorRTRuntime(Runtime):
                  optimization_level: int = 3, workspace_mib: int = 4096, device: int = 0) -> None:
         require_tensorrt()
         import tensorrt as trt
-        import torch
 
-        from ..tensorrt_build import trt_logger
+        from ..tensorrt_build import create_runtime, tensorrt_failure, trt_logger
 
         path = Path(model_path_or_engine)
         if not path.is_file():
             raise PTQError(f"Model file not found: {path}. Give a .onnx file or a built .engine file.")
-        self.device = torch.device("cuda", device)
+        self.memory = cuda_memory.open_device(device)
         # TensorRT builds and loads on the calling thread's current CUDA device.
-        with torch.cuda.device(self.device):
+        with self.memory.current():
             if path.suffix.lower() in ENGINE_SUFFIXES:
                 engine_bytes, self.metadata = _engine_file(path, device)
                 self.engine_path = path
@@ -112,16 +145,20 @@ class TensorRTRuntime(Runtime):
                 self.engine_path = cached.engine_path
                 self.built = cached.built
                 self.precision = self.metadata["precision"]
-            self._runtime = trt.Runtime(trt_logger())
+            logger = trt_logger()
+            logger.errors = []
+            self._runtime = create_runtime(logger)
+            rebuild = "Delete it and give the ONNX model to rebuild it."
             self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
             if self.engine is None:
-                raise PTQError(f"TensorRT {trt.__version__} could not load the engine {self.engine_path}; "
-                               "delete it and give the ONNX model to rebuild it.")
+                raise tensorrt_failure(f"could not load the engine {self.engine_path}", rebuild)
             self.context = self.engine.create_execution_context()
-            self.stream = torch.cuda.Stream(device=self.device)
-        self._bind_io(trt, torch)
+            if self.context is None:
+                raise tensorrt_failure(f"could not create an execution context for {self.engine_path} (out of "
+                                       "GPU memory?)", "Close other GPU programs or lower max_batch.")
+        self._bind_io(trt)
 
-    def _bind_io(self, trt, torch) -> None:
+    def _bind_io(self, trt) -> None:
         names = [self.engine.get_tensor_name(index) for index in range(self.engine.num_io_tensors)]
         inputs = [name for name in names if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT]
         self._outputs = [name for name in names if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT]
@@ -129,7 +166,7 @@ class TensorRTRuntime(Runtime):
             raise PTQError(f"The engine {self.engine_path} has {len(inputs)} inputs and {len(self._outputs)} "
                            "outputs; the sliding-window runtime needs one image input.")
         self._input = inputs[0]
-        self._dtypes = {name: _torch_dtype(trt, torch, self.engine.get_tensor_dtype(name)) for name in names}
+        self._dtypes = {name: _numpy_dtype(trt, self.engine.get_tensor_dtype(name)) for name in names}
         low, _, high = (tuple(shape) for shape in self.engine.get_tensor_profile_shape(self._input, 0))
         self.max_batch = int(high[0])
         self.channels = int(high[1])
@@ -137,48 +174,48 @@ class TensorRTRuntime(Runtime):
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Forward float32 ``(B, C, D, H, W)`` patches; returns the float32 ``(B, K, D, H, W)`` output."""
-        import torch
-
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         self._check_batch(batch.shape)
         results = []
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream), torch.inference_mode():
+        with self.memory.current():
             for start in range(0, batch.shape[0], self.max_batch):
-                chunk = torch.from_numpy(batch[start:start + self.max_batch]).to(self.device)
-                output = self.run_device(chunk)
-                results.append(output.float().cpu().numpy())
+                chunk = batch[start:start + self.max_batch].astype(self._dtypes[self._input], copy=False)
+                output = self.run_device(self.memory.upload(chunk))
+                results.append(self.memory.download(output).astype(np.float32, copy=False))
         return results[0] if len(results) == 1 else np.concatenate(results, axis=0)
 
-    def run_device(self, inputs) -> "torch.Tensor":
-        """Enqueue one engine call on :attr:`stream` for a CUDA tensor (b <= max_batch, C, D, H, W).
+    def run_device(self, inputs: Any) -> Any:
+        """Enqueue one engine call on the device stream for a device buffer (b <= max_batch, C, D, H, W).
 
-        Returns the first output as a CUDA tensor; the work is asynchronous,
-        so synchronize :attr:`stream` (or copy to the host) before reading it.
+        ``inputs`` is a buffer of :attr:`memory` (a CUDA tensor with torch)
+        in the engine's input type. Returns the first output's buffer; the
+        work is asynchronous, so read it with ``memory.download`` (which
+        waits) or synchronize first.
         """
-        import torch
-
-        if inputs.dtype != self._dtypes[self._input]:
-            inputs = inputs.to(self._dtypes[self._input])
-        inputs = inputs.contiguous()
-        if not self.context.set_input_shape(self._input, tuple(inputs.shape)):
-            raise PTQError(f"The engine rejects input shape {tuple(inputs.shape)}; it was built for batch "
+        shape = tuple(int(v) for v in inputs.shape)
+        if not self.context.set_input_shape(self._input, shape):
+            raise PTQError(f"The engine rejects input shape {shape}; it was built for batch "
                            f"1..{self.max_batch} and patches {self.spatial_range[0]}..{self.spatial_range[1]}.")
-        self.context.set_tensor_address(self._input, inputs.data_ptr())
+        self._bind(self._input, inputs)
         outputs = []
         for name in self._outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            tensor = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
-            tensor.record_stream(self.stream)
-            self.context.set_tensor_address(name, tensor.data_ptr())
-            outputs.append(tensor)
-        # The input may come from another stream: start only once it is written,
-        # and keep every buffer alive until this stream is done with it.
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        inputs.record_stream(self.stream)
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise PTQError("TensorRT failed to run the engine (see the TensorRT log above); rebuild it from "
-                           "the ONNX model or lower max_batch.")
+            buffer = self.memory.empty(tuple(self.context.get_tensor_shape(name)), self._dtypes[name])
+            self._bind(name, buffer)
+            outputs.append(buffer)
+        # Keep every buffer alive until the stream is done with it (the next call replaces them).
+        self._in_flight = [inputs] + outputs
+        if not self.context.execute_async_v3(self.memory.stream_handle):
+            from ..tensorrt_build import tensorrt_failure
+
+            raise tensorrt_failure("failed to run the engine", "Rebuild it from the ONNX model or lower max_batch.")
         return outputs[0]
+
+    def _bind(self, name: str, buffer: Any) -> None:
+        if not self.context.set_tensor_address(name, self.memory.address(buffer)):
+            from ..tensorrt_build import tensorrt_failure
+
+            raise tensorrt_failure(f"refused the device address of tensor '{name}'",
+                                   "Rebuild the engine from the ONNX model.")
 
     def _check_batch(self, shape: Tuple[int, ...]) -> None:
         low, high = self.spatial_range
@@ -188,22 +225,26 @@ class TensorRTRuntime(Runtime):
             raise PTQError(f"Patch size {shape[2:]} is outside the engine's profile {low}..{high}; build the "
                            "engine with the roi the sliding window uses (roi=...).")
 
+    def layer_information(self) -> str:
+        """The engine inspector's JSON (``LayerInformationFormat.JSON``) of the whole engine."""
+        import tensorrt as trt
+
+        inspector = self.engine.create_engine_inspector()
+        return inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+
     def layer_precisions(self) -> List[Dict[str, str]]:
         """Per engine layer ``{"name", "type", "precision"}`` from TensorRT's engine inspector.
 
         ConvTranspose layers carry ``"convtranspose": "yes"`` and a
         ``"note"`` when they did not run INT8.
         """
-        import tensorrt as trt
-
         from ..tensorrt_build import parse_layer_information
 
-        inspector = self.engine.create_engine_inspector()
-        text = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
-        return parse_layer_information(text, self.metadata.get("convtranspose_nodes", []))
+        return parse_layer_information(self.layer_information(), self.metadata.get("onnx_ops", {}))
 
     def close(self) -> None:
         """Release the execution context and the engine's device memory."""
+        self._in_flight = []
         self.context = None
         self.engine = None
         self._runtime = None
@@ -257,14 +298,10 @@ def _engine_file(path: Path, device: int) -> Tuple[bytes, Dict]:
     return path.read_bytes(), record.get("metadata", {})
 
 
-def _torch_dtype(trt, torch, trt_type):
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int8: torch.int8,
-             trt.int32: torch.int32, trt.bool: torch.bool}
-    if hasattr(trt, "bfloat16"):
-        table[trt.bfloat16] = torch.bfloat16
-    if hasattr(trt, "int64"):
-        table[trt.int64] = torch.int64
+def _numpy_dtype(trt, trt_type) -> np.dtype:
+    table = {trt.float32: np.float32, trt.float16: np.float16, trt.int8: np.int8, trt.int32: np.int32,
+             trt.int64: np.int64, trt.bool: np.bool_}
     if trt_type not in table:
         raise PTQError(f"The engine uses I/O type {trt_type}, which the runtime cannot bind; export the "
                        "network with float32 input and output.")
-    return table[trt_type]
+    return np.dtype(table[trt_type])
