@@ -2,10 +2,13 @@
 
 Each fixture skips (never fakes) when its files cannot be fetched, e.g.
 without access to PyPI, or without apt for the Debian-only volumes.
+Builds go to a temporary folder for the session, never to the user's
+build cache; fetched files (pinned by SHA-256) stay in the shared cache.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Tuple
@@ -14,6 +17,19 @@ import pytest
 
 from SlicerPTQLib import shipped
 from SlicerPTQLib.errors import PTQError
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_builds_cache(tmp_path_factory) -> Iterator[Path]:
+    """``SLICER_PTQ_BUILDS`` at a temporary folder for the whole session (workers inherit it)."""
+    folder = tmp_path_factory.mktemp("builds")
+    previous = os.environ.get("SLICER_PTQ_BUILDS")
+    os.environ["SLICER_PTQ_BUILDS"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("SLICER_PTQ_BUILDS", None)
+    else:
+        os.environ["SLICER_PTQ_BUILDS"] = previous
 
 
 @pytest.fixture(scope="session")

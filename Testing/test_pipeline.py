@@ -21,7 +21,7 @@ def quantized(shipped_model_path, calibration_paths, tmp_path_factory):
 
 def test_quantize_writes_the_artifacts(quantized):
     names = sorted(p.name for p in quantized.out_dir.iterdir())
-    assert names == ["model.fp32.onnx", "model.int8.onnx", "model.json", "quantization.json"]
+    assert names == ["manifest.sha256.json", "model.fp32.onnx", "model.int8.onnx", "model.json", "quantization.json"]
     report = json.loads((quantized.out_dir / "quantization.json").read_text())
     assert report["size_mb"]["quantized_onnx"] <= 0.3 * report["size_mb"]["fp32_onnx"]
     assert report["settings"]["method"] == "max"
@@ -52,7 +52,7 @@ def test_cli_end_to_end(quantized, evaluation_cases, tmp_path):
 
 def test_second_run_without_out_dir_is_served_from_the_cache(shipped_model_path, calibration_paths,
                                                              tmp_path, monkeypatch):
-    monkeypatch.setenv("SLICER_PTQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("SLICER_PTQ_BUILDS", str(tmp_path))
     first = pipeline.quantize(shipped_model_path, calibration_paths[:1], num_crops=1)
     second = pipeline.quantize(shipped_model_path, calibration_paths[:1], num_crops=1)
     assert "cached" not in first.report and second.report["cached"] is True

@@ -226,7 +226,7 @@ def test_gui_apply_builds_and_segments_through_workers(scene, shipped_model_path
     """What Apply does: a fresh build in a worker, published atomically, then segmentation in a worker."""
     from SlicerPTQLib.logic import PTQLogic
 
-    monkeypatch.setenv("SLICER_PTQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SLICER_PTQ_BUILDS", str(tmp_path / "cache" / "builds"))
     shutil.copytree(shipped_model_path.parent, tmp_path / "model")
     model = tmp_path / "model" / shipped_model_path.name
     calibration = slicer_nodes.add_volume_node(scene, read_volume(calibration_paths[0]), "calibration 2")
@@ -271,9 +271,9 @@ def test_accuracy_budget_reaches_the_worker_and_keys_the_build_folder(shipped_mo
     with_budget, budget_staging = _first_worker_call(shipped_model_path, tiny_node, accuracyBudget=0.99)
     assert with_budget[-2:] == ["--accuracy-budget", "0.99"]
     assert with_budget[:-2] == [part.replace(str(staging), str(budget_staging)) for part in without]
-    # Staged as ".<build folder>.partial-*": a budget is another build than none, or than another budget.
+    # Staged as ".partial-<build folder>.<pid>-*": a budget is another build than none, or than another budget.
     _, other_staging = _first_worker_call(shipped_model_path, tiny_node, accuracyBudget=0.98)
-    folders = {path.name.split(".partial-")[0] for path in (staging, budget_staging, other_staging)}
+    folders = {path.name.split(".partial-")[1].rsplit(".", 1)[0] for path in (staging, budget_staging, other_staging)}
     assert len(folders) == 3
 
 
@@ -302,7 +302,7 @@ def test_accuracy_budget_build_in_a_worker_reports_its_sensitivity(scene, shippe
     """A loose budget the fully quantized model meets: a real worker build, then the same request from the cache."""
     from SlicerPTQLib.logic import PTQLogic
 
-    monkeypatch.setenv("SLICER_PTQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SLICER_PTQ_BUILDS", str(tmp_path / "builds"))
     calibration = slicer_nodes.add_volume_node(scene, read_volume(calibration_paths[0]), "budget calibration")
     built = PTQLogic().quantize(str(shipped_model_path), [calibration], numCrops=1, runtime="openvino",
                                 accuracyBudget=0.9)

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                         "on the calibration volumes, e.g. 0.99 (INT8 weights only)")
     q.add_argument("--arch", help="MONAI network name when MODEL is a state dict, e.g. UNet")
     q.add_argument("--arch-args", type=json.loads, default=None, help="JSON constructor arguments for --arch")
+    q.add_argument("--trust-bundle-code", action="store_true",
+                   help="let MONAI evaluate the Python expressions ('$...') and objects ('_target_') in a bundle's "
+                        "configs; only for bundles whose author you trust (default: configs are read as data)")
 
     s = sub.add_parser("segment", help="segment a volume with a (quantized) model")
     s.add_argument("model", type=Path, help="model file with its metadata JSON beside it")
@@ -113,7 +116,8 @@ def run(args) -> int:
                                    num_crops=args.num_crops, roi=_roi(args.roi), seed=args.seed,
                                    placement=args.placement, weight_bits=args.weight_bits,
                                    lowbit_solver=args.lowbit_solver, arch=args.arch, arch_args=args.arch_args,
-                                   accuracy_budget=args.accuracy_budget, progress=_progress(args))
+                                   accuracy_budget=args.accuracy_budget, progress=_progress(args),
+                                   trust_bundle_code=args.trust_bundle_code)
         sizes = result.report["size_mb"]
         if not args.progress_json:
             print(f"FP32 ONNX  {result.fp32_onnx}  {sizes['fp32_onnx']:.2f} MB")
@@ -177,6 +181,9 @@ def _roi(values: Optional[List[int]]):
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``slicer-ptq``; returns the exit code."""
+    from .worker_process import exit_with_parent
+
+    exit_with_parent()  # a worker of a Slicer session or a PTQLogic ends with it
     args = _parser().parse_args(argv)
     try:
         return run(args)

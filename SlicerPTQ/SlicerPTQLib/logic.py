@@ -21,7 +21,6 @@ Console example (inside 3D Slicer)::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -33,7 +32,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from . import catalog, pipeline, slicer_nodes
+from . import build_cache, catalog, pipeline, slicer_nodes
+from .atomic import owned_prefix, remove_stale, staging_folder
 from .errors import PTQError
 from .metrics import file_size_mb
 from .progress import ProgressCallback
@@ -109,9 +109,9 @@ class BuiltModel:
 
     @classmethod
     def fromFolder(cls, folder: Path, precision: str = "int8") -> Optional["BuiltModel"]:
-        """A finished build in ``folder`` (its report lists files that all exist), else None."""
+        """A finished build in ``folder`` (its manifest verifies, its report lists its files), else None."""
         report_file = Path(folder) / REPORT_NAME
-        if not report_file.is_file():
+        if not report_file.is_file() or not build_cache.reusable(folder):
             return None
         try:
             report = json.loads(report_file.read_text())
@@ -285,7 +285,7 @@ class PTQLogic:
     def quantize(self, modelPath: Union[str, Path], calibrationVolumeNodes: Sequence, outDir: Optional[Path] = None,
                  method: str = "max", numCrops: int = 20, precision: str = "int8", runtime: Optional[str] = None,
                  accuracyBudget: Optional[float] = None, progress: Optional[ProgressCallback] = None,
-                 log: Optional[LogCallback] = None) -> BuiltModel:
+                 log: Optional[LogCallback] = None, trustBundleCode: bool = False) -> BuiltModel:
         """Calibrate on volume nodes and build FP32 + quantized ONNX models (blocking).
 
         ``modelPath``: catalog id, TorchScript/ONNX file or MONAI bundle
@@ -294,25 +294,29 @@ class PTQLogic:
         ``accuracyBudget`` (e.g. 0.99, int8 only): keep the layers INT8 hurts
         most in float until the labels agree with FP32's at this Dice on the
         calibration volumes; see :meth:`BuiltModel.sensitivitySummary`.
+        ``trustBundleCode``: let MONAI evaluate the Python expressions in a
+        bundle's configs (ask the user first); by default they are refused.
         """
         if not self.inProcess:
             return self.startQuantize(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision,
-                                      runtime, accuracyBudget, progress, log).wait()
+                                      runtime, accuracyBudget, progress, log, trustBundleCode).wait()
         plan = self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime,
-                               accuracyBudget)
+                               accuracyBudget, trustBundleCode)
         if plan.cached is not None:
             return plan.cached
         result = pipeline.quantize(plan.modelPath, plan.volumes, plan.destination, method=method,
                                    num_crops=numCrops, weight_bits=plan.precision.weight_bits,
-                                   placement=plan.placement, accuracy_budget=accuracyBudget, progress=progress)
+                                   placement=plan.placement, accuracy_budget=accuracyBudget, progress=progress,
+                                   trust_bundle_code=trustBundleCode)
         return BuiltModel(folder=result.out_dir, fp32Model=result.fp32_onnx, quantizedModel=result.quantized_onnx,
                           spec=result.spec, precision=precision, report=result.report)
 
     def startQuantize(self, modelPath, calibrationVolumeNodes, outDir=None, method="max", numCrops=20,
-                      precision="int8", runtime=None, accuracyBudget=None, progress=None, log=None) -> PTQJob:
+                      precision="int8", runtime=None, accuracyBudget=None, progress=None, log=None,
+                      trustBundleCode=False) -> PTQJob:
         """:meth:`quantize` as a job running in a worker process; its result is a :class:`BuiltModel`."""
         plan = self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime,
-                               accuracyBudget)
+                               accuracyBudget, trustBundleCode)
         steps, finish, cleanup = self._quantizeSteps(plan)
         return PTQJob(steps, finish, cleanup, progress, log, self.launcher).start()
 
@@ -350,7 +354,7 @@ class PTQLogic:
 
     def startBuildAndSegment(self, model, calibrationVolumeNodes, volumeNode, segmentationNode=None,
                              method="max", numCrops=20, precision="int8", runtime=None, compareWithFP32=False,
-                             accuracyBudget=None, progress=None, log=None) -> PTQJob:
+                             accuracyBudget=None, progress=None, log=None, trustBundleCode=False) -> PTQJob:
         """What the GUI's Apply does: build (or reuse) the model, then segment; one job.
 
         Without calibration volumes the input volume itself calibrates
@@ -358,7 +362,8 @@ class PTQLogic:
         result's ``table["build"]`` tells what the build measured.
         """
         calibration = list(calibrationVolumeNodes) or [volumeNode]
-        plan = self._buildPlan(model, calibration, None, method, numCrops, precision, runtime, accuracyBudget)
+        plan = self._buildPlan(model, calibration, None, method, numCrops, precision, runtime, accuracyBudget,
+                               trustBundleCode)
         build_steps, build_finish, build_cleanup = self._quantizeSteps(plan)
         state: Dict[str, Any] = {}
 
@@ -375,7 +380,7 @@ class PTQLogic:
     # --- internals ------------------------------------------------------------------------------
 
     def _buildPlan(self, model, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime,
-                   accuracyBudget) -> "_BuildPlan":
+                   accuracyBudget, trustBundleCode=False) -> "_BuildPlan":
         if method not in METHODS:
             raise PTQError(f"Unknown calibration method '{method}'. Choose one of: {', '.join(METHODS)}.")
         if not calibrationVolumeNodes:
@@ -392,14 +397,15 @@ class PTQLogic:
             settings["accuracy_budget"] = float(accuracyBudget)
         destination = Path(outDir) if outDir is not None else _build_folder(model_path, volumes, settings)
         cached = BuiltModel.fromFolder(destination, choice.key) if outDir is None else None
-        return _BuildPlan(model_path, volumes, settings, destination, choice, placement, cached)
+        return _BuildPlan(model_path, volumes, settings, destination, choice, placement, cached, outDir is None,
+                          trustBundleCode)
 
     def _quantizeSteps(self, plan: "_BuildPlan"):
         if plan.cached is not None:
             return [], lambda: plan.cached, []
         # Staged beside the destination (same file system), renamed into place when complete.
         plan.destination.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{plan.destination.name}.partial-", dir=plan.destination.parent))
+        staging = staging_folder(plan.destination.parent, label=f"{plan.destination.name}.")
         settings = plan.settings
         state: Dict[str, BuiltModel] = {}
 
@@ -412,11 +418,13 @@ class PTQLogic:
             return (["quantize", str(plan.modelPath), "--calib", *map(str, inputs), "--out", str(staging / "build"),
                      "--method", settings["method"], "--num-crops", str(settings["num_crops"]),
                      "--weight-bits", str(settings["weight_bits"]), "--placement", settings["placement"]]
-                    + (["--accuracy-budget", str(budget)] if budget is not None else []))
+                    + (["--accuracy-budget", str(budget)] if budget is not None else [])
+                    + (["--trust-bundle-code"] if plan.trustBundleCode else []))
 
         def finish() -> BuiltModel:
             if "built" not in state:
-                state["built"] = _publish_build(staging / "build", plan.destination, plan.precision.key)
+                state["built"] = _publish_build(staging / "build", plan.destination, plan.precision.key,
+                                                inCache=plan.inCache)
             return state["built"]
 
         return [WorkerStep(arguments, lambda result: None)], finish, [staging]
@@ -448,7 +456,8 @@ class PTQLogic:
                                model if isinstance(model, BuiltModel) else None)
 
     def _segmentSteps(self, request: Callable[[], "_SegmentRequest"], segmentationNode):
-        work = Path(tempfile.mkdtemp(prefix="slicer-ptq-segment-"))
+        remove_stale(Path(tempfile.gettempdir()), "slicer-ptq-segment-")  # left by a killed Slicer
+        work = Path(tempfile.mkdtemp(prefix=owned_prefix("slicer-ptq-segment-")))
         timings: List[Optional[dict]] = []
 
         def arguments(index: int) -> Optional[List[str]]:
@@ -503,6 +512,8 @@ class _BuildPlan:
     precision: Precision
     placement: str
     cached: Optional[BuiltModel]
+    inCache: bool = True
+    trustBundleCode: bool = False
 
 
 @dataclass
@@ -540,20 +551,22 @@ def _build_folder(model_path: Path, volumes: Sequence[Volume], settings: Dict) -
     return folder.with_name(f"slicer-{folder.name}")
 
 
-def _publish_build(build: Path, destination: Path, precision: str) -> BuiltModel:
-    """Move a finished build into ``destination``, the report last (it marks the build complete)."""
-    built = BuiltModel.fromFolder(build, precision)
-    if built is None:
-        raise PTQError(f"The quantization worker finished but {build} holds no complete build. See the log.")
-    if not destination.exists():
-        os.replace(build, destination)
+def _publish_build(build: Path, destination: Path, precision: str, inCache: bool) -> BuiltModel:
+    """Move a finished, sealed build into ``destination``: a cache folder with one rename, a user's folder
+    file by file with its manifest last (see :mod:`build_cache`)."""
+    reason = build_cache.verify(build)
+    if reason is not None:
+        raise PTQError(f"The quantization worker finished but {build} holds no complete build ({reason}). "
+                       "See the log.")
+    if inCache:
+        build_cache.publish_folder(build, destination)
     else:
-        report = build / REPORT_NAME
-        for path in sorted(build.iterdir()):
-            if path.is_file() and path != report:
-                os.replace(path, destination / path.name)
-        os.replace(report, destination / REPORT_NAME)
-    return BuiltModel.fromFolder(destination, precision)
+        destination.mkdir(parents=True, exist_ok=True)
+        build_cache.publish_files(build, destination)
+    built = BuiltModel.fromFolder(destination, precision)
+    if built is None:
+        raise PTQError(f"The build published in {destination} does not verify. See the log.")
+    return built
 
 
 def _fp32_beside(model_path: Path) -> Optional[Path]:

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 
 from .errors import PTQError
 from .fetch import sha256_of
-from .spec import Intensity, ModelSpec, sidecar_path
+from .spec import Intensity, ModelSpec, sidecar_path, spec_list
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ts", ".ckpt")
 
@@ -50,19 +50,21 @@ def file_sha256(path: Path) -> str:
 
 
 def load_model(source, arch: Optional[str] = None, arch_args: Optional[Dict[str, Any]] = None,
-               spec: Optional[ModelSpec] = None) -> LoadedModel:
+               spec: Optional[ModelSpec] = None, trust_bundle_code: bool = False) -> LoadedModel:
     """Load ``source`` (path) into a :class:`LoadedModel`.
 
     ``arch`` + ``arch_args`` build a MONAI network (e.g. ``"UNet"``,
     ``{"spatial_dims": 3, ...}``) into which ``source``, a state dict, is
-    loaded. ``spec`` overrides the metadata found beside the model.
+    loaded. ``spec`` overrides the metadata found beside the model. A MONAI
+    bundle's configs are read as data (:mod:`bundle_config`); only with
+    ``trust_bundle_code`` may MONAI evaluate the Python expressions in them.
     """
     path = Path(source)
     if not path.exists():
         raise PTQError(f"Model not found: {path}. Give the path of a TorchScript (.pt), ONNX (.onnx) "
                        "file, a MONAI bundle folder, or a state dict with --arch.")
     if path.is_dir():
-        return _load_bundle(path, spec)
+        return _load_bundle(path, spec, trust_bundle_code)
     if arch is not None:
         return _load_state_dict(path, arch, arch_args or {}, spec)
     if path.suffix.lower() == ".onnx":
@@ -121,16 +123,28 @@ def build_monai_network(arch: str, arch_args: Dict[str, Any]):
     from . import architectures
     from monai.networks import nets
 
+    if arch_args.get("pretrained"):
+        raise PTQError(f"--arch-args asks {arch} for pretrained weights, which would be downloaded from a model "
+                       "hub; SlicerPTQ loads the weights from the state dict you give. Drop \"pretrained\".")
     if architectures.ALIASES.get(arch, arch) in architectures.REGISTRY:
         return architectures.build(arch, arch_args)
-    constructor = getattr(nets, arch, None)
-    if constructor is None or not callable(constructor):
-        known = sorted(set(architectures.REGISTRY) | {name for name in dir(nets) if name[0].isupper()})
-        raise PTQError(f"Unknown architecture '{arch}'. Known networks: {', '.join(known)}.")
+    constructor = getattr(nets, arch, None) if not arch.startswith("_") else None
+    if not _is_network_class(constructor):
+        known = sorted(set(architectures.REGISTRY) | {name for name in dir(nets)
+                                                      if name[0].isupper() and _is_network_class(getattr(nets, name))})
+        problem = (f"Unknown architecture '{arch}'" if constructor is None else
+                   f"'{arch}' is not a network (--arch takes a torch.nn.Module class of monai.networks.nets)")
+        raise PTQError(f"{problem}. Known networks: {', '.join(known)}.")
     try:
         return constructor(**arch_args)
     except TypeError as exc:
         raise PTQError(f"Bad arguments for {arch}: {exc}. Pass them as JSON with --arch-args.") from exc
+
+
+def _is_network_class(candidate) -> bool:
+    import torch
+
+    return isinstance(candidate, type) and issubclass(candidate, torch.nn.Module)
 
 
 def _load_weights_into(module, weights: Path) -> None:
@@ -139,7 +153,7 @@ def _load_weights_into(module, weights: Path) -> None:
     try:
         state = torch.load(str(weights), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors vary by file
-        raise PTQError(f"Cannot read weights {weights}: {exc}. Give a state dict saved with torch.save.") from exc
+        raise PTQError(_weights_error(weights, exc)) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # Lightning / MONAI checkpoint layout
     try:
@@ -148,6 +162,18 @@ def _load_weights_into(module, weights: Path) -> None:
         raise PTQError(f"Weights {weights} do not fit the architecture: {str(exc)[:500]}. "
                        "Check --arch and --arch-args against how the network was trained.") from exc
     module.eval()
+
+
+def _weights_error(weights: Path, exc: Exception) -> str:
+    """Why ``weights`` cannot be read, in our words: torch's own text advises ``weights_only=False``,
+    which would run the pickled code, so it never reaches the user."""
+    text = str(exc)
+    if "weights_only" in text or "Unsupported global" in text or "Unsupported operand" in text:
+        return (f"Weights {weights} hold pickled Python objects besides tensors, which SlicerPTQ does not load "
+                "because unpickling them can run code. Save the state dict only "
+                "(torch.save(model.state_dict(), path)), or export TorchScript or ONNX.")
+    first_line = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+    return f"Cannot read weights {weights} ({first_line}). Give a state dict saved with torch.save."
 
 
 def _load_state_dict(path: Path, arch: str, arch_args: Dict[str, Any], spec: Optional[ModelSpec]) -> LoadedModel:
@@ -159,42 +185,38 @@ def _load_state_dict(path: Path, arch: str, arch_args: Dict[str, Any], spec: Opt
     return LoadedModel(source=path, spec=model_spec, module=module)
 
 
-def _load_bundle(folder: Path, spec: Optional[ModelSpec]) -> LoadedModel:
-    from monai.bundle import ConfigParser
+def _load_bundle(folder: Path, spec: Optional[ModelSpec], trust_bundle_code: bool = False) -> LoadedModel:
+    from .bundle_config import BundleConfig, TrustedBundleConfig
 
-    config_file = next((folder / "configs" / name for name in ("inference.json", "inference.yaml")
+    config_file = next((folder / "configs" / name for name in ("inference.json", "inference.yaml", "inference.yml")
                         if (folder / "configs" / name).is_file()), None)
     if config_file is None:
         raise PTQError(f"{folder} is not a MONAI bundle: configs/inference.json (or .yaml) is missing.")
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
-    parser["bundle_root"] = str(folder)
     metadata_file = folder / "configs" / "metadata.json"
-    if metadata_file.is_file():
-        parser.read_meta(str(metadata_file))
+    metadata = metadata_file if metadata_file.is_file() else None
+    config = (TrustedBundleConfig(config_file, folder, metadata) if trust_bundle_code
+              else BundleConfig.read(config_file, folder, metadata))
     torchscript = folder / "models" / "model.ts"
     weights = folder / "models" / "model.pt"
     if torchscript.is_file():
         loaded = _load_torchscript(torchscript, spec or ModelSpec(name=folder.name))
         module = loaded.module
     elif weights.is_file():
-        try:
-            module = parser.get_parsed_content("network_def")
-        except Exception as exc:  # monai raises many kinds while resolving configs
-            raise PTQError(f"Cannot build network_def from {config_file}: {exc}") from exc
+        module = config.network("network_def")
         _load_weights_into(module, weights)
     else:
         raise PTQError(f"Bundle {folder} has no models/model.pt or models/model.ts.")
     if spec is None:
         beside = sidecar_path(folder)
-        spec = ModelSpec.load(beside) if beside.is_file() else bundle_spec(parser, folder.name)
+        spec = ModelSpec.load(beside) if beside.is_file() else bundle_spec(config, folder.name)
     return LoadedModel(source=folder, spec=spec, module=module)
 
 
-def bundle_spec(parser, name: str) -> ModelSpec:
-    """Translate a bundle's metadata and inference config into a ModelSpec."""
+def bundle_spec(config, name: str) -> ModelSpec:
+    """Translate a bundle's metadata and inference config (a :class:`bundle_config.BundleConfig`) into a
+    ModelSpec; only the keys read here are resolved, so code elsewhere in the config never runs."""
     spec = ModelSpec(name=name)
-    meta = parser.get("_meta_", {}) or {}
+    meta = config.raw("_meta_", {}) or {}
     data_format = meta.get("network_data_format", {})
     image = next(iter(data_format.get("inputs", {}).values()), {})
     pred = next(iter(data_format.get("outputs", {}).values()), {})
@@ -206,48 +228,41 @@ def bundle_spec(parser, name: str) -> ModelSpec:
     if labels:
         spec.labels = labels
     spec.description = str(meta.get("description", ""))
-    for transform in _walk_transforms(parser.get("preprocessing", {})):
-        _apply_transform(spec, transform, parser)
-    inferer = parser.get("inferer", {}) or {}
-    if isinstance(inferer, dict) and "roi_size" in inferer:
-        spec.roi_size = tuple(int(v) for v in _resolve(inferer["roi_size"], parser))
-        spec.overlap = float(_resolve(inferer.get("overlap", spec.overlap), parser))
-    postprocessing = json.dumps(parser.get("postprocessing", {}))
+    for key, transform in _walk_transforms(config.raw("preprocessing", {}), "preprocessing"):
+        _apply_transform(spec, key, transform, config)
+    if isinstance(config.raw("inferer"), dict) and "roi_size" in config.raw("inferer"):
+        spec.roi_size = tuple(spec_list(config.value("inferer::roi_size")))
+        spec.overlap = float(config.value("inferer::overlap", spec.overlap))
+    postprocessing = json.dumps(config.raw("postprocessing", {}))
     spec.output = "sigmoid" if "sigmoid" in postprocessing.lower() and "softmax" not in postprocessing.lower() \
         else "softmax"
     return spec
 
 
-def _walk_transforms(node):
+def _walk_transforms(node, key: str):
+    """``(config key, transform)`` for every mapping with a ``_target_`` under ``node``."""
     if isinstance(node, dict):
         if "_target_" in node:
-            yield node
-        for value in node.values():
-            yield from _walk_transforms(value)
+            yield key, node
+        for name, value in node.items():
+            yield from _walk_transforms(value, f"{key}::{name}")
     elif isinstance(node, list):
-        for value in node:
-            yield from _walk_transforms(value)
+        for index, value in enumerate(node):
+            yield from _walk_transforms(value, f"{key}::{index}")
 
 
-def _resolve(value, parser):
-    """Evaluate '@ref' / '$expr' config values; literals pass through."""
-    if isinstance(value, str) and value[:1] in "@$":
-        from monai.bundle import ConfigParser
-
-        scratch = ConfigParser({**parser.get(), "_ptq_value_": value})
-        return scratch.get_parsed_content("_ptq_value_")
-    return value
-
-
-def _apply_transform(spec: ModelSpec, transform: dict, parser) -> None:
+def _apply_transform(spec: ModelSpec, key: str, transform: dict, config) -> None:
     target = str(transform["_target_"]).split(".")[-1]
+
+    def arg(name, default=None):
+        return config.value(f"{key}::{name}", default)
+
     if target in ("Orientationd", "Orientation"):
-        spec.orientation = str(_resolve(transform.get("axcodes", "RAS"), parser))
+        spec.orientation = str(arg("axcodes", "RAS"))
     elif target in ("Spacingd", "Spacing"):
-        spec.spacing = tuple(float(v) for v in _resolve(transform["pixdim"], parser))
+        spec.spacing = tuple(float(v) for v in arg("pixdim"))
     elif target in ("ScaleIntensityRanged", "ScaleIntensityRange"):
         spec.intensity = Intensity(kind="clip_scale", **{
-            key: float(_resolve(transform[key], parser)) for key in ("a_min", "a_max", "b_min", "b_max")
-            if key in transform})
+            name: float(arg(name)) for name in ("a_min", "a_max", "b_min", "b_max") if name in transform})
     elif target in ("NormalizeIntensityd", "NormalizeIntensity"):
-        spec.intensity = Intensity(kind="zscore", nonzero=bool(_resolve(transform.get("nonzero", False), parser)))
+        spec.intensity = Intensity(kind="zscore", nonzero=bool(arg("nonzero", False)))

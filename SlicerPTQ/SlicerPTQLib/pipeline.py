@@ -8,13 +8,13 @@ restore -> label map.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from . import build_cache
+from .atomic import staging_folder
 from .errors import PTQError
 from .metrics import file_size_mb
 from .models import LoadedModel, file_sha256, load_model
@@ -98,12 +98,11 @@ def prepared_arrays(sources: Sequence[VolumeSource], spec: ModelSpec,
 
 
 def build_folder(model_source: Path, spec: ModelSpec, calibration: Sequence[VolumeSource], settings: Dict) -> Path:
-    """``<cache>/builds/<key>``: the key covers the model file, its spec, the settings and every calibration voxel."""
+    """``<builds>/<key>`` (:func:`build_cache.builds_dir`): the key covers the model file, its spec, the settings
+    and every calibration voxel."""
     import hashlib
 
     import numpy as np
-
-    from .fetch import cache_dir
 
     digest = hashlib.sha256(file_sha256(Path(model_source)).encode())
     digest.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
@@ -116,12 +115,13 @@ def build_folder(model_source: Path, spec: ModelSpec, calibration: Sequence[Volu
             digest.update(np.asarray(source.affine, dtype=np.float64).tobytes())
         else:
             digest.update(file_sha256(Path(source)).encode())
-    return cache_dir() / "builds" / digest.hexdigest()[:20]
+    return build_cache.builds_dir() / digest.hexdigest()[:20]
 
 
 def _cached(out_dir: Path) -> Optional[QuantizeResult]:
+    """The verified build in ``out_dir`` (see :func:`build_cache.verify`), else None."""
     report_file = out_dir / REPORT_NAME
-    if not report_file.is_file():
+    if not report_file.is_file() or not build_cache.reusable(out_dir):
         return None
     report = json.loads(report_file.read_text())
     files = {key: out_dir / name for key, name in report.get("files", {}).items()}
@@ -138,7 +138,7 @@ def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_d
              placement: str = "cpu", weight_bits: int = 8, lowbit_solver: str = "admm",
              arch: Optional[str] = None, arch_args: Optional[Dict] = None, spec: Optional[ModelSpec] = None,
              keep_float: Sequence[str] = (), accuracy_budget: Optional[float] = None,
-             progress: Optional[ProgressCallback] = None) -> QuantizeResult:
+             progress: Optional[ProgressCallback] = None, trust_bundle_code: bool = False) -> QuantizeResult:
     """Calibrate ``model`` on unlabeled ``calibration`` volumes and write a QDQ ONNX model.
 
     ``accuracy_budget`` (e.g. 0.99): keep the layers INT8 hurts most in
@@ -153,30 +153,38 @@ def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_d
     by the model, the settings and the calibration data, and a second call
     returns it without recomputing.
 
+    A MONAI bundle ``model`` is read as data; ``trust_bundle_code`` lets
+    MONAI evaluate the Python expressions in its configs (trusted authors only).
+
     Example::
 
         result = quantize("net.pt", ["a.nii.gz", "b.nii.gz"], Path("out"))
         result.quantized_onnx  # out/model.int8.onnx
     """
     _check_settings(method, weight_bits, num_crops, placement, accuracy_budget)
-    loaded = load_model(model, arch=arch, arch_args=arch_args, spec=spec)
+    loaded = load_model(model, arch=arch, arch_args=arch_args, spec=spec, trust_bundle_code=trust_bundle_code)
     if roi is not None:
         loaded.spec.roi_size = tuple(int(v) for v in roi)
     settings = {"method": method, "num_crops": num_crops, "seed": seed, "placement": placement,
                 "weight_bits": weight_bits, "lowbit_solver": lowbit_solver if weight_bits < 8 else None,
                 "keep_float": sorted(keep_float), "roi": list(loaded.spec.roi_size),
                 "accuracy_budget": accuracy_budget}
-    if out_dir is None:
+    in_cache = out_dir is None
+    if in_cache:
         out_dir = build_folder(loaded.source, loaded.spec, calibration, settings)
         hit = _cached(out_dir)
         if hit is not None:
             return hit
-    out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
+        # Staged beside the cache folder, which then appears whole with one rename.
+        _prepare_out_dir(out_dir.parent)
+        staging = staging_folder(out_dir.parent, label=f"{out_dir.name}.")
+    else:
+        out_dir = Path(out_dir)
+        _prepare_out_dir(out_dir)
+        staging = staging_folder(out_dir)
     try:
         result = _quantize_into(loaded, calibration, staging, settings, keep_float, progress)
-        return _publish(result, staging, out_dir)
+        return _publish(result, staging, out_dir, whole_folder=in_cache)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -346,21 +354,21 @@ def _onnx_out_channels(path: Path, default: int) -> int:
     return int(dims[1].dim_value) if len(dims) > 1 and dims[1].dim_value > 0 else default
 
 
-def _publish(result: QuantizeResult, staging: Path, out_dir: Path) -> QuantizeResult:
-    """Move finished files from ``staging`` into ``out_dir``, report last."""
+def _publish(result: QuantizeResult, staging: Path, out_dir: Path, whole_folder: bool) -> QuantizeResult:
+    """Seal the finished build in ``staging`` (report, then manifest) and publish it into ``out_dir``:
+    the cache folder with one rename, a user's folder file by file with the manifest last."""
     files = {"fp32_onnx": result.fp32_onnx, "quantized_onnx": result.quantized_onnx,
              "spec": sidecar_path(result.quantized_onnx)}
     if result.packed_weights is not None:
         files["packed_weights"] = result.packed_weights
-    moved = {}
-    for key, path in files.items():
-        target = out_dir / path.name
-        os.replace(path, target)
-        moved[key] = target
-    result.report["files"] = {key: path.name for key, path in moved.items()}
-    report_tmp = staging / REPORT_NAME
-    report_tmp.write_text(json.dumps(result.report, indent=2))
-    os.replace(report_tmp, out_dir / REPORT_NAME)
+    result.report["files"] = {key: path.name for key, path in files.items()}
+    (staging / REPORT_NAME).write_text(json.dumps(result.report, indent=2))
+    build_cache.seal(staging)
+    if whole_folder:
+        build_cache.publish_folder(staging, out_dir)
+    else:
+        build_cache.publish_files(staging, out_dir)
+    moved = {key: out_dir / path.name for key, path in files.items()}
     return QuantizeResult(out_dir=out_dir, fp32_onnx=moved["fp32_onnx"], quantized_onnx=moved["quantized_onnx"],
                           spec=result.spec, report=result.report, packed_weights=moved.get("packed_weights"))
 

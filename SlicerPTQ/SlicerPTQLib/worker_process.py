@@ -8,6 +8,11 @@ the caller's thread when it calls :meth:`WorkerProcess.poll` (from a
 ``QTimer`` in the GUI, in a loop in :meth:`WorkerProcess.wait`). Cancel kills
 the whole process tree (``PythonSlicer`` is a launcher; killing it alone
 would leave the real worker running) and removes the job's files.
+
+A worker never outlives the process driving it, even one killed with
+SIGKILL: it holds the write end of the worker's stdin and passes its pid,
+and the worker exits when its stdin reaches EOF or that pid is gone
+(:func:`exit_with_parent`, called by the CLI).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import queue
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -25,6 +31,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from .atomic import process_alive
 from .errors import PTQError
 from .progress import ProgressCallback
 
@@ -34,6 +41,9 @@ LogCallback = Callable[[str], None]
 
 TERMINATE_GRACE_S = 3.0
 _LOG_TAIL = 20
+#: Set in a worker's environment: the pid of the process driving it.
+PARENT_PID_ENV = "SLICER_PTQ_PARENT_PID"
+PARENT_POLL_S = 1.0
 
 
 def python_executable() -> str:
@@ -93,9 +103,12 @@ class WorkerProcess:
             raise RuntimeError("WorkerProcess.start() called twice")
         platform_kwargs = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
                            else {"start_new_session": True})
+        env = dict(self.env if self.env is not None else os.environ)
+        env[PARENT_PID_ENV] = str(os.getpid())
         try:
-            self.process = self.launcher(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, env=self.env, cwd=self.cwd, text=True,
+            # stdin stays open, unused, until the job ends: its EOF tells the worker this process is gone.
+            self.process = self.launcher(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, env=env, cwd=self.cwd, text=True,
                                          encoding="utf-8", errors="replace", bufsize=1, **platform_kwargs)
         except OSError as exc:
             self._remove_job_files()
@@ -145,6 +158,7 @@ class WorkerProcess:
             reader.join(timeout=TERMINATE_GRACE_S)
         self.finished = True
         self.error = "Cancelled."
+        self._close_stdin()
         self._remove_job_files()
 
     def _read(self, stream, kind: str) -> None:
@@ -182,6 +196,7 @@ class WorkerProcess:
 
     def _conclude(self) -> None:
         self.finished = True
+        self._close_stdin()
         code = self.process.returncode
         if code != 0 and self.error is None:
             tail = "\n".join(self._log_tail) or "(no output)"
@@ -191,6 +206,14 @@ class WorkerProcess:
             self.error = "The worker ended without reporting a result. See the log for details."
         if self.error is not None:
             self._remove_job_files()
+
+    def _close_stdin(self) -> None:
+        stream = getattr(self.process, "stdin", None)
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass  # the worker is gone already
 
     def _remove_job_files(self) -> None:
         for path in self.cleanup_paths:
@@ -223,3 +246,39 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def exit_with_parent() -> None:
+    """In a worker (``$SLICER_PTQ_PARENT_PID`` set): end this process as soon as its driver is gone.
+
+    Two watchers, daemon threads: EOF on stdin when it is a pipe (the driver
+    holds its write end, which the kernel closes however the driver dies)
+    and the driver's pid, for launchers that do not pass stdin on. The
+    variable is removed so the worker's own children do not inherit it.
+    """
+    value = os.environ.pop(PARENT_PID_ENV, None)
+    if not value or not value.isdigit():
+        return
+    parent = int(value)
+
+    def stdin_closed() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            return  # unreadable stdin tells nothing; the pid watcher still runs
+        os._exit(1)
+
+    def parent_gone() -> None:
+        while process_alive(parent):
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    try:
+        stdin_is_pipe = stat.S_ISFIFO(os.fstat(0).st_mode)
+    except OSError:
+        stdin_is_pipe = False
+    if stdin_is_pipe:
+        threading.Thread(target=stdin_closed, name="exit-with-parent-stdin", daemon=True).start()
+    if os.name != "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        threading.Thread(target=parent_gone, name="exit-with-parent-pid", daemon=True).start()
