@@ -322,7 +322,7 @@ def test_core_requirements_match_pyproject_dependencies():
 def test_install_plan_lists_missing_and_outdated_packages_only():
     installed = {"monai": "1.6.1", "onnx": "1.15.0", "openvino": "2026.4.0", "nibabel": "5.0", "pynrrd": "1.0",
                  "tqdm": "4.0", "numpy": "2.0", "scipy": "1.0", "onnxscript": "0.1", "einops": "0.8"}
-    present = {"monai", "onnx", "openvino", "nibabel", "nrrd", "tqdm", "numpy", "scipy", "onnxscript", "einops"}
+    present = {"monai", "onnx", "openvino", "nibabel", "nrrd", "tqdm", "numpy", "scipy", "onnxscript", "einops", "yaml"}
     plan = dependencies.install_plan(find_spec=lambda name: object() if name in present else None,
                                      version_of=installed.get, cuda_gpu=False)
     assert plan.torch

@@ -63,6 +63,7 @@ CORE_REQUIREMENTS: Tuple[Requirement, ...] = (
     Requirement("scipy", "scipy", "resampling"),
     Requirement("tqdm", "tqdm", "progress reporting"),
     Requirement("einops", "einops", "MONAI SwinUNETR / UNETR blocks"),
+    Requirement("yaml", "pyyaml", "MONAI bundle configs in YAML, read as data"),
 )
 #: Where pip finds TensorRT's libraries (the PyPI packages only fetch them from there).
 NVIDIA_INDEX = "https://pypi.nvidia.com"
