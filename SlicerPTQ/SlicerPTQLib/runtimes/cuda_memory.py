@@ -15,6 +15,7 @@ Nothing here imports torch or cuda-python at module import.
 from __future__ import annotations
 
 import importlib.util
+from abc import ABC, abstractmethod
 import shutil
 import subprocess
 from contextlib import contextmanager
@@ -27,48 +28,47 @@ from ..errors import PTQError
 CUDA_PYTHON_HINT = "pip install cuda-python"
 
 
-class DeviceMemory:
+class DeviceMemory(ABC):
     """Device buffers, copies and one stream on one GPU (what the TensorRT runtime needs)."""
 
     name = ""
 
+    @abstractmethod
     def identity(self) -> Tuple[str, str]:
         """``(GPU name, compute capability "major.minor")``."""
-        raise NotImplementedError
 
-    @contextmanager
+    @abstractmethod
     def current(self) -> Iterator[None]:
-        """Make this GPU the calling thread's current device (TensorRT builds and loads there)."""
-        raise NotImplementedError
-        yield  # pragma: no cover
+        """Context manager: this GPU is the calling thread's current device (TensorRT builds and loads there)."""
 
     @property
+    @abstractmethod
     def stream_handle(self) -> int:
         """The ``cudaStream_t`` handle engine calls are enqueued on."""
-        raise NotImplementedError
 
+    @abstractmethod
     def upload(self, array: np.ndarray) -> Any:
         """A device buffer holding ``array`` (enqueued on the stream)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def empty(self, shape: Sequence[int], dtype: np.dtype) -> Any:
         """An uninitialized device buffer."""
-        raise NotImplementedError
 
+    @abstractmethod
     def address(self, buffer: Any) -> int:
         """The device address of ``buffer`` for ``set_tensor_address``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def download(self, buffer: Any) -> np.ndarray:
         """``buffer`` as a host array, once the stream has finished with it."""
-        raise NotImplementedError
 
+    @abstractmethod
     def synchronize(self) -> None:
-        raise NotImplementedError
+        """Wait until the stream has finished its work."""
 
+    @abstractmethod
     def timed(self, work, repeats: int) -> list:
         """GPU milliseconds of each of ``repeats`` calls of ``work()`` (events on the stream)."""
-        raise NotImplementedError
 
 
 class TorchCuda(DeviceMemory):
