@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from SlicerPTQLib.errors import PTQError
+from tensorrt_models import export_unet, ort_qdq
 from tensorrt_standin import HostMemory, distinct_releases, standin, surfaces
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,41 +95,14 @@ def test_the_static_scan_sees_a_removed_name(tmp_path):
 
 # -- the stand-in run ---------------------------------------------------------------------------
 
-def _export(path: Path) -> Path:
-    import torch
-    from monai.networks.nets import UNet
-
-    torch.manual_seed(0)
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,),
-               num_res_units=0).eval()
-    axes = {0: "batch", 2: "d", 3: "h", 4: "w"}
-    torch.onnx.export(net, torch.randn(1, 1, *ROI), str(path), opset_version=17, dynamo=False,
-                      input_names=["input"], output_names=["output"], dynamic_axes={"input": axes, "output": axes})
-    return path
-
-
 @pytest.fixture(scope="module")
 def float_onnx(tmp_path_factory) -> Path:
-    return _export(tmp_path_factory.mktemp("trt_api") / "tiny.fp32.onnx")
+    return export_unet(tmp_path_factory.mktemp("trt_api") / "tiny.fp32.onnx", ROI, channels=(4, 8), num_res_units=0)
 
 
 @pytest.fixture(scope="module")
 def qdq_onnx(float_onnx, tmp_path_factory) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Crops(CalibrationDataReader):
-        def __init__(self):
-            rng = np.random.default_rng(0)
-            self.items = iter([{"input": rng.standard_normal((1, 1, *ROI)).astype(np.float32)}])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    out = tmp_path_factory.mktemp("trt_api_qdq") / "tiny.int8.onnx"
-    quantize_static(str(float_onnx), str(out), Crops(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
-    return out
+    return ort_qdq(float_onnx, tmp_path_factory.mktemp("trt_api_qdq") / "tiny.int8.onnx", ROI, crops=1)
 
 
 @pytest.fixture(params=RELEASES)
