@@ -178,6 +178,54 @@ def test_int8_build_and_run_follow_the_documented_sequence(trt, qdq_onnx, tmp_pa
     runtime.close()
 
 
+def _plan(engine_path: Path) -> dict:
+    """The stand-in's serialized plan: what the builder was given."""
+    import json
+
+    from tensorrt_standin import _PLAN_MAGIC
+
+    return json.loads(engine_path.read_bytes()[len(_PLAN_MAGIC):])
+
+
+def test_int8_engine_is_built_with_fp16_float_parts_by_default(trt, qdq_onnx, tmp_path):
+    """The INT8 network's float parts are FP16 tensors (strongly typed: no FP16 builder flag), unless asked not to."""
+    from SlicerPTQLib.fp16_float_parts import RECIPE
+    from SlicerPTQLib.runtimes.tensorrt_runtime import TensorRTRuntime
+    from SlicerPTQLib.tensorrt_build import onnx_compute_ops
+
+    half = TensorRTRuntime(qdq_onnx, precision="int8", roi=ROI, max_batch=1, cache_dir=tmp_path)
+    (parsed,) = _args(trt.calls, "OnnxParser.parse_from_file")
+    assert parsed[0].endswith("tiny.int8.fp16-float-parts.onnx")
+    assert not any(name.startswith("IBuilderConfig.set_flag") for name in _names(trt.calls))
+    assert _plan(half.engine_path)["float16_initializers"] > 0 and _plan(half.engine_path)["quantized"]
+    assert half.metadata["float_parts"]["fp16_nodes"] > 0 and half.metadata["onnx_file"].endswith("float-parts.onnx")
+    # Layer names map to the user's QDQ file; the temporary FP16 copy is gone.
+    assert half.metadata["onnx_ops"] == onnx_compute_ops(qdq_onnx) and half.metadata["onnx_ops"]
+    assert not Path(parsed[0]).exists()
+
+    trt.calls.clear()
+    full = TensorRTRuntime(qdq_onnx, precision="int8", roi=ROI, max_batch=1, cache_dir=tmp_path, float_parts="fp32")
+    (parsed,) = _args(trt.calls, "OnnxParser.parse_from_file")
+    assert parsed[0] == str(qdq_onnx) and _plan(full.engine_path)["float16_initializers"] == 0
+    assert full.built and full.engine_path != half.engine_path
+    keys = [_sidecar_key(engine.engine_path) for engine in (half, full)]
+    assert keys[0]["quantization"]["float_parts"] == "fp16" and keys[0]["quantization"]["float_parts_recipe"] == RECIPE
+    assert keys[1]["quantization"]["float_parts"] == "fp32" and "float_parts_recipe" not in keys[1]["quantization"]
+
+
+def _sidecar_key(engine_path: Path) -> dict:
+    from SlicerPTQLib.engine_cache import read_sidecar
+
+    return read_sidecar(engine_path)["key"]
+
+
+def test_float_parts_setting_is_checked():
+    from SlicerPTQLib.tensorrt_build import BuildSettings
+
+    with pytest.raises(PTQError, match="float_parts 'bf16'"):
+        BuildSettings(precision="int8", float_parts="bf16")
+
+
 def test_second_runtime_is_a_cache_hit_without_a_build(trt, float_onnx, tmp_path):
     from SlicerPTQLib.runtimes.tensorrt_runtime import TensorRTRuntime
 
