@@ -136,13 +136,15 @@ def test_deepbet_on_real_patches(shipped_model_path, calibration_paths, evaluati
                                   ("int8_fp16", tmp_path / "model.int8.fp16.onnx"))}
     labels = {name: out.argmax(1) for name, out in outputs.items()}
     assert labels["fp32"].any()
-    # Measured here: FP16 float parts agree with the FP32-float INT8 model on 99.94% of voxels, and both
-    # agree with FP32 on 99.93%; foreground Dice between the two INT8 models 0.998.
+    # Measured here (3 patches of 128^3): labels of the FP16-float-parts and the FP32-float INT8 models agree
+    # on 99.91% of voxels (foreground Dice 0.9983, softmax mean abs diff 0.00095); vs FP32 they agree on
+    # 99.900% and 99.903%, foreground Dice 0.9981 and 0.9982.
     assert (labels["int8_fp16"] == labels["int8"]).mean() >= 0.998
     agreement = {name: float((labels[name] == labels["fp32"]).mean()) for name in ("int8", "int8_fp16")}
     assert agreement["int8_fp16"] >= agreement["int8"] - 0.0005, agreement
-    assert mean_dice(labels["int8_fp16"], labels["int8"]) >= 0.99
-    assert float(np.abs(outputs["int8_fp16"] - outputs["int8"]).mean()) < 0.01
+    assert mean_dice(labels["int8_fp16"], labels["int8"]) >= 0.995
+    assert mean_dice(labels["int8_fp16"], labels["fp32"]) >= mean_dice(labels["int8"], labels["fp32"]) - 0.001
+    assert float(np.abs(outputs["int8_fp16"] - outputs["int8"]).mean()) < 0.003
 
 
 def _with_weight_dq_scale(qdq: Path, out: Path, value: float) -> Path:

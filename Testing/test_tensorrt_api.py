@@ -314,14 +314,19 @@ def test_bench_gpu_table_with_max_batch_1(capsys, monkeypatch):
         return {"engine_mb": ms, "patch_batch1": times, "patch_max_batch": times, "volume_median_s": ms,
                 "dice_vs_fp32": 1.0, "layers": {"conv_int8": 0, "conv_total": 1}, "convtranspose": []}
 
-    engines = {"fp32": row(4.0), "fp16": row(2.0), "int8": row(1.0)}
+    engines = {"fp32": row(4.0), "fp16": row(2.0), "int8": row(1.0), "int8_fp32_float": row(1.5)}
+    assert list(engines) == list(bench_gpu.ENGINES)
     results = {"machine": {"gpu": "GPU", "tensorrt_runtime": "TensorRT"}, "roi": [16, 16, 16], "max_batch": 1,
-               "engines": engines, "int8_vs_fp16": bench_gpu.speedups(engines["fp16"], engines["int8"]),
-               "int8_vs_fp32": bench_gpu.speedups(engines["fp32"], engines["int8"])}
+               "engines": engines, **{key: bench_gpu.speedups(engines[baseline], engines[compared])
+                                      for key, _, baseline, compared in bench_gpu.COMPARISONS}}
     bench_gpu.print_table(results)
-    table = capsys.readouterr().out
-    assert "INT8 vs FP16: patch 2.00x faster (batch 1), 2.00x (batch 1)" in table
-    assert "INT8 vs FP32: patch 4.00x faster" in table
+    lines = capsys.readouterr().out.splitlines()
+    # The headline first: INT8 (FP16 float parts) vs FP16.
+    comparisons = [line for line in lines if " vs " in line]
+    assert comparisons[0].startswith("INT8 vs FP16: patch 2.00x faster (batch 1), 2.00x (batch 1)")
+    assert comparisons[1].startswith("INT8 vs FP32: patch 4.00x faster")
+    assert comparisons[2].startswith("INT8 with FP16 float parts vs with FP32 ones: patch 1.50x faster")
+    assert any(line.startswith("int8_fp32_float ") for line in lines)
 
 
 def test_fp16_cache_key_names_the_onnxruntime_converter(trt, float_onnx):
@@ -377,5 +382,9 @@ def test_gpu_check_steps_run_against_the_stand_in(trt, tmp_path, monkeypatch):
     axes = {key: row for key, row in results["convtranspose_axis"].items() if key not in ("ok", "seconds")}
     assert set(axes) == {"axis0", "axis1", "per_tensor"}
     assert all("error" not in row and row["convtranspose_ran_int8"] for row in axes.values()), axes
-    assert len(list((tmp_path / "inspector").glob("*.json"))) == 6
+    assert len(list((tmp_path / "inspector").glob("*.json"))) == 7
     assert set(results["speed"]["int8_speedup_vs_fp16"]) == {"batch1", "batch2"}
+    assert set(results["speed"]["int8_speedup_vs_int8_fp32_float"]) == {"batch1", "batch2"}
+    tiny = results["tiny_unet"]
+    assert {"fp32", "fp16", "int8", "int8_fp32_float"} <= set(tiny) and "vs_fp32_qdq" in tiny["int8"]
+    assert all(tiny[name]["layer_precisions"] for name in ("int8", "int8_fp32_float"))
