@@ -108,10 +108,20 @@ def qdq_onnx(float_onnx, tmp_path_factory) -> Path:
 @pytest.fixture(params=RELEASES)
 def trt(request, monkeypatch):
     """The stand-in of one release as ``tensorrt``, with host memory as the GPU."""
+    return _install_standin(request.param, monkeypatch)
+
+
+@pytest.fixture
+def newest_trt(monkeypatch):
+    """The stand-in of the newest release only (for long runs that make no release-specific call)."""
+    return _install_standin(RELEASES[-1], monkeypatch)
+
+
+def _install_standin(release: str, monkeypatch):
     from SlicerPTQLib import tensorrt_build
     from SlicerPTQLib.runtimes import cuda_memory, tensorrt_runtime
 
-    module = standin(request.param)
+    module = standin(release)
     monkeypatch.setitem(sys.modules, "tensorrt", module)
     monkeypatch.setattr(tensorrt_build, "_LOGGER", None)
     monkeypatch.setattr(tensorrt_runtime, "_RUNTIME_CHECK", {})
@@ -388,3 +398,30 @@ def test_gpu_check_steps_run_against_the_stand_in(trt, tmp_path, monkeypatch):
     tiny = results["tiny_unet"]
     assert {"fp32", "fp16", "int8", "int8_fp32_float"} <= set(tiny) and "vs_fp32_qdq" in tiny["int8"]
     assert all(tiny[name]["layer_precisions"] for name in ("int8", "int8_fp32_float"))
+
+
+def test_bench_gpu_runs_against_the_stand_in(newest_trt, tmp_path, monkeypatch, shipped_model_path, calibration_paths,
+                                             evaluation_cases):
+    """bench_gpu.py end to end on the shipped model: four engines, INT8 with and without FP16 float parts.
+
+    One release: bench_gpu makes no TensorRT call of its own beyond the runtime's, which every release
+    runs above; this checks the script's own code, which a GPU would otherwise meet first.
+    """
+    import json
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_gpu
+
+    out = tmp_path / "gpu.json"
+    status = bench_gpu.main(["--calib", str(calibration_paths[0]), "--num-crops", "2", "--repeats", "2",
+                             "--warmup", "1", "--volume-repeats", "1", "--max-batch", "1",
+                             "--work", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "engines"),
+                             "--out", str(out)])
+    assert status == 0
+    results = json.loads(out.read_text())
+    engines = results["engines"]
+    assert list(engines) == list(bench_gpu.ENGINES)
+    assert [(row["precision"], row["float_parts"]) for row in engines.values()] == list(bench_gpu.ENGINES.values())
+    assert len({row["engine"] for row in engines.values()}) == 4
+    assert all(key in results for key, _, _, _ in bench_gpu.COMPARISONS)
+    assert engines["int8"]["layer_precisions"] and "dice_vs_reference" in engines["int8"]
