@@ -190,7 +190,8 @@ def test_a_weight_beyond_fp16_range_keeps_its_node_fp32(unet, tmp_path):
     conversion = convert_float_parts(tmp_path / "big.onnx", tmp_path / "big.fp16.onnx")
     assert conversion.kept_float32[conv.name] == "a weight exceeds FP16's range"
     converted = onnx.load(str(tmp_path / "big.fp16.onnx"))
-    assert _types(converted)[next(n for n in converted.graph.node if n.name == conv.name).output[0]] == TensorProto.FLOAT
+    kept = next(node for node in converted.graph.node if node.name == conv.name)
+    assert _types(converted)[kept.output[0]] == TensorProto.FLOAT
     bias_after = next(init for init in converted.graph.initializer if init.name == conv.input[2])
     assert numpy_helper.to_array(bias_after).flat[0] == np.float32(1e5)
 

@@ -46,6 +46,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_gpu beside this script
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check"
 EXIT_NO_GPU = 2
 TINY_ROI = (32, 32, 32)
@@ -156,6 +157,17 @@ def compare(engine_output: np.ndarray, reference: np.ndarray) -> Dict:
             "argmax_agreement": float((engine_output.argmax(1) == reference.argmax(1)).mean())}
 
 
+def open_engines(check: Check, fp32: Path, int8: Path, roi):
+    """``(name, (model, float parts, runtime))`` for each engine of ``bench_gpu.ENGINES``, opened one at a time."""
+    from bench_gpu import ENGINES
+    from SlicerPTQLib.runtimes.tensorrt_runtime import TensorRTRuntime
+
+    for name, (precision, float_parts) in ENGINES.items():
+        model = int8 if precision == "int8" else fp32
+        yield name, (model, float_parts, TensorRTRuntime(model, precision=precision, roi=roi, max_batch=2,
+                                                         cache_dir=check.out / "engines", float_parts=float_parts))
+
+
 def tiny_unet(check: Check) -> Dict:
     from SlicerPTQLib.runtimes.tensorrt_runtime import TensorRTRuntime
 
@@ -165,17 +177,13 @@ def tiny_unet(check: Check) -> Dict:
     int8 = quantize(fp32, work / "tiny.int8.onnx", TINY_ROI)
     batch = phantom(2, TINY_ROI)
     record = {}
-    for name, model, precision, float_parts in (("fp32", fp32, "fp32", "fp32"), ("fp16", fp32, "fp16", "fp16"),
-                                                ("int8", int8, "int8", "fp16"),
-                                                ("int8_fp32_float", int8, "int8", "fp32")):
-        runtime = TensorRTRuntime(model, precision=precision, roi=TINY_ROI, max_batch=2,
-                                  cache_dir=check.out / "engines", float_parts=float_parts)
+    for name, (model, float_parts, runtime) in open_engines(check, fp32, int8, TINY_ROI):
         check.runtimes[f"tiny_{name}"] = runtime
         output = runtime.predict(batch)
         record[name] = {"built": runtime.built, "device_memory": runtime.memory.name,
                         **compare(output, engine_reference(model, float_parts, batch)),
                         "layer_precisions": dict(Counter(layer["precision"] for layer in runtime.layer_precisions()))}
-        if precision == "int8" and float_parts == "fp16":
+        if name == "int8":
             record[name]["vs_fp32_qdq"] = compare(output, onnxruntime_output(model, batch))
     again = TensorRTRuntime(int8, precision="int8", roi=TINY_ROI, max_batch=2, cache_dir=check.out / "engines")
     record["second_load_cache_hit"] = not again.built
@@ -234,18 +242,12 @@ def inspector_fixtures(check: Check) -> Dict:
 
 
 def speed(check: Check, repeats: int) -> Dict:
-    from SlicerPTQLib.runtimes.tensorrt_runtime import TensorRTRuntime
-
     work = check.out / "speed"
     work.mkdir(exist_ok=True)
     fp32 = export_unet(work / "mid.fp32.onnx", (16, 32, 64, 128), SPEED_ROI)
     int8 = quantize(fp32, work / "mid.int8.onnx", SPEED_ROI)
     record = {}
-    for name, model, precision, float_parts in (("fp32", fp32, "fp32", "fp32"), ("fp16", fp32, "fp16", "fp16"),
-                                                ("int8", int8, "int8", "fp16"),
-                                                ("int8_fp32_float", int8, "int8", "fp32")):
-        runtime = TensorRTRuntime(model, precision=precision, roi=SPEED_ROI, max_batch=2,
-                                  cache_dir=check.out / "engines", float_parts=float_parts)
+    for name, (_, _, runtime) in open_engines(check, fp32, int8, SPEED_ROI):
         try:
             row = {"engine_mb": runtime.engine_path.stat().st_size / 2 ** 20}
             for batch in (1, 2):
@@ -267,7 +269,6 @@ def speed(check: Check, repeats: int) -> Dict:
 
 
 def shipped_model(check: Check) -> Dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_gpu
 
     out = check.out / "bench_gpu.json"
