@@ -44,17 +44,17 @@ from typing import Any, Dict, List, Optional, Tuple
 from .atomic import replacing
 from .engine_cache import CachedEngine, EngineCache, EngineKey, write_atomic
 from .errors import PTQError
+from .fp16_float_parts import KEEP_FLOAT32_OPS
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("int8", "fp16", "fp32")
 FLOAT_PARTS = ("fp16", "fp32")
-# Float ops kept in FP32 in the FP16 model: their reductions (mean and
-# variance over a whole 3D feature map) overflow or lose precision in FP16.
-FP16_KEEP_FLOAT32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization",
-                         "BatchNormalization", "ReduceMean", "ReduceSum", "ReduceL2")
+# Float ops kept in FP32 in the FP16 model: the same list as the INT8 engines' float parts, so the two
+# compare like for like (norms and reductions over a whole 3D feature map, Softmax/Exp/Log/Pow).
+FP16_KEEP_FLOAT32_OPS = KEEP_FLOAT32_OPS
 #: Changes whenever :func:`convert_to_fp16` would write a different file.
-FP16_RECIPE = "onnxruntime-float16/io-fp32/norm-fp32/v1"
+FP16_RECIPE = "onnxruntime-float16/io-fp32/norm-softmax-fp32/v2"
 
 
 @dataclass(frozen=True)
