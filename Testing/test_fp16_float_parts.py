@@ -147,8 +147,8 @@ def test_deepbet_on_real_patches(shipped_model_path, calibration_paths, evaluati
     assert float(np.abs(outputs["int8_fp16"] - outputs["int8"]).mean()) < 0.003
 
 
-def _with_weight_dq_scale(qdq: Path, out: Path, value: float) -> Path:
-    """``qdq`` with one channel of the first Conv weight scale set to ``value``."""
+def _with_weight_dq_scale(qdq: Path, out: Path, value: float):
+    """``qdq`` with channel 0 of the first Conv's weight scale set to ``value``; returns (conv name, scale name)."""
     model = onnx.load(str(qdq))
     producers = {o: node for node in model.graph.node for o in node.output}
     conv = next(node for node in model.graph.node if node.op_type == "Conv")
@@ -158,24 +158,47 @@ def _with_weight_dq_scale(qdq: Path, out: Path, value: float) -> Path:
     array.flat[0] = value
     scale.CopyFrom(numpy_helper.from_array(array, scale_name))
     onnx.save(model, str(out))
-    return out
+    return conv.name, scale_name
 
 
-def test_a_scale_fp16_cannot_hold_keeps_its_dequantize_fp32(unet, tmp_path):
+def _initializer(model, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(init for init in model.graph.initializer if init.name == name))
+
+
+def test_a_scale_below_fp16_normals_is_raised_and_its_weights_requantized(unet, tmp_path):
     _, qdq, _, _ = unet
-    tiny = _with_weight_dq_scale(qdq, tmp_path / "tiny_scale.onnx", 1e-6)
-    conversion = convert_float_parts(tiny, tmp_path / "tiny_scale.fp16.onnx")
-    (reason,) = [why for why in conversion.kept_float32.values() if "scale" in why]
-    assert "not a normal FP16 number" in reason
-    model = onnx.load(str(tmp_path / "tiny_scale.fp16.onnx"))
+    conv_name, scale_name = _with_weight_dq_scale(qdq, tmp_path / "tiny.onnx", 1e-6)
+    conversion = convert_float_parts(tmp_path / "tiny.onnx", tmp_path / "tiny.fp16.onnx")
+    assert conversion.raised_scales == {scale_name: 1} and conv_name not in conversion.kept_float32
+    before, after = onnx.load(str(tmp_path / "tiny.onnx")), onnx.load(str(tmp_path / "tiny.fp16.onnx"))
+    producers = {o: node for node in after.graph.node for o in node.output}
+    dequantize = producers[next(node for node in after.graph.node if node.name == conv_name).input[1]]
+    assert dequantize.op_type == "DequantizeLinear" and _types(after)[scale_name] == TensorProto.FLOAT16
+    new_scale = _initializer(after, scale_name)
+    assert new_scale.flat[0] == np.float16(np.finfo(np.float16).tiny)
+    old_scale = _initializer(before, scale_name)
+    np.testing.assert_allclose(new_scale[1:], old_scale[1:], rtol=1e-3)
+    # Channel 0 dequantizes to the same values up to half the new step; the other channels are untouched.
+    old_weights, new_weights = _initializer(before, dequantize.input[0]), _initializer(after, dequantize.input[0])
+    np.testing.assert_array_equal(new_weights[1:], old_weights[1:])
+    error = np.abs(new_weights[0] * float(new_scale.flat[0]) - old_weights[0] * 1e-6)
+    assert error.max() <= float(new_scale.flat[0]) / 2 + 1e-12
+    assert _run(tmp_path / "tiny.fp16.onnx", _blobs(1, ROI)).shape == (1, 2, *ROI)
+
+
+def test_a_scale_beyond_fp16_range_keeps_its_dequantize_fp32(unet, tmp_path):
+    _, qdq, _, _ = unet
+    _, scale_name = _with_weight_dq_scale(qdq, tmp_path / "huge.onnx", 1e6)
+    conversion = convert_float_parts(tmp_path / "huge.onnx", tmp_path / "huge.fp16.onnx")
+    assert "its scale exceeds FP16's range" in conversion.kept_float32.values()
+    model = onnx.load(str(tmp_path / "huge.fp16.onnx"))
     types = _types(model)
     producers = {o: node for node in model.graph.node for o in node.output}
     conv = next(node for node in model.graph.node if node.op_type == "Conv")
     # The weight reaches the FP16 Conv through a Cast from the FP32 DequantizeLinear, which keeps its scale.
     cast = producers[conv.input[1]]
     assert cast.op_type == "Cast" and producers[cast.input[0]].op_type == "DequantizeLinear"
-    assert types[producers[cast.input[0]].input[1]] == TensorProto.FLOAT
-    assert _run(tmp_path / "tiny_scale.fp16.onnx", _blobs(1, ROI)).shape == (1, 2, *ROI)
+    assert types[scale_name] == TensorProto.FLOAT and types[conv.input[1]] == TensorProto.FLOAT16
 
 
 def test_a_weight_beyond_fp16_range_keeps_its_node_fp32(unet, tmp_path):

@@ -15,11 +15,16 @@ module is that pass for SlicerPTQ's QDQ files:
   files are converted to opset 19 first);
 - the network input and output stay float32, with a ``Cast`` behind the
   input and before the output, so every engine is fed and read the same way;
+- a scale below FP16's smallest normal number (6.1e-5, e.g. a weight
+  channel of magnitude below 0.008) is raised to it, and the INT8 weights
+  it dequantizes are requantized to the raised scale (error at most half
+  of 6.1e-5); ModelOpt would store such a scale as an FP16 subnormal and
+  lose its precision, and keeping the DQ in FP32 would put a Cast between
+  it and its convolution, which TensorRT's INT8 fusion does not expect;
 - the ops in :data:`KEEP_FLOAT32_OPS` stay FP32 (see there), as does a
   node with a float initializer beyond FP16's range (AutoCast's
-  ``init_max`` rule) and a Q/DQ node whose scale is not a normal FP16
-  number (it would round to zero or lose its precision); a ``Cast`` joins
-  each FP32 island to its FP16 neighbours;
+  ``init_max`` rule), including a Q/DQ node whose scale is; a ``Cast``
+  joins each FP32 island to its FP16 neighbours;
 - Resize keeps its float32 ``scales`` input (the ONNX type of that input).
 
 AutoCast's other default rule keeps a node in FP32 when a reference run
@@ -72,6 +77,7 @@ class Conversion:
     casts_added: int
     opset: int
     kept_float32: Dict[str, str]
+    raised_scales: Dict[str, int]
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -106,6 +112,7 @@ def float_parts_model(model, keep_float32_ops: Sequence[str] = KEEP_FLOAT32_OPS,
     graph = model.graph
     types = _tensor_types(model)
     initializers = {init.name: init for init in graph.initializer}
+    raised = _raise_tiny_scales(graph, initializers)
     precision, kept = _classify(graph, types, initializers, set(keep_float32_ops))
     casts = _retype(graph, types, initializers, precision)
     # Types changed: drop the stale intermediate types and let ONNX infer them again, strictly.
@@ -119,7 +126,57 @@ def float_parts_model(model, keep_float32_ops: Sequence[str] = KEEP_FLOAT32_OPS,
     fp16 = sum(1 for value in precision.values() if value == _HALF)
     fp32 = sum(1 for value in precision.values() if value == _FLOAT)
     return model, Conversion(fp16_nodes=fp16, fp32_nodes=fp32, casts_added=casts,
-                             opset=_default_opset(model), kept_float32=kept)
+                             opset=_default_opset(model), kept_float32=kept, raised_scales=raised)
+
+
+def _raise_tiny_scales(graph, initializers) -> Dict[str, int]:
+    """Raise Q/DQ scales below FP16's smallest normal to it; ``{scale name: values raised}``.
+
+    A DequantizeLinear of constant INT8 weights gets those weights
+    requantized to the raised scale (each tensor once), so it still
+    dequantizes to the same values up to half the new step; activations
+    are quantized and dequantized with the same raised scale.
+    """
+    from onnx import numpy_helper
+
+    readers = defaultdict(list)
+    for node in graph.node:
+        if node.op_type in _QDQ and len(node.input) > 1 and node.input[1] in initializers:
+            readers[node.input[1]].append(node)
+    raised, requantized = {}, set()
+    for name, nodes in readers.items():
+        scale = numpy_helper.to_array(initializers[name])
+        tiny = np.abs(scale) < FP16_SMALLEST_NORMAL
+        if not tiny.any():
+            continue
+        new_scale = np.where(tiny, np.float32(FP16_SMALLEST_NORMAL), scale).astype(scale.dtype)
+        for node in nodes:
+            weight = node.input[0]
+            if node.op_type == "DequantizeLinear" and weight in initializers and weight not in requantized:
+                _requantize(node, initializers, scale, new_scale)
+                requantized.add(weight)
+        initializers[name].CopyFrom(numpy_helper.from_array(new_scale, name))
+        raised[name] = int(tiny.sum())
+    return raised
+
+
+def _requantize(node, initializers, scale: np.ndarray, new_scale: np.ndarray) -> None:
+    """Rewrite the integer input of DequantizeLinear ``node`` for ``new_scale`` (same real values, rounded)."""
+    from onnx import numpy_helper
+
+    weight = numpy_helper.to_array(initializers[node.input[0]])
+    zero = (numpy_helper.to_array(initializers[node.input[2]]).astype(np.int64)
+            if len(node.input) > 2 and node.input[2] in initializers else np.int64(0))
+    ratio = (scale / new_scale).astype(np.float64)
+    if ratio.ndim == 1 and ratio.size > 1:  # per channel along the node's axis (default 1)
+        axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1) % weight.ndim
+        shape = [1] * weight.ndim
+        shape[axis] = ratio.size
+        ratio, zero = ratio.reshape(shape), np.reshape(zero, shape) if np.ndim(zero) else zero
+    limits = np.iinfo(weight.dtype)
+    values = np.round((weight.astype(np.int64) - zero) * ratio) + zero
+    requantized = np.clip(values, limits.min, limits.max).astype(weight.dtype)
+    initializers[node.input[0]].CopyFrom(numpy_helper.from_array(requantized, node.input[0]))
 
 
 def _default_opset(model) -> int:
@@ -202,11 +259,8 @@ def _classify(graph, types, initializers, keep_ops: Set[str]) -> Tuple[Dict[int,
             scale = node.input[1]
             if scale not in initializers:
                 reason = "its scale is computed, not a constant"
-            else:
-                magnitude = np.abs(numpy_helper.to_array(initializers[scale]))
-                if not (np.all(magnitude >= FP16_SMALLEST_NORMAL) and np.all(magnitude <= FP16_MAX)):
-                    reason = (f"scale {float(magnitude.min()):.3g}..{float(magnitude.max()):.3g} is not a normal "
-                              "FP16 number")
+            elif float(np.max(np.abs(numpy_helper.to_array(initializers[scale])))) > FP16_MAX:
+                reason = "its scale exceeds FP16's range"
         elif any(array.size and float(np.max(np.abs(array))) > FP16_MAX for array in float_initializers):
             reason = "a weight exceeds FP16's range"
         precision[index] = _FLOAT if reason else _HALF
