@@ -90,6 +90,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("results", type=Path, help="benchmarks/bench_backends.py JSON, or the demo's demo.json")
     r.add_argument("--out", type=Path, required=True, help="folder for index.html and its PNGs")
 
+    t = sub.add_parser("export-triton", help="a Triton Inference Server model repository from a build")
+    t.add_argument("build_dir", type=Path, help="the --out folder of slicer-ptq quantize")
+    t.add_argument("--repo", type=Path, required=True, help="repository folder (new, empty, or an earlier export)")
+    t.add_argument("--backends", nargs="+", default=["openvino", "python"], choices=["openvino", "tensorrt", "python"],
+                   help="models to write: OpenVINO backend (CPU), TensorRT plan (GPU), Python backend running "
+                        "this project's OpenVINO runtime")
+    t.add_argument("--engine", type=Path, help="TensorRT engine to serve as the tensorrt model")
+    t.add_argument("--max-batch", type=int, default=8, help="max_batch_size of each model")
+    t.add_argument("--instances", type=int, default=1, help="instances of each model (instance_group count)")
+    t.add_argument("--no-dynamic-batching", action="store_true", help="leave dynamic batching off")
+
     sub.add_parser("info", help="runtimes available here and the CPU's INT8 instruction sets")
     return parser
 
@@ -163,6 +174,15 @@ def run(args) -> int:
         if not args.progress_json:
             print(f"report written to {index}")
         _emit_result(args, {"report": index})
+    elif args.command == "export-triton":
+        from .triton_export import describe, export_repository
+
+        written = export_repository(args.build_dir, args.repo, backends=args.backends, engine=args.engine,
+                                    max_batch=args.max_batch, dynamic_batching=not args.no_dynamic_batching,
+                                    instances=args.instances)
+        if not args.progress_json:
+            print("\n".join(describe(written)))
+        _emit_result(args, {"repository": args.repo, "models": sorted(written)})
     elif args.command == "info":
         from .cpu_info import cpu_summary
         from .runtimes import available_backends
