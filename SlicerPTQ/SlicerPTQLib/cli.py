@@ -62,9 +62,19 @@ def _parser() -> argparse.ArgumentParser:
                         "configs; only for bundles whose author you trust (default: configs are read as data)")
 
     s = sub.add_parser("segment", help="segment a volume with a (quantized) model")
-    s.add_argument("model", type=Path, help="model file with its metadata JSON beside it")
-    s.add_argument("image", type=Path)
-    s.add_argument("--out", required=True, type=Path, help="label map: .nii.gz, .nrrd, or .seg.nrrd (segments)")
+    s.add_argument("model", type=Path, help="model file with its metadata JSON beside it (with --server: the "
+                                             "model's name in the server's repository)")
+    s.add_argument("image", type=Path, nargs="+", help="a volume; several, or folders, with --out-dir")
+    s.add_argument("--out", type=Path, help="label map: .nii.gz, .nrrd, or .seg.nrrd (segments)")
+    s.add_argument("--out-dir", type=Path, help="cohort: one label map per volume here, a summary (CSV, JSON); "
+                                                "volumes finished by an earlier run are skipped")
+    s.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd", ".seg.nrrd"],
+                   help="label map format in --out-dir")
+    s.add_argument("--server", help="Triton server's HTTP endpoint, e.g. http://127.0.0.1:8000: the network runs "
+                                    "there, preprocessing and blending here")
+    s.add_argument("--server-timeout", type=float, default=120.0, help="seconds to wait for one server request")
+    s.add_argument("--retries", type=int, default=3, help="tries again of a failed server request")
+    s.add_argument("--jobs", type=int, help="volumes in flight at once (default: 4 with --server, else 1)")
     s.add_argument("--runtime", choices=["openvino", "onnxruntime", "torch", "tensorrt"],
                    help="default: openvino for ONNX, torch for TorchScript")
     s.add_argument("--precision", help="runtime precision, e.g. fp32 or bf16 for float models on OpenVINO")
@@ -140,7 +150,17 @@ def run(args) -> int:
             print(pipeline.describe_self_check(result.report["self_check"]))
         _emit_result(args, {"fp32_onnx": result.fp32_onnx, "quantized_onnx": result.quantized_onnx,
                             "report": result.report})
+    elif args.command == "segment" and (args.out_dir or args.server or len(args.image) > 1):
+        from .cohort import run_cli
+
+        result = run_cli(args, expand_volumes([str(path) for path in args.image]), _progress(args))
+        _emit_result(args, result)
+        if result.get("counts", {}).get("error"):
+            return 1  # the others are written; the summary names the failed volumes
     elif args.command == "segment":
+        if args.out is None:
+            raise PTQError("Give --out FILE for the label map (or --out-dir DIR for a cohort).")
+        args.image = args.image[0]
         labels, timings = pipeline.segment(args.model, args.image, runtime=args.runtime, precision=args.precision,
                                            batch_size=args.batch_size, progress=_progress(args),
                                            self_check=not args.no_self_check)
