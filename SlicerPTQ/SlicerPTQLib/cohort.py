@@ -193,8 +193,9 @@ def remote_source(server: str, model: str, timeout: float, retries: int):
     finally:
         probe.close()
     digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    # The identity leaves the URL out: a restarted server (another port) serving the same model resumes.
     return (lambda: TritonRuntime(server, model, timeout=timeout, retries=retries), spec,
-            f"triton:{probe.url}/{model}:{digest}")
+            f"triton:{model}:{digest}")
 
 
 def local_source(model_path: Path, runtime: Optional[str], precision: Optional[str], batch_size: int,
