@@ -153,7 +153,7 @@ def test_logic_segments_through_the_server_like_locally(server, python_model, bu
     assert remote.sum() > 100_000 and np.array_equal(remote, local)
 
 
-def test_killed_server_fails_each_remaining_volume_and_the_cohort_resumes(server_home, repository, python_model,
+def test_killed_server_fails_each_remaining_volume_and_the_cohort_resumes(server, repository, python_model,
                                                                           volumes, local_cohort, tmp_path):
     images = sorted(volumes.iterdir())
     if len(images) < 2:
@@ -174,9 +174,9 @@ def test_killed_server_fails_each_remaining_volume_and_the_cohort_resumes(server
     for result in results[1:]:
         assert f"The Triton server at {first.url} did not answer" in result.error
         assert not Path(result.output).exists()
-    with triton_server.TritonServer(repository, models=[python_model]) as second:
-        make_runtime, spec, model_id = remote_source(second.url, python_model, timeout=60, retries=1)
-        resumed = segment_cohort(images, out, make_runtime, spec, model_id, jobs=2)
+    # Resumed against another server (another port) serving the same model.
+    make_runtime, spec, model_id = remote_source(server.url, python_model, timeout=60, retries=1)
+    resumed = segment_cohort(images, out, make_runtime, spec, model_id, jobs=2)
     assert [result.status for result in resumed] == ["skipped"] + ["done"] * (len(images) - 1)
     local = _labels(local_cohort)
     for name, array in _labels(out).items():
@@ -219,3 +219,15 @@ def test_cohort_refuses_colliding_outputs(tmp_path):
     (tmp_path / "b").mkdir()
     with pytest.raises(PTQError, match="would both be written"):
         check_cohort([tmp_path / "a" / "x.nii.gz", tmp_path / "b" / "x.nrrd"], tmp_path / "out", ".nii.gz")
+
+
+def test_segment_options_that_do_not_combine(tmp_path):
+    image = str(tmp_path / "a.nii.gz")
+    for args, message in [(["m.onnx", image, image, "--out", "x.nii.gz"], "give --out-dir DIR"),
+                          (["m.onnx", image], "Give --out FILE"),
+                          (["m.onnx", image, "--out", "x.nii.gz", "--out-dir", "d"], "do not combine"),
+                          (["m", image, "--out-dir", "d", "--server", "http://127.0.0.1:1", "--runtime", "torch"],
+                           "--runtime and --server do not combine")]:
+        completed = _cli("segment", *args)
+        assert completed.returncode == 1 and message in completed.stderr, (args, completed.stderr)
+        assert "Traceback" not in completed.stderr

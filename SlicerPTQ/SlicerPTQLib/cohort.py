@@ -295,9 +295,15 @@ def run_cli(args, images: List[Path], progress: Optional[ProgressCallback]) -> D
         make_runtime, spec, model_id = local_source(args.model, args.runtime, args.precision, args.batch_size,
                                                     not args.no_self_check, images[0])
     jobs = args.jobs or (4 if args.server else 1)
-    report = None if args.progress_json else (lambda result: print(describe(result), flush=True))
+    ended = [0]
+
+    def report(result: VolumeResult) -> None:
+        ended[0] += 1
+        print(f"[{ended[0]}/{len(images)}] {describe(result)}", flush=True)
+
     results = segment_cohort(images, args.out_dir, make_runtime, spec, model_id, jobs=jobs,
-                             batch_size=args.batch_size, suffix=args.format, progress=progress, report=report)
+                             batch_size=args.batch_size, suffix=args.format, progress=progress,
+                             report=None if args.progress_json else report)
     tally = counts(results)
     if not args.progress_json:
         print(f"{tally['done']} segmented, {tally['skipped']} already done, {tally['error']} failed; summary in "
