@@ -231,3 +231,23 @@ def test_segment_options_that_do_not_combine(tmp_path):
         completed = _cli("segment", *args)
         assert completed.returncode == 1 and message in completed.stderr, (args, completed.stderr)
         assert "Traceback" not in completed.stderr
+
+
+def test_resume_skips_only_verified_outputs(build, volumes, local_cohort, tmp_path):
+    """A finished output whose bytes changed (or whose sidecar is gone) is segmented again; the rest is kept."""
+    from SlicerPTQLib.cohort import local_source
+
+    out = tmp_path / "resume"
+    shutil.copytree(local_cohort, out)
+    images = sorted(volumes.iterdir())
+    outputs = sorted(out.glob("*.nii.gz"))
+    tampered = outputs[0]
+    tampered.write_bytes(tampered.read_bytes() + b"\0")
+    if len(outputs) > 1:
+        Path(str(outputs[1]) + ".json").unlink()
+    make_runtime, spec, model_id = local_source(build.quantized_onnx, "openvino", None, 1, False, images[0])
+    results = segment_cohort(images, out, make_runtime, spec, model_id)
+    redone = {Path(result.output).name for result in results if result.status == "done"}
+    assert redone == {path.name for path in outputs[:2]}
+    assert all(result.status == "skipped" for result in results if Path(result.output).name not in redone)
+    assert np.array_equal(read_volume(tampered).array, read_volume(local_cohort / tampered.name).array)

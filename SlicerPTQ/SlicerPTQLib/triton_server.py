@@ -152,8 +152,11 @@ class TritonServer:
         self.models = list(models or [])
         self.home = home or triton_home()
         self.http_port = http_port or free_port()
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="tritonserver-",
-                                                                              suffix=".log")[1])
+        self._own_log = log_path is None  # a temporary log goes when the server stops
+        if log_path is None:
+            handle, log_path = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(handle)
+        self.log_path = Path(log_path)
         self.extra_args = list(extra_args or [])
         self.process: Optional[subprocess.Popen] = None
 
@@ -188,13 +191,16 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                tail = self.log_tail()
+                self.stop()
                 raise PTQError(f"The Triton server exited with code {self.process.returncode} while starting: "
-                               f"{self.log_tail()}")
+                               f"{tail}")
             if self._ready():
                 return self
             time.sleep(0.25)
+        tail = self.log_tail()
         self.stop()
-        raise PTQError(f"The Triton server was not ready within {timeout:.0f} s: {self.log_tail()}")
+        raise PTQError(f"The Triton server was not ready within {timeout:.0f} s: {tail}")
 
     def _ready(self) -> bool:
         try:
@@ -227,6 +233,8 @@ class TritonServer:
         except (ProcessLookupError, PermissionError):
             pass
         self.process.wait()
+        if self._own_log:
+            self.log_path.unlink(missing_ok=True)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
