@@ -35,7 +35,7 @@ def server_home() -> Path:
         triton_server.install()
     except PTQError as exc:
         pytest.skip(f"Triton server not installable here: {exc}")
-    reason = triton_server.unavailable_reason()
+    reason = triton_server.unavailable_reason() or triton_server.python_backend_reason()
     if reason:
         pytest.skip(f"Triton server cannot run here: {reason}")
     return triton_server.triton_home()

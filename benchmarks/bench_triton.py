@@ -89,7 +89,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "triton.json")
     args = parser.parse_args()
     triton_server.install()
-    reason = triton_server.unavailable_reason()
+    reason = triton_server.unavailable_reason() or triton_server.python_backend_reason()
     if reason:
         raise SystemExit(f"Triton server cannot run here: {reason}")
     work = Path(tempfile.mkdtemp(prefix="bench-triton-"))

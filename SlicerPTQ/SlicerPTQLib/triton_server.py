@@ -129,6 +129,19 @@ def unavailable_reason(home: Optional[Path] = None) -> str:
     return ""
 
 
+def python_backend_reason() -> str:
+    """Why a Python-backend model would not see this environment's packages ("" when it would).
+
+    The backend stub embeds libpython, which finds the interpreter's own
+    site-packages and ignores PYTHONPATH; a virtual environment's packages
+    stay invisible to it.
+    """
+    if sys.prefix != sys.base_prefix:
+        return (f"the Python backend stub runs the base interpreter ({sys.base_prefix}), not this virtual "
+                f"environment ({sys.prefix}), so its model would not find this environment's packages")
+    return ""
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nobody listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
