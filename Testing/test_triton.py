@@ -208,6 +208,9 @@ def test_export_refuses_what_it_cannot_write(build, tmp_path):
     with pytest.raises(PTQError, match="holds other files"):
         export_repository(build.out_dir, tmp_path / "busy")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    with pytest.raises(PTQError, match="needs a TensorRT engine"):
+        export_repository(build.out_dir, tmp_path / "repo", backends=["tensorrt"])
+    assert not (tmp_path / "repo").exists()
     with pytest.raises(PTQError, match="not found or not a .plan"):
         export_repository(build.out_dir, tmp_path / "repo", engine=tmp_path / "none.plan")
 
@@ -251,3 +254,14 @@ def test_resume_skips_only_verified_outputs(build, volumes, local_cohort, tmp_pa
     assert redone == {path.name for path in outputs[:2]}
     assert all(result.status == "skipped" for result in results if Path(result.output).name not in redone)
     assert np.array_equal(read_volume(tampered).array, read_volume(local_cohort / tampered.name).array)
+
+
+def test_engine_is_exported_as_a_tensorrt_plan(build, tmp_path):
+    """The export copies the engine and writes its GPU config; the bytes are not read (no TensorRT here)."""
+    engine = tmp_path / "net.plan"
+    engine.write_bytes(b"engine bytes")
+    written = export_repository(build.out_dir, tmp_path / "repo", engine=engine, max_batch=4)
+    folder = written[model_name(build.spec, "tensorrt")]
+    assert (folder / "1" / "model.plan").read_bytes() == b"engine bytes"
+    config = (folder / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in config and "KIND_GPU" in config and "max_batch_size: 4" in config

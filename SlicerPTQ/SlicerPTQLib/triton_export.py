@@ -130,7 +130,8 @@ def export_repository(build_dir: Path, repo_dir: Path, backends: Sequence[str] =
     if engine is not None and "tensorrt" not in backends:
         backends.append("tensorrt")
     if "tensorrt" in backends and engine is None:
-        backends.remove("tensorrt")
+        raise PTQError(f"The tensorrt model needs a TensorRT engine and {build_dir} has none (.plan/.engine). "
+                       "Give one with --engine, or leave tensorrt out of --backends.")
     _check_destination(repo_dir)
     repo_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(repo_dir.parent, label=f"{repo_dir.name}.")
