@@ -265,3 +265,28 @@ def test_engine_is_exported_as_a_tensorrt_plan(build, tmp_path):
     assert (folder / "1" / "model.plan").read_bytes() == b"engine bytes"
     config = (folder / "config.pbtxt").read_text()
     assert 'platform: "tensorrt_plan"' in config and "KIND_GPU" in config and "max_batch_size: 4" in config
+
+
+def test_a_server_that_stops_answering_times_out_after_the_retries(server, python_model):
+    """SIGSTOP freezes the server (and its stub): each try waits out the timeout, then one clear error."""
+    import os
+    import signal
+    import time
+
+    from SlicerPTQLib.runtimes.triton_runtime import TritonRuntime
+
+    runtime = TritonRuntime(server.url, python_model, timeout=1.0, retries=1)
+    patch = np.zeros((1, 1, 128, 128, 128), np.float32)
+    os.killpg(server.process.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(PTQError, match=r"did not answer POST .*/infer after 2 tries \(.*timed out"):
+            runtime.predict(patch)
+        assert time.monotonic() - start >= 2.0
+    finally:
+        os.killpg(server.process.pid, signal.SIGCONT)
+    runtime.timeout = 300.0
+    try:
+        assert runtime.predict(patch).shape == (1, 2, 128, 128, 128)  # a new connection once it answers
+    finally:
+        runtime.close()

@@ -150,7 +150,7 @@ def run(args) -> int:
             print(pipeline.describe_self_check(result.report["self_check"]))
         _emit_result(args, {"fp32_onnx": result.fp32_onnx, "quantized_onnx": result.quantized_onnx,
                             "report": result.report})
-    elif args.command == "segment" and (args.out_dir or args.server or len(args.image) > 1):
+    elif args.command == "segment" and (args.out_dir or args.server or len(args.image) > 1 or args.image[0].is_dir()):
         from .cohort import run_cli
 
         result = run_cli(args, expand_volumes([str(path) for path in args.image]), _progress(args))
