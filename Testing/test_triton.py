@@ -230,7 +230,8 @@ def test_segment_options_that_do_not_combine(tmp_path):
                           (["m.onnx", image], "Give --out FILE"),
                           (["m.onnx", image, "--out", "x.nii.gz", "--out-dir", "d"], "do not combine"),
                           (["m", image, "--out-dir", "d", "--server", "http://127.0.0.1:1", "--runtime", "torch"],
-                           "--runtime and --server do not combine")]:
+                           "--runtime/--precision and --server do not combine"),
+                          (["m", image, "--server", "http://127.0.0.1:1"], "Give --out FILE")]:
         completed = _cli("segment", *args)
         assert completed.returncode == 1 and message in completed.stderr, (args, completed.stderr)
         assert "Traceback" not in completed.stderr

@@ -271,12 +271,14 @@ def describe(result: VolumeResult) -> str:
 
 def run_cli(args, images: List[Path], progress: Optional[ProgressCallback]) -> Dict:
     """``slicer-ptq segment`` with ``--out-dir``, ``--server`` or several volumes; returns the CLI result."""
-    if args.server and args.runtime:
-        raise PTQError("--runtime and --server do not combine: with --server the model runs on the server. "
-                       "Drop one of them.")
+    if args.server and (args.runtime or args.precision):
+        raise PTQError("--runtime/--precision and --server do not combine: with --server the model runs on the "
+                       "server as exported. Drop one of them.")
     if args.out_dir is None:
-        if len(images) != 1 or args.out is None:
+        if len(images) != 1:
             raise PTQError("Several volumes go to a folder: give --out-dir DIR (or one volume with --out FILE).")
+        if args.out is None:
+            raise PTQError("Give --out FILE for the label map (or --out-dir DIR for a cohort).")
         if args.server:
             labels, timings, spec = segment_remote(args.server, str(args.model), images[0], args.batch_size,
                                                    args.server_timeout, args.retries, progress)
