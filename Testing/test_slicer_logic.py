@@ -127,7 +127,7 @@ def test_segment_matches_the_cli_label_map_in_ras(in_process, input_node, built,
     scene.AddNode(reader)
     reader.SetFileName(str(tmp_path / "labels.nrrd"))
     assert reader.ReadData(cli_labels)
-    assert np.allclose(slicer_nodes.volume_from_node(cli_labels).affine,
+    assert np.allclose(slicer_nodes.volume_from_node(cli_labels, allow_labelmap=True).affine,
                        slicer_nodes.volume_from_node(input_node).affine, atol=1e-4)
     exported = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "exported segment")
     segment_ids = vtk.vtkStringArray()
