@@ -335,3 +335,56 @@ def test_precision_choices_map_to_what_each_runtime_runs():
     assert PRECISIONS["fp16"].runtime_precision("tensorrt") == "fp16"
     assert PRECISIONS["fp32"].runtime_precision("openvino") == "fp32"
     assert [key for key, choice in PRECISIONS.items() if choice.takes_accuracy_budget] == ["int8"]
+
+
+def test_user_model_asks_for_calibration_once_then_reuses_its_build(built, shipped_model_path, input_node):
+    """After one build with calibration volumes, Apply with none checked reuses it for any input."""
+    from SlicerPTQLib.logic import PTQLogic
+
+    again = PTQLogic(inProcess=True).quantize(str(shipped_model_path), [], numCrops=2)
+    assert again.folder == built.folder
+    description = again.describe()
+    assert description.startswith(f"Build {built.folder.name} (int8, max calibration on 1 volume(s): ")
+    assert f"made {built.madeAt:%Y-%m-%d %H:%M}" in description
+
+
+def test_auto_runs_the_fp32_model_where_the_self_check_found_int8_slower(built, input_node):
+    """The build's self-check measured INT8 slower than FP32 here: 'auto' runs float and says why."""
+    import dataclasses
+
+    from SlicerPTQLib.logic import PTQLogic
+
+    check = dict(built.report["self_check"], runtime="openvino", int8_speedup=0.7)
+    slower = dataclasses.replace(built, report=dict(built.report, self_check=check))
+    lines = []
+    _, table = PTQLogic(inProcess=True).segment(slower, input_node, runtime="auto", log=lines.append)
+    assert [row["model"] for row in table["rows"]] == ["FP32"]
+    assert table["rows"][0]["file"] == built.fp32Model.name
+    reason = [line for line in lines if line.startswith("Running the FP32 model: INT8 is not faster than FP32")]
+    assert len(reason) == 1 and "0.70x" in reason[0]
+    _, asked = PTQLogic(inProcess=True).segment(slower, input_node, runtime="openvino")
+    assert [row["model"] for row in asked["rows"]] == ["INT8"]
+
+
+def test_batch_segments_each_volume_with_one_build_one_progress(scene, built, shipped_model_path, head,
+                                                                 input_node):
+    """Two inputs, one job: the build is reused, each gets its own segmentation named after it, shown in 3D."""
+    from SlicerPTQLib.logic import PTQLogic
+
+    second = slicer_nodes.add_volume_node(scene, head[0], "second head")
+    stages, lines = [], []
+    job = PTQLogic().startBatch(str(shipped_model_path), [], [input_node, second], numCrops=2, runtime="openvino",
+                                precision="int8", showIn3D=True, progress=lambda s, d, t: stages.append(s),
+                                log=lines.append)
+    results = job.wait()
+    assert [node.GetName() for node, _ in results] == [f"{input_node.GetName()} {built.spec.name}",
+                                                       f"second head {built.spec.name}"]
+    assert {stage.split(":")[0] for stage in stages} == {f"{input_node.GetName()} (1/2)", "second head (2/2)"}
+    assert not any("calibrate" in stage for stage in stages)
+    assert any(line.startswith(f"Reusing Build {built.folder.name}") for line in lines)
+    for node, table in results:
+        assert node.GetSegmentation().ContainsRepresentation("Closed surface")
+        assert table["build"].folder == built.folder
+    first_labels = slicer_nodes.labels_from_segmentation(results[0][0], input_node, built.spec)
+    second_labels = slicer_nodes.labels_from_segmentation(results[1][0], second, built.spec)
+    assert np.array_equal(first_labels.array, second_labels.array) and first_labels.array.sum() > 100_000
