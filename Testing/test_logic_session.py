@@ -247,3 +247,47 @@ def test_worker_found_only_through_the_injected_pythonpath_answers_info(monkeypa
     assert runtimes["openvino"] == "" and set(runtimes) >= {"openvino", "onnxruntime", "tensorrt", "torch"}
     assert commands[0][1:3] == ["-m", "SlicerPTQLib.cli"]
     assert json.dumps(logic_module._RUNTIME_INFO["cpu"])  # the CPU summary came back too
+
+
+def test_downloads_run_in_a_worker_not_in_slicers_process(scene, runtimes_known, tmp_path, monkeypatch):
+    """Nothing cached: Apply's first worker fetches the weights and default calibration; this process downloads nothing."""
+    monkeypatch.setenv("SLICER_PTQ_CACHE", str(tmp_path / "empty cache"))
+    commands = []
+
+    def launcher(command, **kwargs):
+        commands.append(command)
+        raise OSError("recorded, not started")
+
+    job = PTQLogic(launcher=launcher).startBuildAndSegment("deepbet-brain-extraction", [], _node(scene))
+    assert job.finished and "recorded, not started" in job.error
+    assert commands == [[commands[0][0], "-m", "SlicerPTQLib.fetch_worker", "deepbet-brain-extraction",
+                         "--calibration"]]
+    assert not (tmp_path / "empty cache").exists() or not any((tmp_path / "empty cache").rglob("*.pt"))
+
+
+def test_fetch_worker_reports_the_cached_files_as_json_lines(shipped_model_path, calibration_paths):
+    command = [sys.executable, "-m", "SlicerPTQLib.fetch_worker", "deepbet-brain-extraction", "--calibration"]
+    completed = subprocess.run(command, capture_output=True, text=True, env=worker_environment(), timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    lines = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert [line["progress"]["done"] for line in lines[:-1]] == [0, 1, 2]
+    assert lines[-1]["result"]["model"] == str(shipped_model_path)
+    assert lines[-1]["result"]["calibration"] == [str(path) for path in calibration_paths[:3]]
+    unknown = subprocess.run(command[:3] + ["no-such-model"], capture_output=True, text=True,
+                             env=worker_environment(), timeout=120)
+    assert unknown.returncode == 1
+    assert json.loads(unknown.stdout.splitlines()[-1])["error"].startswith("No model 'no-such-model' in the catalog")
+
+
+def test_a_catalog_model_already_cached_needs_no_download_step(scene, runtimes_known, shipped_model_path,
+                                                              calibration_paths):
+    commands = []
+
+    def launcher(command, **kwargs):
+        commands.append(command)
+        raise OSError("recorded, not started")
+
+    PTQLogic(launcher=launcher).startBuildAndSegment("deepbet-brain-extraction", [], _node(scene),
+                                                     runtime="openvino")
+    assert "SlicerPTQLib.fetch_worker" not in commands[0]
+    assert commands[0][commands[0].index("--progress-json") + 1] == "quantize"

@@ -104,8 +104,19 @@ class CatalogModel:
         if not self.default_calibration:
             raise PTQError(f"Model '{self.id}' has no default calibration set; check a few unlabeled volumes "
                            "like the ones to segment as calibration volumes.")
-        entries = [entry for entry in shipped.catalog("calibration") if entry.name in self.default_calibration]
-        return [paths[0] for _, paths in shipped.fetch_volumes(entries, "calibration")]
+        return [paths[0] for _, paths in shipped.fetch_volumes(self._calibration_entries(), "calibration")]
+
+    def downloads_pending(self, calibration: bool = False) -> bool:
+        """True when its weights (or, with ``calibration``, its default calibration volumes) are not cached."""
+        from .fetch import is_cached
+
+        sources = [self.source] + ([entry.image for entry in self._calibration_entries()] if calibration else [])
+        return not all(is_cached(source) for source in sources)
+
+    def _calibration_entries(self):
+        from . import shipped
+
+        return [entry for entry in shipped.catalog("calibration") if entry.name in self.default_calibration]
 
 
 def load_catalog(path: Path = CATALOG_PATH, schema_path: Path = SCHEMA_PATH) -> List[CatalogModel]:

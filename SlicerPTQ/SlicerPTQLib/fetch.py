@@ -99,7 +99,7 @@ def fetch_all(sources: Sequence[Source]) -> List[Path]:
         if source.registry not in REGISTRIES:
             raise PTQError(f"Unknown registry {source.registry!r} for {source.label}; "
                            f"use one of {REGISTRIES}.")
-        if not _is_cached(source):
+        if not is_cached(source):
             key = (source.registry, source.package, source.version, source.archive_sha256)
             missing.setdefault(key, []).append(source)
     for group in missing.values():
@@ -107,7 +107,8 @@ def fetch_all(sources: Sequence[Source]) -> List[Path]:
     return [source.cached_path for source in sources]
 
 
-def _is_cached(source: Source) -> bool:
+def is_cached(source: Source) -> bool:
+    """True when the verified copy of ``source`` is in the cache already (nothing to download)."""
     path = source.cached_path
     return path.is_file() and sha256_of(path) == source.member_sha256
 

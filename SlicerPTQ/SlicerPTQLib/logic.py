@@ -155,6 +155,8 @@ class WorkerStep:
     done: Callable[[dict], None]
     #: shown before the step's progress stages, e.g. the volume a batch is at
     label: str = ""
+    #: the module the worker runs (``python -m``)
+    module: str = "SlicerPTQLib.cli"
 
 
 class PTQJob:
@@ -241,7 +243,8 @@ class PTQJob:
                 progress = self.progress
                 if progress is not None and step.label:
                     progress = _labelled(self.progress, step.label)
-                self.worker = WorkerProcess(worker_command(arguments), on_progress=progress, on_log=self.log,
+                self.worker = WorkerProcess(worker_command(arguments, step.module), on_progress=progress,
+                                            on_log=self.log,
                                             env=worker_environment(), cleanup=self.cleanupPaths,
                                             launcher=self.launcher).start()
                 return
@@ -423,7 +426,8 @@ class PTQLogic:
             return self._quantizeSteps(self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops,
                                                        precision, runtime, accuracyBudget, trustBundleCode), log)
 
-        return self._startJob(plan, progress, log, _scene_of(calibrationVolumeNodes))
+        return self._startJob(plan, progress, log, _scene_of(calibrationVolumeNodes), modelPath,
+                              defaultCalibration=not calibrationVolumeNodes)
 
     # --- segment ----------------------------------------------------------------------------
 
@@ -466,7 +470,7 @@ class PTQLogic:
             _log_notes(request, log)
             return self._segmentSteps(lambda: request, segmentationNode, showIn3D)
 
-        return self._startJob(plan, progress, log, _scene_of([volumeNode]))
+        return self._startJob(plan, progress, log, _scene_of([volumeNode]), model)
 
     def startBuildAndSegment(self, model, calibrationVolumeNodes, volumeNode, segmentationNode=None,
                              method="max", numCrops=20, precision="int8", runtime=None, compareWithFP32=False,
@@ -477,12 +481,9 @@ class PTQLogic:
         Calibration without checked volumes: see :meth:`quantize`. The
         result's ``table["build"]`` tells what the build measured.
         """
-        job = self.startBatch(model, calibrationVolumeNodes, [volumeNode], segmentationNode, method, numCrops,
-                              precision, runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode,
-                              showIn3D)
-        batchFinish = job.finishCallback
-        job.finishCallback = lambda: batchFinish()[0]
-        return job
+        return self._startBatch(model, calibrationVolumeNodes, [volumeNode], segmentationNode, method, numCrops,
+                                precision, runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode,
+                                showIn3D, single=True)
 
     def startBatch(self, model, calibrationVolumeNodes, volumeNodes, segmentationNode=None, method="max",
                    numCrops=20, precision="int8", runtime=None, compareWithFP32=False, accuracyBudget=None,
@@ -490,6 +491,16 @@ class PTQLogic:
         """Build (or reuse) the model once and segment every volume of ``volumeNodes``: one job, one
         progress (stages prefixed with the volume), one Cancel. Its result is a list of
         ``(segmentationNode, table)``, one segmentation per input, named after it."""
+        return self._startBatch(model, calibrationVolumeNodes, volumeNodes, segmentationNode, method, numCrops,
+                                precision, runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode,
+                                showIn3D)
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _startBatch(self, model, calibrationVolumeNodes, volumeNodes, segmentationNode, method, numCrops, precision,
+                    runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode, showIn3D,
+                    single=False) -> PTQJob:
+        """:meth:`startBatch`; ``single``: the job's result is the one input's ``(segmentationNode, table)``."""
         volumeNodes = list(volumeNodes)
         if not volumeNodes:
             raise PTQError("Select at least one input volume to segment.")
@@ -523,30 +534,42 @@ class PTQLogic:
                 steps += segmentSteps
                 cleanup += segmentCleanup
                 finishers.append(segmentFinish)
+            if single:
+                return steps, finishers[0], cleanup
             return steps, lambda: [finish() for finish in finishers], cleanup
 
-        return self._startJob(plan, progress, log, _scene_of(volumeNodes))
+        return self._startJob(plan, progress, log, _scene_of(volumeNodes), model,
+                              defaultCalibration=not calibrationVolumeNodes)
 
-    # --- internals ------------------------------------------------------------------------------
-
-    def _startJob(self, plan: Callable[[], tuple], progress, log, scene) -> PTQJob:
+    def _startJob(self, plan: Callable[[], tuple], progress, log, scene, model=None,
+                  defaultCalibration: bool = False) -> PTQJob:
         """A job running ``plan()``'s ``(steps, finish, cleanup)``.
 
-        Until the runtimes here are known, a worker is asked first and the
-        plan made when it answers, so Slicer's process never probes them.
+        What Slicer's process must not do is done by workers first, and the
+        plan made when they are through: ask the runtimes here (once per
+        run), and download a catalog ``model``'s weights (and its default
+        calibration volumes with ``defaultCalibration``) when not cached.
         """
-        if self.inProcess or _RUNTIME_INFO:
+        first = []
+        if not self.inProcess and not _RUNTIME_INFO:
+            first.append(WorkerStep(lambda: ["info"], _remember_runtime_info))
+        entry = self.catalogModel(model)
+        if not self.inProcess and entry is not None and entry.downloads_pending(defaultCalibration):
+            first.append(WorkerStep(lambda: [entry.id] + (["--calibration"] if defaultCalibration else []),
+                                    lambda result: None, module="SlicerPTQLib.fetch_worker"))
+        if not first:
             steps, finish, cleanup = plan()
             return PTQJob(steps, finish, cleanup, progress, log, self.launcher, scene).start()
         planned: Dict[str, Callable[[], Any]] = {}
+        last = first[-1]
 
-        def askedWorker(result: dict) -> None:
-            _remember_runtime_info(result)
+        def workersDone(result: dict) -> None:
+            last.done(result)
             steps, planned["finish"], cleanup = plan()
             job.extend(steps, cleanup)
 
-        job = PTQJob([WorkerStep(lambda: ["info"], askedWorker)], lambda: planned["finish"](), (), progress, log,
-                     self.launcher, scene)
+        first[-1] = WorkerStep(last.arguments, workersDone, module=last.module)
+        job = PTQJob(first, lambda: planned["finish"](), (), progress, log, self.launcher, scene)
         return job.start()
 
     def _checkRequest(self, method, precision, accuracyBudget, calibrationVolumeNodes) -> None:

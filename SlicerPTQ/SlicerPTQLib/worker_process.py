@@ -67,9 +67,11 @@ def python_executable() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
-def worker_command(arguments: Sequence[str]) -> List[str]:
-    """The command running ``slicer-ptq --progress-json <arguments>`` out of process."""
-    return [python_executable(), "-m", "SlicerPTQLib.cli", "--progress-json", *[str(a) for a in arguments]]
+def worker_command(arguments: Sequence[str], module: str = "SlicerPTQLib.cli") -> List[str]:
+    """The command running ``slicer-ptq --progress-json <arguments>`` out of process (or another
+    ``module`` speaking its JSON lines, e.g. ``SlicerPTQLib.fetch_worker``)."""
+    options = ["--progress-json"] if module == "SlicerPTQLib.cli" else []
+    return [python_executable(), "-m", module, *options, *[str(a) for a in arguments]]
 
 
 def worker_environment() -> Dict[str, str]:
