@@ -309,7 +309,8 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         plan = dependencies.install_plan()
         if plan.empty:
             return True
-        if not slicer.util.confirmOkCancelDisplay(plan.question(), _("SlicerPTQ needs Python packages")):
+        if not slicer.util.confirmOkCancelDisplay(plan.question(), _("SlicerPTQ needs Python packages"),
+                                                  detailedText=plan.details()):
             return False
         self.ui.applyButton.enabled = False  # no second Apply while packages install
         try:
@@ -325,7 +326,9 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ModuleNotFoundError as exc:
             raise PTQError(_("Install the PyTorch extension from the Extensions Manager, restart 3D Slicer "
                              "and try again.")) from exc
-        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
+        # The extension picks the CUDA or CPU build; torch is never imported here before it is installed.
+        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                             torchVersionRequirement=dependencies.TORCH_REQUIREMENT)
 
 
 class SlicerPTQLogic(ScriptedLoadableModuleLogic, PTQLogic):
