@@ -250,7 +250,7 @@ def test_worker_found_only_through_the_injected_pythonpath_answers_info(monkeypa
 
 
 def test_downloads_run_in_a_worker_not_in_slicers_process(scene, runtimes_known, tmp_path, monkeypatch):
-    """Nothing cached: Apply's first worker fetches the weights and default calibration; this process downloads nothing."""
+    """Nothing cached: Apply's first worker fetches weights and default calibration; this process fetches nothing."""
     monkeypatch.setenv("SLICER_PTQ_CACHE", str(tmp_path / "empty cache"))
     commands = []
 

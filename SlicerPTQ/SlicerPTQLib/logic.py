@@ -16,6 +16,9 @@ Console example (inside 3D Slicer)::
     print(table["rows"])
     kept = logic.quantize("deepbet-brain-extraction", [volume], accuracyBudget=0.99)
     print(kept.sensitivitySummary())
+    job = logic.startBatch("deepbet-brain-extraction", [], [volume, other])  # default calibration, one build
+    for segmentation, table in job.wait():
+        print(segmentation.GetName(), table["build"].describe())
 """
 
 from __future__ import annotations
@@ -244,8 +247,7 @@ class PTQJob:
                 if progress is not None and step.label:
                     progress = _labelled(self.progress, step.label)
                 self.worker = WorkerProcess(worker_command(arguments, step.module), on_progress=progress,
-                                            on_log=self.log,
-                                            env=worker_environment(), cleanup=self.cleanupPaths,
+                                            on_log=self.log, env=worker_environment(), cleanup=self.cleanupPaths,
                                             launcher=self.launcher).start()
                 return
             self._index += 1
