@@ -253,7 +253,8 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(job.error)
         else:
             results = job.result
-            parameters.outputSegmentation = results[0][0]
+            if len(results) == 1:  # a batch leaves the selector alone: the next Apply must not overwrite one
+                parameters.outputSegmentation = results[0][0]
             if not parameters.resultsTable:
                 parameters.resultsTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", _("PTQ results"))
             rows = [{"input": node.GetName(), **row} for node, table in results for row in table["rows"]]

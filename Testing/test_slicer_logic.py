@@ -346,6 +346,13 @@ def test_user_model_asks_for_calibration_once_then_reuses_its_build(built, shipp
     description = again.describe()
     assert description.startswith(f"Build {built.folder.name} (int8, max calibration on 1 volume(s): ")
     assert f"made {built.madeAt:%Y-%m-%d %H:%M}" in description
+    # A later Slicer session (a new process, same build cache) reuses it too.
+    code = ("import sys; from SlicerPTQLib.logic import PTQLogic; "
+            "print(PTQLogic(inProcess=True).quantize(sys.argv[1], [], numCrops=2).folder)")
+    completed = subprocess.run([sys.executable, "-c", code, str(shipped_model_path)], capture_output=True,
+                               text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == str(built.folder)
 
 
 def test_auto_runs_the_fp32_model_where_the_self_check_found_int8_slower(built, input_node):

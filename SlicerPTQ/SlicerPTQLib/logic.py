@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from . import build_cache, catalog, pipeline, slicer_nodes
-from .atomic import owned_prefix, remove_stale, staging_folder
+from .atomic import owned_prefix, remove_stale, replacing, staging_folder
 from .errors import PTQError
 from .metrics import file_size_mb
 from .progress import ProgressCallback
@@ -54,8 +54,8 @@ PACKAGE_INFO = ("torch", "onnx", "onnxruntime", "openvino", "tensorrt", "monai",
 
 #: What a worker's ``slicer-ptq info`` said (runtimes, CPU), asked once per run of this process.
 _RUNTIME_INFO: Dict[str, Any] = {}
-#: Model and settings -> the build folder they last used in this run (see ``PTQLogic._buildPlan``).
-_LAST_BUILDS: Dict[str, Path] = {}
+#: In the build cache: model and settings -> the build they last used (see ``PTQLogic._buildPlan``).
+LAST_BUILDS_NAME = "slicer-last-builds.json"
 
 
 @dataclass(frozen=True)
@@ -363,7 +363,6 @@ class PTQLogic:
         """Remove every build (and the downloaded weights and volumes when ``downloads``); rebuilt on demand."""
         from .fetch import cache_dir
 
-        _LAST_BUILDS.clear()
         shutil.rmtree(build_cache.builds_dir(), ignore_errors=True)
         if downloads:
             shutil.rmtree(cache_dir(), ignore_errors=True)
@@ -393,8 +392,9 @@ class PTQLogic:
         folder. ``outDir=None`` keeps builds in the cache, keyed by model,
         settings and calibration voxels, so the same request returns at once.
         No calibration volume: a catalog model calibrates on its default set
-        (shipped unlabeled volumes), another model reuses its last build of
-        this Slicer run, so one build serves every input.
+        (shipped unlabeled volumes), another model reuses the build it last
+        used with these settings (noted in the build cache, so also in later
+        Slicer sessions); one build serves every input.
         ``accuracyBudget`` (e.g. 0.99, int8 only): keep the layers INT8 hurts
         most in float until the labels agree with FP32's at this Dice on the
         calibration volumes; see :meth:`BuiltModel.sensitivitySummary`.
@@ -415,7 +415,7 @@ class PTQLogic:
         built = BuiltModel(folder=result.out_dir, fp32Model=result.fp32_onnx, quantizedModel=result.quantized_onnx,
                            spec=result.spec, precision=precision, report=result.report)
         if plan.inCache:
-            _LAST_BUILDS[plan.memoryKey] = built.folder
+            _remember_build(plan.memoryKey, built.folder)
         return built
 
     def startQuantize(self, modelPath, calibrationVolumeNodes, outDir=None, method="max", numCrops=20,
@@ -600,8 +600,8 @@ class PTQLogic:
             entry = self.catalogModel(model)
             if entry is not None and entry.default_calibration:
                 volumes = list(entry.default_calibration_files())
-            elif outDir is None and memory_key in _LAST_BUILDS:
-                cached = BuiltModel.fromFolder(_LAST_BUILDS[memory_key], choice.key)
+            elif outDir is None:
+                cached = _remembered_build(memory_key, choice.key)
                 if cached is not None:
                     return _BuildPlan(model_path, [], settings, cached.folder, choice, placement, cached, True,
                                       trustBundleCode, memory_key)
@@ -612,7 +612,7 @@ class PTQLogic:
         destination = Path(outDir) if outDir is not None else _build_folder(model_path, volumes, settings)
         cached = BuiltModel.fromFolder(destination, choice.key) if outDir is None else None
         if cached is not None:
-            _LAST_BUILDS[memory_key] = cached.folder
+            _remember_build(memory_key, cached.folder)
         return _BuildPlan(model_path, volumes, settings, destination, choice, placement, cached, outDir is None,
                           trustBundleCode, memory_key)
 
@@ -644,7 +644,7 @@ class PTQLogic:
                 state["built"] = _publish_build(staging / "build", plan.destination, plan.precision.key,
                                                 inCache=plan.inCache)
                 if plan.inCache:
-                    _LAST_BUILDS[plan.memoryKey] = plan.destination
+                    _remember_build(plan.memoryKey, plan.destination)
                 if log is not None:
                     log(f"Using the new {state['built'].describe()}")
             return state["built"]
@@ -826,6 +826,36 @@ def _remember_runtime_info(result: dict) -> None:
     if not isinstance(result.get("runtimes"), dict):
         raise PTQError("The worker's 'slicer-ptq info' gave no runtime list; update SlicerPTQ and see the log.")
     _RUNTIME_INFO.update(result)
+
+
+def _last_builds() -> Dict[str, str]:
+    try:
+        known = json.loads((build_cache.builds_dir() / LAST_BUILDS_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _remember_build(key: str, folder: Path) -> None:
+    """Note the build a model and settings last used, for runs without calibration volumes (later
+    Slicer sessions too). Only a convenience: when it cannot be written, calibration is asked again."""
+    known = _last_builds()
+    if known.get(key) == Path(folder).name:
+        return
+    known[key] = Path(folder).name
+    try:
+        with replacing(build_cache.builds_dir() / LAST_BUILDS_NAME, suffix=".json") as tmp:
+            Path(tmp).write_text(json.dumps(known, indent=2))
+    except PTQError:
+        pass
+
+
+def _remembered_build(key: str, precision: str) -> Optional[BuiltModel]:
+    """The verified build noted for ``key`` (the index names a folder of the build cache, nothing else)."""
+    name = _last_builds().get(key)
+    if not isinstance(name, str) or not name:
+        return None
+    return BuiltModel.fromFolder(build_cache.builds_dir() / Path(name).name, precision)
 
 
 def _int8_slower_note(model: BuiltModel, backend: str) -> str:
