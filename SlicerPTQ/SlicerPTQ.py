@@ -366,7 +366,7 @@ class SlicerPTQTest(ScriptedLoadableModuleTest):
         volumeNode = slicer.util.loadVolume(str(image))
         logic = SlicerPTQLogic()
         built = logic.quantize(str(model), [volumeNode], numCrops=4)
-        segmentationNode, table = logic.segment(built, volumeNode, compareWithFP32=True)
+        segmentationNode, table = logic.segment(built, volumeNode, compareWithFP32=True, precision="int8")
         segmentation = segmentationNode.GetSegmentation()
         self.assertEqual(segmentation.GetNumberOfSegments(), 1)
         self.assertEqual(segmentation.GetNthSegment(0).GetName(), "brain")
