@@ -290,6 +290,20 @@ def test_duplicate_ids_and_unreadable_catalogs_are_errors(tmp_path):
         catalog.load_catalog(tmp_path / "bad.json")
 
 
+def test_default_calibration_names_must_be_shipped_calibration_volumes(tmp_path):
+    data = _catalog_data()
+    data["models"][0]["defaultCalibration"] = ["mni2009a", "mni152"]  # mni152 is an evaluation volume
+    broken = tmp_path / "Models.json"
+    broken.write_text(json.dumps(data))
+    with pytest.raises(PTQError, match=r"defaultCalibration names \['mni152'\], which are not shipped calibration "
+                                       r"volumes \(mni2009a, renal_sub01, renal_sub02"):
+        catalog.load_catalog(broken)
+    data["models"][0]["defaultCalibration"] = []
+    broken.write_text(json.dumps(data))
+    with pytest.raises(PTQError, match=r"defaultCalibration: has 0 items"):
+        catalog.load_catalog(broken)
+
+
 def test_catalog_search_and_lookup():
     models = catalog.load_catalog()
     assert catalog.search(models, "") == models
