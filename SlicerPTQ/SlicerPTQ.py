@@ -45,6 +45,31 @@ class SlicerPTQ(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "Shipped model: deepbet (Fisch et al., MIT licence). Quantization follows MedPTQ (explicit Q/DQ, "
             "max/entropy calibration) and EfficientQ (low-bit weights by ADMM).")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The shipped evaluation volumes in the Sample Data module, so a new user can try the module in two clicks."""
+    import SampleData
+
+    icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "SlicerPTQ.png")
+    for volume in PTQLogic().sampleVolumes():
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="PTQ", sampleName=volume["name"], uris=volume["url"], fileNames=f"{volume['name']}.nii.gz",
+            nodeNames=volume["name"], thumbnailFileName=icon, customDownloader=ShippedVolumeLoader(volume["name"]))
+
+
+class ShippedVolumeLoader:
+    """Sample Data's downloader for a shipped volume: fetched from its pinned archive, loaded with its brain mask."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, source):
+        with slicer.util.tryWithErrorDisplay(_("Could not load the sample volume."), waitCursor=True):
+            image, mask = PTQLogic().sampleVolumeFiles(self.name)
+            slicer.util.loadLabelVolume(str(mask), {"name": f"{self.name} brain mask"})
+            return [slicer.util.loadVolume(str(image), {"name": self.name})]
 
 
 @parameterNodeWrapper

