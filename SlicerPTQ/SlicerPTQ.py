@@ -117,6 +117,7 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadModelFileButton.clicked.connect(self.onLoadModelFile)
         self.ui.calibrationVolumesComboBox.checkedNodesChanged.connect(self.onCalibrationVolumesChanged)
         self.ui.batchVolumesComboBox.checkedNodesChanged.connect(self.onBatchVolumesChanged)
+        self.ui.addFolderButton.clicked.connect(self.onAddFolder)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.openCacheButton.clicked.connect(self.onOpenCache)
         self.ui.clearCacheButton.clicked.connect(self.onClearCache)
@@ -234,6 +235,13 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onBatchVolumesChanged(self):
         if not self._updatingGui and self._parameterNode is not None:
             self._parameterNode.batchVolumes = list(self.ui.batchVolumesComboBox.checkedNodes())
+
+    def onAddFolder(self):
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Folder of volumes to segment"))
+        if folder:
+            with slicer.util.tryWithErrorDisplay(_("Could not load the folder."), waitCursor=True):
+                nodes = self.logic.loadVolumeFolder(folder)
+                self._parameterNode.batchVolumes = list(self._parameterNode.batchVolumes) + nodes
 
     def onApplyButton(self):
         if self._job is not None:

@@ -302,3 +302,24 @@ def test_sample_volumes_are_the_shipped_evaluation_volumes_pip_can_fetch(evaluat
     assert name == "mni152" and logic.sampleVolumeFiles("mni152") == (image, mask)
     with pytest.raises(PTQError, match="No shipped sample volume 'colin27'. Known: mni152."):
         logic.sampleVolumeFiles("colin27")  # a Debian package: not offered where apt is missing
+
+
+def test_a_folder_of_volumes_becomes_nodes_named_after_their_files(scene, tmp_path):
+    from SlicerPTQLib.volumes import write_volume
+
+    affine = np.diag([0.8, 1.2, 2.0, 1.0])
+    arrays = {}
+    for name, suffix in (("case_a", ".nii.gz"), ("case_b", ".nrrd")):
+        arrays[name] = np.random.default_rng(len(arrays)).normal(size=(9, 8, 7)).astype(np.float32)
+        write_volume(Volume(array=arrays[name], affine=affine, name=name), tmp_path / f"{name}{suffix}")
+    (tmp_path / "notes.txt").write_text("not a volume")
+    nodes = PTQLogic().loadVolumeFolder(tmp_path, scene)
+    assert [node.GetName() for node in nodes] == ["case_a", "case_b"]
+    for node in nodes:
+        volume = slicer_nodes.volume_from_node(node)
+        assert np.allclose(volume.array, arrays[node.GetName()]) and np.allclose(volume.affine, affine)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PTQError, match="holds no volumes"):
+        PTQLogic().loadVolumeFolder(tmp_path / "empty", scene)
+    with pytest.raises(PTQError, match="is not a folder"):
+        PTQLogic().loadVolumeFolder(tmp_path / "notes.txt", scene)

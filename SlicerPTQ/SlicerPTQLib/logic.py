@@ -347,6 +347,21 @@ class PTQLogic:
             raise PTQError(f"Runtime '{runtime}' cannot run here: {available[runtime]}. Choose 'auto'.")
         return runtime
 
+    def loadVolumeFolder(self, folder: Union[str, Path], scene=None) -> List[Any]:
+        """A volume node in ``scene`` (default: Slicer's) for each volume file directly in ``folder``, named
+        after its file: what a batch segments when the scans are on disk rather than loaded."""
+        import slicer
+
+        from .cli import expand_volumes
+        from .volumes import read_volume, volume_stem
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise PTQError(f"{folder} is not a folder; choose the folder that holds the volumes to segment.")
+        scene = scene if scene is not None else slicer.mrmlScene
+        return [slicer_nodes.add_volume_node(scene, read_volume(path), volume_stem(path))
+                for path in expand_volumes([str(folder)])]
+
     # --- sample data ------------------------------------------------------------------------
 
     def sampleVolumes(self) -> List[Dict[str, str]]:
