@@ -4,7 +4,9 @@ Thin Slicer layer: the GUI state lives in a parameter node, the work in
 ``SlicerPTQLib`` (``logic.PTQLogic`` runs the pipeline in a worker process).
 """
 
+import logging
 import os
+import sys
 from typing import Annotated
 
 import qt
@@ -24,6 +26,8 @@ from SlicerPTQLib.logic import METHODS, PRECISIONS, PTQLogic
 
 RUNTIMES = ["auto", "openvino", "tensorrt", "onnxruntime"]
 DEFAULT_MODEL = "deepbet-brain-extraction"
+#: Lines the log box keeps (the whole output also goes to Slicer's application log).
+LOG_LINES = 2000
 
 
 class SlicerPTQ(ScriptedLoadableModule):
@@ -41,6 +45,31 @@ class SlicerPTQ(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "Shipped model: deepbet (Fisch et al., MIT licence). Quantization follows MedPTQ (explicit Q/DQ, "
             "max/entropy calibration) and EfficientQ (low-bit weights by ADMM).")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The shipped evaluation volumes in the Sample Data module, so a new user can try the module in two clicks."""
+    import SampleData
+
+    icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "SlicerPTQ.png")
+    for volume in PTQLogic().sampleVolumes():
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="PTQ", sampleName=volume["name"], uris=volume["url"], fileNames=f"{volume['name']}.nii.gz",
+            nodeNames=volume["name"], thumbnailFileName=icon, customDownloader=ShippedVolumeLoader(volume["name"]))
+
+
+class ShippedVolumeLoader:
+    """Sample Data's downloader for a shipped volume: fetched from its pinned archive, loaded with its brain mask."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, source):
+        with slicer.util.tryWithErrorDisplay(_("Could not load the sample volume."), waitCursor=True):
+            image, mask = PTQLogic().sampleVolumeFiles(self.name)
+            slicer.util.loadLabelVolume(str(mask), {"name": f"{self.name} brain mask"})
+            return [slicer.util.loadVolume(str(image), {"name": self.name})]
 
 
 @parameterNodeWrapper
@@ -55,7 +84,9 @@ class SlicerPTQParameterNode:
     runtime: Annotated[str, Choice(RUNTIMES)] = "auto"
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
+    batchVolumes: list[vtkMRMLScalarVolumeNode]  # segmented in the same run as inputVolume
     compareWithFP32: bool = False
+    showIn3D: bool = True
     resultsTable: vtkMRMLTableNode
 
 
@@ -85,14 +116,31 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelListWidget.currentItemChanged.connect(self.onModelSelected)
         self.ui.loadModelFileButton.clicked.connect(self.onLoadModelFile)
         self.ui.calibrationVolumesComboBox.checkedNodesChanged.connect(self.onCalibrationVolumesChanged)
+        self.ui.batchVolumesComboBox.checkedNodesChanged.connect(self.onBatchVolumesChanged)
+        self.ui.addFolderButton.clicked.connect(self.onAddFolder)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
+        self.ui.openCacheButton.clicked.connect(self.onOpenCache)
+        self.ui.clearCacheButton.clicked.connect(self.onClearCache)
+        self.ui.logTextEdit.setMaximumBlockCount(LOG_LINES)
         self.showSensitivity(None)
+        self.ui.buildInfoLabel.text = ""
+        self.showCacheInfo()
         self.initializeParameterNode()
 
     def cleanup(self):
+        self._pollTimer.stop()
         if self._job is not None:
             self._job.cancel()
+            self._job = None
         self.removeObservers()
+
+    def onReload(self):
+        """Reload SlicerPTQLib too (reloading only this file would keep the old library)."""
+        if self._job is not None:
+            self._job.cancel()
+        for name in [name for name in sys.modules if name == "SlicerPTQLib" or name.startswith("SlicerPTQLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self):
         self.initializeParameterNode()
@@ -132,8 +180,14 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if listed is None or listed.data(qt.Qt.UserRole) != self._parameterNode.model:
                 self.onModelSearchChanged(self.ui.modelSearchLineEdit.text)
             checked = set(self._parameterNode.calibrationVolumes)
+            batch = set(self._parameterNode.batchVolumes)
             for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
                 self.ui.calibrationVolumesComboBox.setCheckState(node, qt.Qt.Checked if node in checked else qt.Qt.Unchecked)
+                self.ui.batchVolumesComboBox.setCheckState(node, qt.Qt.Checked if node in batch else qt.Qt.Unchecked)
+            inputVolume = self._parameterNode.inputVolume
+            # A new output segmentation is named after the input, like the results the logic creates.
+            self.ui.outputSegmentationSelector.baseName = (f"{inputVolume.GetName()} segmentation" if inputVolume
+                                                           else _("Segmentation"))
             self.ui.resultsTableView.setMRMLTableNode(self._parameterNode.resultsTable)
             budgetable = PRECISIONS[self._parameterNode.precision].takes_accuracy_budget
             self.ui.keepAccuracyCheckBox.enabled = budgetable
@@ -178,6 +232,17 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._updatingGui and self._parameterNode is not None:
             self._parameterNode.calibrationVolumes = list(self.ui.calibrationVolumesComboBox.checkedNodes())
 
+    def onBatchVolumesChanged(self):
+        if not self._updatingGui and self._parameterNode is not None:
+            self._parameterNode.batchVolumes = list(self.ui.batchVolumesComboBox.checkedNodes())
+
+    def onAddFolder(self):
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Folder of volumes to segment"))
+        if folder:
+            with slicer.util.tryWithErrorDisplay(_("Could not load the folder."), waitCursor=True):
+                nodes = self.logic.loadVolumeFolder(folder)
+                self._parameterNode.batchVolumes = list(self._parameterNode.batchVolumes) + nodes
+
     def onApplyButton(self):
         if self._job is not None:
             self._job.cancel()
@@ -188,17 +253,24 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             parameters = self._parameterNode
             self.ui.logTextEdit.clear()
             self.showSensitivity(None)
+            self.ui.buildInfoLabel.text = ""
+            volumes = [parameters.inputVolume] + [node for node in parameters.batchVolumes
+                                                  if node is not parameters.inputVolume]
             # The check box is greyed out, not cleared, for other precisions: its state is kept for int8.
             keepAccuracy = parameters.keepAccuracy and PRECISIONS[parameters.precision].takes_accuracy_budget
-            self._job = self.logic.startBuildAndSegment(
-                parameters.model, list(parameters.calibrationVolumes), parameters.inputVolume,
-                parameters.outputSegmentation, method=parameters.method, numCrops=parameters.numCrops,
-                precision=parameters.precision, runtime=parameters.runtime,
+            self._job = self.logic.startBatch(
+                parameters.model, list(parameters.calibrationVolumes), volumes,
+                parameters.outputSegmentation if len(volumes) == 1 else None, method=parameters.method,
+                numCrops=parameters.numCrops, precision=parameters.precision, runtime=parameters.runtime,
                 compareWithFP32=parameters.compareWithFP32,
                 accuracyBudget=parameters.accuracyBudget if keepAccuracy else None, progress=self.onProgress,
-                log=self.ui.logTextEdit.appendPlainText)
+                log=self.appendLog, showIn3D=parameters.showIn3D)
             self.setRunning(True)
             self._pollTimer.start()
+
+    def appendLog(self, line):
+        self.ui.logTextEdit.appendPlainText(line)
+        logging.info(line)  # also in Slicer's application log, which keeps what the bounded box drops
 
     def onPollJob(self):
         if self._job is None or not self._job.poll():
@@ -213,20 +285,46 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.format = _("Failed")
             slicer.util.errorDisplay(job.error)
         else:
-            segmentationNode, table = job.result
-            parameters.outputSegmentation = segmentationNode
+            results = job.result
+            if len(results) == 1:  # a batch leaves the selector alone: the next Apply must not overwrite one
+                parameters.outputSegmentation = results[0][0]
             if not parameters.resultsTable:
                 parameters.resultsTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", _("PTQ results"))
-            slicer_nodes.update_table_node(parameters.resultsTable, table["rows"])
+            rows = [{"input": node.GetName(), **row} for node, table in results for row in table["rows"]]
+            slicer_nodes.update_table_node(parameters.resultsTable, rows)
             self.ui.resultsTableView.setMRMLTableNode(parameters.resultsTable)
-            build = table.get("build")
+            build = results[0][1].get("build")
             self.showSensitivity(build.sensitivitySummary() if build is not None else None)
+            self.ui.buildInfoLabel.text = build.describe() if build is not None else ""
             self.ui.progressBar.format = _("Done")
+        self.showCacheInfo()
 
     def showSensitivity(self, summary):
         """What the accuracy budget kept in float, above the results table (hidden without a budget)."""
         self.ui.sensitivityLabel.text = summary or ""
         self.ui.sensitivityLabel.visible = bool(summary)
+
+    def showCacheInfo(self):
+        """Where builds and downloads are kept, their size, and the package versions the worker runs."""
+        info = self.logic.cacheInfo()
+        self.ui.cacheInfoLabel.text = "\n".join(
+            _("{what}: {size} MB in {location}").format(what=what, size=usage["sizeMB"], location=usage["location"])
+            for what, usage in ((_("Builds"), info["builds"]), (_("Downloads"), info["downloads"])))
+        self.ui.packageInfoLabel.text = _("Packages: {versions}").format(versions=self.logic.packageInfo())
+
+    def onOpenCache(self):
+        location = self.logic.cacheInfo()["builds"]["location"]
+        location.mkdir(parents=True, exist_ok=True)
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(location)))
+
+    def onClearCache(self):
+        if self._job is not None:
+            slicer.util.warningDisplay(_("Wait for the running job to end (or cancel it) before clearing builds."))
+            return
+        if slicer.util.confirmOkCancelDisplay(_("Remove every quantized build? The next Apply builds again.")):
+            with slicer.util.tryWithErrorDisplay(_("Could not clear the builds."), waitCursor=True):
+                self.logic.clearCache()
+        self.showCacheInfo()
 
     def onProgress(self, stage, done, total):
         self.ui.progressBar.maximum = max(total, 1)
@@ -245,10 +343,15 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         plan = dependencies.install_plan()
         if plan.empty:
             return True
-        if not slicer.util.confirmOkCancelDisplay(plan.question(), _("SlicerPTQ needs Python packages")):
+        if not slicer.util.confirmOkCancelDisplay(plan.question(), _("SlicerPTQ needs Python packages"),
+                                                  detailedText=plan.details()):
             return False
-        with slicer.util.WaitCursor():
-            dependencies.install(plan, pip_install=slicer.util.pip_install, install_torch=self.installTorch)
+        self.ui.applyButton.enabled = False  # no second Apply while packages install
+        try:
+            with slicer.util.WaitCursor():
+                dependencies.install(plan, pip_install=slicer.util.pip_install, install_torch=self.installTorch)
+        finally:
+            self.ui.applyButton.enabled = True
         return True
 
     def installTorch(self):
@@ -257,7 +360,9 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ModuleNotFoundError as exc:
             raise PTQError(_("Install the PyTorch extension from the Extensions Manager, restart 3D Slicer "
                              "and try again.")) from exc
-        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
+        # The extension picks the CUDA or CPU build; torch is never imported here before it is installed.
+        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                             torchVersionRequirement=dependencies.TORCH_REQUIREMENT)
 
 
 class SlicerPTQLogic(ScriptedLoadableModuleLogic, PTQLogic):
@@ -294,7 +399,7 @@ class SlicerPTQTest(ScriptedLoadableModuleTest):
         volumeNode = slicer.util.loadVolume(str(image))
         logic = SlicerPTQLogic()
         built = logic.quantize(str(model), [volumeNode], numCrops=4)
-        segmentationNode, table = logic.segment(built, volumeNode, compareWithFP32=True)
+        segmentationNode, table = logic.segment(built, volumeNode, compareWithFP32=True, precision="int8")
         segmentation = segmentationNode.GetSegmentation()
         self.assertEqual(segmentation.GetNumberOfSegments(), 1)
         self.assertEqual(segmentation.GetNthSegment(0).GetName(), "brain")

@@ -290,6 +290,20 @@ def test_duplicate_ids_and_unreadable_catalogs_are_errors(tmp_path):
         catalog.load_catalog(tmp_path / "bad.json")
 
 
+def test_default_calibration_names_must_be_shipped_calibration_volumes(tmp_path):
+    data = _catalog_data()
+    data["models"][0]["defaultCalibration"] = ["mni2009a", "mni152"]  # mni152 is an evaluation volume
+    broken = tmp_path / "Models.json"
+    broken.write_text(json.dumps(data))
+    with pytest.raises(PTQError, match=r"defaultCalibration names \['mni152'\], which are not shipped calibration "
+                                       r"volumes \(mni2009a, renal_sub01, renal_sub02"):
+        catalog.load_catalog(broken)
+    data["models"][0]["defaultCalibration"] = []
+    broken.write_text(json.dumps(data))
+    with pytest.raises(PTQError, match=r"defaultCalibration: has 0 items"):
+        catalog.load_catalog(broken)
+
+
 def test_catalog_search_and_lookup():
     models = catalog.load_catalog()
     assert catalog.search(models, "") == models
@@ -327,12 +341,43 @@ def test_install_plan_lists_missing_and_outdated_packages_only():
                                      version_of=installed.get, cuda_gpu=False)
     assert plan.torch
     assert [r.pip for r in plan.packages] == ["onnx>=1.16", "onnxruntime>=1.18"]
-    assert "PyTorch" in plan.question() and "onnxruntime>=1.18" in plan.question()
+    assert "PyTorch" in plan.question() and "onnxruntime" in plan.question()
+    assert "about 234 MB" in plan.question()  # torch CPU 200 + onnx 17 + onnxruntime 17
+    details = plan.details().splitlines()
+    assert details[0].startswith("torch>=2.4 (about 200 MB, CPU build, by the PyTorch extension)")
+    assert details[1:] == ["onnx>=1.16 (about 17 MB): model export and Q/DQ insertion; installed: "
+                           + (dependencies.installed_version("onnx") or "none"),
+                           "onnxruntime>=1.18 (about 17 MB): reference executor of quantized models; installed: "
+                           + (dependencies.installed_version("onnxruntime") or "none")]
     gpu_plan = dependencies.install_plan(find_spec=lambda name: object() if name in present else None,
                                          version_of=installed.get, cuda_gpu=True)
     assert "tensorrt-cu12" in gpu_plan.pip_arguments() or "tensorrt-cu13" in gpu_plan.pip_arguments()
     assert gpu_plan.pip_arguments()[-2:] == ["--extra-index-url", dependencies.NVIDIA_INDEX]
     assert "CUDA build" in gpu_plan.question() and dependencies.NVIDIA_INDEX in gpu_plan.question()
+    assert "GB" in gpu_plan.question() and "tens of minutes" in gpu_plan.question()  # CUDA torch + TensorRT
+
+
+def test_too_old_torch_is_planned_for_the_pytorch_extension_without_importing_it():
+    """Versions come from metadata: planning imports no torch (Windows would lock its DLLs)."""
+    everything = lambda name: object()  # noqa: E731
+    old = dependencies.install_plan(find_spec=everything, version_of=lambda name: "2.1.0+cu121" if name == "torch"
+                                    else "9999", cuda_gpu=False)
+    assert old.torch and not old.packages
+    new = dependencies.install_plan(find_spec=everything, version_of=lambda name: "2.5.1+cu124" if name == "torch"
+                                    else "9999", cuda_gpu=False)
+    assert not new.torch
+    assert dependencies.torch_cuda_major(lambda name: "2.5.1+cu124") == 12
+    assert dependencies.torch_cuda_major(lambda name: "2.9.0+cu130") == 13
+    assert dependencies.torch_cuda_major(lambda name: "2.13.0+cpu") is None
+    assert dependencies.torch_cuda_major(lambda name: "2.13.0" if name == "torch" else None) is None
+    assert dependencies.torch_cuda_major({"torch": "2.8.0", "nvidia-cuda-runtime-cu12": "12.8.90"}.get) == 12
+    assert dependencies.torch_cuda_major({"torch": "2.8.0+cpu", "nvidia-cuda-runtime-cu12": "12.8.90"}.get) is None
+    assert dependencies.torch_cuda_major(lambda name: None) is None
+    code = ("import sys; from SlicerPTQLib import dependencies; dependencies.install_plan(); "
+            "print('torch' in sys.modules)")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "False"
 
 
 def test_tensorrt_is_planned_for_the_cuda_major_version():
@@ -350,9 +395,14 @@ def test_this_environment_needs_nothing():
 def test_install_runs_torch_first_then_pip_and_reports_failures():
     calls = []
     plan = dependencies.InstallPlan(torch=True, packages=[dependencies.Requirement("nibabel", "nibabel", "NIfTI")])
-    dependencies.install(plan, pip_install=lambda args: calls.append(("pip", args)),
-                         install_torch=lambda: calls.append(("torch",)) or True)
-    assert calls == [("torch",), ("pip", ["nibabel"])]
+
+    def pip(args):
+        # pip runs with torch pinned to the installed build, so it never replaces the PyTorch extension's torch
+        calls.append(("pip", args[:2], Path(args[2]).read_text()))
+
+    dependencies.install(plan, pip_install=pip, install_torch=lambda: calls.append(("torch",)) or True)
+    torch_version = dependencies.installed_version("torch")
+    assert calls == [("torch",), ("pip", ["nibabel", "--constraint"], f"torch=={torch_version}\n")]
     with pytest.raises(PTQError, match="PyTorch was not installed"):
         dependencies.install(plan, pip_install=lambda args: None, install_torch=lambda: False)
 

@@ -81,7 +81,8 @@ def input_node(scene, head):
 def in_process(built, input_node):
     from SlicerPTQLib.logic import PTQLogic
 
-    return PTQLogic(inProcess=True).segment(built, input_node, compareWithFP32=True)
+    # precision named: "auto" could pick the FP32 model where INT8 is slower on this CPU
+    return PTQLogic(inProcess=True).segment(built, input_node, compareWithFP32=True, precision="int8")
 
 
 def test_input_is_really_oblique_and_anisotropic(input_node):
@@ -127,7 +128,7 @@ def test_segment_matches_the_cli_label_map_in_ras(in_process, input_node, built,
     scene.AddNode(reader)
     reader.SetFileName(str(tmp_path / "labels.nrrd"))
     assert reader.ReadData(cli_labels)
-    assert np.allclose(slicer_nodes.volume_from_node(cli_labels).affine,
+    assert np.allclose(slicer_nodes.volume_from_node(cli_labels, allow_labelmap=True).affine,
                        slicer_nodes.volume_from_node(input_node).affine, atol=1e-4)
     exported = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "exported segment")
     segment_ids = vtk.vtkStringArray()
@@ -163,7 +164,8 @@ def test_worker_process_gives_the_same_segmentation(built, input_node, in_proces
     from SlicerPTQLib.logic import PTQLogic
 
     progress = []
-    segmentation_node, table = PTQLogic().segment(built, input_node, progress=lambda *step: progress.append(step))
+    segmentation_node, table = PTQLogic().segment(built, input_node, precision="int8",
+                                                  progress=lambda *step: progress.append(step))
     assert segmentation_node is not in_process[0]
     assert progress and progress[-1][1] == progress[-1][2]
     worker_labels = slicer_nodes.labels_from_segmentation(segmentation_node, input_node, built.spec)
@@ -256,6 +258,7 @@ def _first_worker_call(model, node, **settings):
     from SlicerPTQLib.logic import PTQLogic
 
     commands = []
+    PTQLogic().availableRuntimes()  # asked of a real worker once; then jobs start with their own step
 
     def launcher(command, **kwargs):
         commands.append(command)
@@ -333,3 +336,63 @@ def test_precision_choices_map_to_what_each_runtime_runs():
     assert PRECISIONS["fp16"].runtime_precision("tensorrt") == "fp16"
     assert PRECISIONS["fp32"].runtime_precision("openvino") == "fp32"
     assert [key for key, choice in PRECISIONS.items() if choice.takes_accuracy_budget] == ["int8"]
+
+
+def test_user_model_asks_for_calibration_once_then_reuses_its_build(built, shipped_model_path, input_node):
+    """After one build with calibration volumes, Apply with none checked reuses it for any input."""
+    from SlicerPTQLib.logic import PTQLogic
+
+    again = PTQLogic(inProcess=True).quantize(str(shipped_model_path), [], numCrops=2)
+    assert again.folder == built.folder
+    description = again.describe()
+    assert description.startswith(f"Build {built.folder.name} (int8, max calibration on 1 volume(s): ")
+    assert f"made {built.madeAt:%Y-%m-%d %H:%M}" in description
+    # A later Slicer session (a new process, same build cache) reuses it too.
+    code = ("import sys; from SlicerPTQLib.logic import PTQLogic; "
+            "print(PTQLogic(inProcess=True).quantize(sys.argv[1], [], numCrops=2).folder)")
+    completed = subprocess.run([sys.executable, "-c", code, str(shipped_model_path)], capture_output=True,
+                               text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == str(built.folder)
+
+
+def test_auto_runs_the_fp32_model_where_the_self_check_found_int8_slower(built, input_node):
+    """The build's self-check measured INT8 slower than FP32 here: 'auto' runs float and says why."""
+    import dataclasses
+
+    from SlicerPTQLib.logic import PTQLogic
+
+    check = dict(built.report["self_check"], runtime="openvino", int8_speedup=0.7)
+    slower = dataclasses.replace(built, report=dict(built.report, self_check=check))
+    lines = []
+    _, table = PTQLogic(inProcess=True).segment(slower, input_node, runtime="auto", log=lines.append)
+    assert [row["model"] for row in table["rows"]] == ["FP32"]
+    assert table["rows"][0]["file"] == built.fp32Model.name
+    reason = [line for line in lines if line.startswith("Running the FP32 model: INT8 is not faster than FP32")]
+    assert len(reason) == 1 and "0.70x" in reason[0]
+    _, asked = PTQLogic(inProcess=True).segment(slower, input_node, runtime="openvino")
+    assert [row["model"] for row in asked["rows"]] == ["INT8"]
+
+
+def test_batch_segments_each_volume_with_one_build_one_progress(scene, built, shipped_model_path, head,
+                                                                 input_node):
+    """Two inputs, one job: the build is reused, each gets its own segmentation named after it, shown in 3D."""
+    from SlicerPTQLib.logic import PTQLogic
+
+    second = slicer_nodes.add_volume_node(scene, head[0], "second head")
+    stages, lines = [], []
+    job = PTQLogic().startBatch(str(shipped_model_path), [], [input_node, second], numCrops=2, runtime="openvino",
+                                precision="int8", showIn3D=True, progress=lambda s, d, t: stages.append(s),
+                                log=lines.append)
+    results = job.wait()
+    assert [node.GetName() for node, _ in results] == [f"{input_node.GetName()} {built.spec.name}",
+                                                       f"second head {built.spec.name}"]
+    assert {stage.split(":")[0] for stage in stages} == {f"{input_node.GetName()} (1/2)", "second head (2/2)"}
+    assert not any("calibrate" in stage for stage in stages)
+    assert any(line.startswith(f"Reusing Build {built.folder.name}") for line in lines)
+    for node, table in results:
+        assert node.GetSegmentation().ContainsRepresentation("Closed surface")
+        assert table["build"].folder == built.folder
+    first_labels = slicer_nodes.labels_from_segmentation(results[0][0], input_node, built.spec)
+    second_labels = slicer_nodes.labels_from_segmentation(results[1][0], second, built.spec)
+    assert np.array_equal(first_labels.array, second_labels.array) and first_labels.array.sum() > 100_000

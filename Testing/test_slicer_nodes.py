@@ -199,3 +199,135 @@ def test_results_table_node_gets_numeric_and_text_columns(scene):
     assert table_node.GetCellText(1, 0) == "FP32"
     assert table_node.GetTable().GetColumnByName("time (s)").IsA("vtkDoubleArray")
     assert table_node.GetTable().GetColumnByName("Dice vs FP32").GetValue(0) == pytest.approx(0.998)
+
+
+def _linear_transform(scene, matrix: np.ndarray, parent=None):
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    vtk_matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for column in range(4):
+            vtk_matrix.SetElement(row, column, float(matrix[row, column]))
+    node.SetMatrixTransformToParent(vtk_matrix)
+    if parent is not None:
+        node.SetAndObserveTransformNodeID(parent.GetID())
+    return node
+
+
+def _to_world(node) -> np.ndarray:
+    """The node's local-to-world matrix through its whole chain of parent transforms (VTK's own)."""
+    matrix = vtk.vtkMatrix4x4()
+    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(node.GetParentTransformNode(), None, matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _segment_world_points(segmentation_node, name: str) -> np.ndarray:
+    """World RAS of every voxel of a segment, from its own oriented image and the node's transforms."""
+    segmentation = segmentation_node.GetSegmentation()
+    segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name))
+    oriented = segment.GetRepresentation("Binary labelmap")
+    image_to_local = vtk.vtkMatrix4x4()
+    oriented.GetImageToWorldMatrix(image_to_local)
+    local = np.array([[image_to_local.GetElement(r, c) for c in range(4)] for r in range(4)])
+    extent = oriented.GetExtent()
+    scalars = vtk.util.numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars()).reshape(
+        extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    kji = np.argwhere(scalars == segment.GetLabelValue())
+    ijk = kji[:, ::-1] + np.array([extent[0], extent[2], extent[4]])
+    homogeneous = np.c_[ijk, np.ones(len(ijk))].T
+    return ((_to_world(segmentation_node) @ local @ homogeneous)[:3]).T
+
+
+def _rotation(degrees: float, axis: int) -> np.ndarray:
+    angle = np.deg2rad(degrees)
+    cos, sin = np.cos(angle), np.sin(angle)
+    a, b = [i for i in range(3) if i != axis]
+    matrix = np.eye(4)
+    matrix[a, a], matrix[a, b], matrix[b, a], matrix[b, b] = cos, -sin, sin, cos
+    return matrix
+
+
+def _shift(x=0.0, y=0.0, z=0.0) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, 3] = (x, y, z)
+    return matrix
+
+
+def test_segment_stays_at_the_input_voxel_under_a_shift(scene, spec):
+    """One labelled voxel at local (5,5,5) under a 50 mm shift in R must be seen at world (55,5,5)."""
+    image = Volume(array=np.zeros((12, 12, 12), dtype=np.int16), affine=np.eye(4), name="grid")
+    node = slicer_nodes.add_volume_node(scene, image)
+    node.SetAndObserveTransformNodeID(_linear_transform(scene, _shift(x=50.0)).GetID())
+    labels = image.with_array(np.zeros((12, 12, 12), dtype=np.uint8))
+    labels.array[5, 5, 5] = 1
+    segmentation_node = slicer_nodes.labels_to_segmentation(labels, spec, node)
+    assert np.allclose(_segment_world_points(segmentation_node, "liver"), [[55.0, 5.0, 5.0]])
+    exported = slicer_nodes.labels_from_segmentation(segmentation_node, node, spec)
+    assert np.array_equal(exported.array, labels.array)
+
+
+@pytest.mark.parametrize("chain", ["rotated", "shifted then rotated (two transforms)"])
+def test_segment_overlays_the_input_under_parent_transforms(scene, spec, chain):
+    """Every labelled voxel of an oblique volume sits, in world RAS, where the input voxel sits."""
+    image = _image()
+    labels = _labels(image)
+    node = slicer_nodes.add_volume_node(scene, image)
+    if chain == "rotated":
+        parent = _linear_transform(scene, _shift(10.0, -20.0, 5.0) @ _rotation(30.0, axis=2))
+    else:
+        outer = _linear_transform(scene, _rotation(-25.0, axis=0) @ _shift(z=40.0))
+        parent = _linear_transform(scene, _shift(x=50.0) @ _rotation(15.0, axis=1), parent=outer)
+    node.SetAndObserveTransformNodeID(parent.GetID())
+    segmentation_node = slicer_nodes.labels_to_segmentation(labels, spec, node)
+    input_to_world = _to_world(node) @ image.affine
+    for value in (1, 2):
+        ijk = np.argwhere(labels.array == value)
+        expected = (input_to_world @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
+        found = _segment_world_points(segmentation_node, spec.labels[value])
+        assert len(found) == len(expected)
+        assert np.allclose(np.array(sorted(map(tuple, np.round(found, 3)))),
+                           np.array(sorted(map(tuple, np.round(expected, 3)))), atol=1e-3)
+    assert np.array_equal(slicer_nodes.labels_from_segmentation(segmentation_node, node, spec).array, labels.array)
+
+
+def test_label_map_volumes_are_refused_as_images(scene):
+    image = _image()
+    labelmap = slicer_nodes.add_volume_node(scene, _labels(image), "brain mask", labelmap=True)
+    with pytest.raises(PTQError, match="'brain mask' is a label map .*select the scan itself"):
+        slicer_nodes.volume_from_node(labelmap)
+    assert slicer_nodes.volume_from_node(labelmap, allow_labelmap=True).array.max() == 2
+
+
+def test_nan_voxels_are_refused_like_the_worker_refuses_them(scene, tmp_path):
+    """One rule in Slicer's process and in the worker: NaN voxels are refused, never silently zeroed."""
+    array = np.ones((6, 7, 8), dtype=np.float32)
+    array[1, 2, 3] = np.nan
+    array[2, 2, 2] = np.inf
+    volume = Volume(array=array, affine=np.eye(4), name="nan")
+    node = slicer_nodes.add_volume_node(scene, volume)
+    with pytest.raises(PTQError, match="'nan' has 2 NaN or infinite voxel"):
+        slicer_nodes.volume_from_node(node)
+    path = tmp_path / "nan.nrrd"
+    slicer_storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(slicer_storage)
+    slicer_storage.SetFileName(str(path))
+    assert slicer_storage.WriteData(node)
+    with pytest.raises(PTQError, match="has 2 NaN or infinite voxel"):
+        read_volume(path)
+
+
+def test_segmentation_of_another_scene_is_refused(scene, spec):
+    image = _image()
+    node = slicer_nodes.add_volume_node(scene, image)
+    other_scene = slicer.vtkMRMLScene()
+    foreign = other_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "elsewhere")
+    with pytest.raises(PTQError, match="'elsewhere' is not in the input volume's scene"):
+        slicer_nodes.labels_to_segmentation(_labels(image), spec, node, foreign)
+    assert foreign.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_input_removed_from_the_scene_is_refused_before_writing(scene, spec):
+    image = _image()
+    node = slicer_nodes.add_volume_node(scene, image)
+    scene.RemoveNode(node)
+    with pytest.raises(PTQError, match="no longer in the scene"):
+        slicer_nodes.labels_to_segmentation(_labels(image), spec, node)

@@ -180,3 +180,32 @@ def test_worker_environment_puts_the_package_first_on_the_path():
     first = env["PYTHONPATH"].split(os.pathsep)[0]
     assert (Path(first) / "SlicerPTQLib" / "worker_process.py").is_file()
     assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_windows_workers_and_taskkill_start_without_a_console_window(monkeypatch):
+    """As slicer.util.launchConsoleProcess: CREATE_NO_WINDOW, so no console shows up that a user could close."""
+    from SlicerPTQLib import worker_process
+
+    calls = []
+
+    def launcher(command, **kwargs):
+        calls.append(kwargs)
+        raise OSError("recorded, not started")
+
+    monkeypatch.setattr(worker_process.os, "name", "nt")
+    assert worker_process.no_console_window() == {"creationflags": 0x08000000}
+    with pytest.raises(PTQError, match="recorded, not started"):
+        WorkerProcess(["PythonSlicer", "-m", "SlicerPTQLib.cli"], launcher=launcher).start()
+    assert calls[0]["creationflags"] == 0x08000000 | 0x00000200  # no window, own process group
+    assert "start_new_session" not in calls[0]
+
+    class Exited:
+        pid = 4321
+
+        def wait(self):
+            return 0
+
+    ran = []
+    monkeypatch.setattr(worker_process.subprocess, "run", lambda command, **kwargs: ran.append((command, kwargs)))
+    kill_process_tree(Exited())
+    assert ran[0][0][:4] == ["taskkill", "/F", "/T", "/PID"] and ran[0][1]["creationflags"] == 0x08000000

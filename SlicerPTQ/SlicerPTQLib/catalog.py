@@ -58,6 +58,8 @@ class CatalogModel:
     labels: Tuple[LabelInfo, ...]
     spec: ModelSpec
     source: Source
+    #: names of shipped calibration volumes (:data:`.shipped.CATALOG`) used when the user checks none
+    default_calibration: Tuple[str, ...] = ()
 
     def matches(self, text: str) -> bool:
         """True when every word of ``text`` appears in the entry's visible fields."""
@@ -94,6 +96,27 @@ class CatalogModel:
                 raise PTQError(f"Cannot write the model metadata {sidecar}: {exc}. "
                                "Set SLICER_PTQ_CACHE to a writable folder.") from exc
         return path
+
+    def default_calibration_files(self) -> List[Path]:
+        """The entry's default calibration volumes, fetched (pinned, cached); PTQError when it has none."""
+        from . import shipped
+
+        if not self.default_calibration:
+            raise PTQError(f"Model '{self.id}' has no default calibration set; check a few unlabeled volumes "
+                           "like the ones to segment as calibration volumes.")
+        return [paths[0] for _, paths in shipped.fetch_volumes(self._calibration_entries(), "calibration")]
+
+    def downloads_pending(self, calibration: bool = False) -> bool:
+        """True when its weights (or, with ``calibration``, its default calibration volumes) are not cached."""
+        from .fetch import is_cached
+
+        sources = [self.source] + ([entry.image for entry in self._calibration_entries()] if calibration else [])
+        return not all(is_cached(source) for source in sources)
+
+    def _calibration_entries(self):
+        from . import shipped
+
+        return [entry for entry in shipped.catalog("calibration") if entry.name in self.default_calibration]
 
 
 def load_catalog(path: Path = CATALOG_PATH, schema_path: Path = SCHEMA_PATH) -> List[CatalogModel]:
@@ -212,6 +235,8 @@ def _entry(item: dict) -> CatalogModel:
         "roi_size": item["roi"], "labels": {label.value: label.name for label in labels},
         "colors": {label.value: label.color for label in labels}})
     source = item["source"]
+    default_calibration = tuple(item.get("defaultCalibration", ()))
+    _check_calibration_names(item["id"], default_calibration)
     return CatalogModel(
         id=item["id"], title=item["title"], description=item["description"], modality=item["modality"],
         body_part=item.get("bodyPart", ""), architecture=item["architecture"], model_format=item["format"],
@@ -219,7 +244,18 @@ def _entry(item: dict) -> CatalogModel:
         preprocessing=item["preprocessing"], labels=labels, spec=spec,
         source=Source(registry=source["registry"], package=source["package"], version=source["version"],
                       archive_sha256=source["archiveSha256"], member=source["member"],
-                      member_sha256=source["memberSha256"]))
+                      member_sha256=source["memberSha256"]),
+        default_calibration=default_calibration)
+
+
+def _check_calibration_names(model_id: str, names: Sequence[str]) -> None:
+    from . import shipped
+
+    known = [entry.name for entry in shipped.catalog("calibration")]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise PTQError(f"Catalog model '{model_id}': defaultCalibration names {unknown}, which are not shipped "
+                       f"calibration volumes ({', '.join(known)}). Fix the catalog entry.")
 
 
 def _terminology(entry: Optional[dict]) -> str:

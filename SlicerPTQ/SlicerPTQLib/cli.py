@@ -207,7 +207,11 @@ def run(args) -> int:
         from .cpu_info import cpu_summary
         from .runtimes import available_backends
 
-        print(json.dumps({"cpu": cpu_summary(), "runtimes": available_backends()}, indent=2))
+        info = {"cpu": cpu_summary(), "runtimes": available_backends()}
+        if args.progress_json:
+            _emit_result(args, info)  # the Slicer module asks a worker this once per session
+        else:
+            print(json.dumps(info, indent=2))
     return 0
 
 

@@ -11,6 +11,11 @@ driver), with cuda-python for the device memory when torch is a CPU-only
 build. The ``tensorrt-cu*`` packages on PyPI are installers: TensorRT's
 libraries come from NVIDIA's index (``https://pypi.nvidia.com``), which an
 air-gapped site must mirror.
+
+Planning never imports torch (nor CUDA libraries): on Windows an imported
+torch keeps its DLLs locked, and the PyTorch extension could not replace it.
+Versions come from package metadata, the GPU from ``nvidia-smi``. pip runs
+with torch pinned to the installed version, so it never replaces torch.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ import importlib.util
 import re
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 from .errors import PTQError
+from .worker_process import no_console_window
 
 FindSpec = Callable[[str], object]
 VersionOf = Callable[[str], Optional[str]]
@@ -37,6 +45,8 @@ class Requirement:
     module: str
     pip: str
     purpose: str
+    #: what pip downloads for it, roughly (MB), for the question asked before installing
+    size_mb: int = 5
 
     @property
     def distribution(self) -> str:
@@ -52,19 +62,23 @@ class Requirement:
 
 #: What the core imports (besides torch); kept equal to pyproject's dependencies.
 CORE_REQUIREMENTS: Tuple[Requirement, ...] = (
-    Requirement("numpy", "numpy", "arrays"),
-    Requirement("monai", "monai>=1.4", "sliding-window inference, MONAI networks and bundles"),
-    Requirement("onnx", "onnx>=1.16", "model export and Q/DQ insertion"),
-    Requirement("onnxscript", "onnxscript", "ONNX export of newer PyTorch models"),
-    Requirement("onnxruntime", "onnxruntime>=1.18", "reference executor of quantized models"),
-    Requirement("openvino", "openvino>=2024.4", "INT8 kernels on the CPU"),
-    Requirement("nibabel", "nibabel", "NIfTI files"),
-    Requirement("nrrd", "pynrrd", "NRRD files"),
-    Requirement("scipy", "scipy", "resampling"),
-    Requirement("tqdm", "tqdm", "progress reporting"),
-    Requirement("einops", "einops", "MONAI SwinUNETR / UNETR blocks"),
-    Requirement("yaml", "pyyaml", "MONAI bundle configs in YAML, read as data"),
+    Requirement("numpy", "numpy", "arrays", 20),
+    Requirement("monai", "monai>=1.4", "sliding-window inference, MONAI networks and bundles", 3),
+    Requirement("onnx", "onnx>=1.16", "model export and Q/DQ insertion", 17),
+    Requirement("onnxscript", "onnxscript", "ONNX export of newer PyTorch models", 1),
+    Requirement("onnxruntime", "onnxruntime>=1.18", "reference executor of quantized models", 17),
+    Requirement("openvino", "openvino>=2024.4", "INT8 kernels on the CPU", 45),
+    Requirement("nibabel", "nibabel", "NIfTI files", 4),
+    Requirement("nrrd", "pynrrd", "NRRD files", 1),
+    Requirement("scipy", "scipy", "resampling", 40),
+    Requirement("tqdm", "tqdm", "progress reporting", 1),
+    Requirement("einops", "einops", "MONAI SwinUNETR / UNETR blocks", 1),
+    Requirement("yaml", "pyyaml", "MONAI bundle configs in YAML, read as data", 1),
 )
+#: The oldest torch that monai and the ONNX exporter work with; the PyTorch extension installs at least this.
+TORCH_REQUIREMENT = ">=2.4"
+#: Download of torch by the PyTorch extension, roughly (MB): the CPU build, and the CUDA build with its libraries.
+TORCH_SIZE_MB = {False: 200, True: 3000}
 #: Where pip finds TensorRT's libraries (the PyPI packages only fetch them from there).
 NVIDIA_INDEX = "https://pypi.nvidia.com"
 
@@ -81,23 +95,48 @@ class InstallPlan:
     def empty(self) -> bool:
         return not self.torch and not self.packages
 
-    def pip_arguments(self) -> List[str]:
-        """Arguments of one ``pip install`` call (NVIDIA's index added when TensorRT is planned)."""
+    @property
+    def download_mb(self) -> int:
+        """Roughly what installing the plan downloads (MB)."""
+        return (TORCH_SIZE_MB[self.cuda_gpu] if self.torch else 0) + sum(r.size_mb for r in self.packages)
+
+    def pip_arguments(self, constraints: Optional[Path] = None) -> List[str]:
+        """Arguments of one ``pip install`` call (NVIDIA's index added when TensorRT is planned;
+        ``constraints``: a pip constraints file, see :func:`install`)."""
         arguments = [requirement.pip for requirement in self.packages]
         if any(requirement.module == "tensorrt" for requirement in self.packages):
             arguments += ["--extra-index-url", NVIDIA_INDEX]
+        if constraints is not None:
+            arguments += ["--constraint", str(constraints)]
         return arguments
 
     def question(self) -> str:
-        """The confirmation text shown before installing anything."""
-        lines = ["SlicerPTQ needs these Python packages, which are not installed (or too old):", ""]
+        """The confirmation text shown before installing anything (the list is in :meth:`details`)."""
+        names = (["PyTorch"] if self.torch else []) + [requirement.distribution for requirement in self.packages]
+        size = self.download_mb
+        amount = f"about {size / 1000:.1f} GB" if size >= 1000 else f"about {size} MB"
+        lines = [f"SlicerPTQ needs Python packages that are not installed here (or too old): {', '.join(names)}.",
+                 "", f"Install them now? This downloads {amount} and can take "
+                 + ("tens of minutes." if size >= 1000 else "a few minutes.")]
         if self.torch:
-            lines.append("  - PyTorch (installed by the PyTorch extension, "
-                         + ("CUDA build" if self.cuda_gpu else "CPU build") + ")")
-        lines += [f"  - {requirement.pip}: {requirement.purpose}" for requirement in self.packages]
+            lines += ["", "PyTorch comes through the PyTorch extension (" + ("CUDA" if self.cuda_gpu else "CPU")
+                      + " build); restart 3D Slicer afterwards if it asks you to."]
         if any(requirement.module == "tensorrt" for requirement in self.packages):
             lines += ["", f"TensorRT's libraries are downloaded from NVIDIA's index ({NVIDIA_INDEX})."]
-        lines += ["", "Install them now? This downloads several hundred MB and can take a few minutes."]
+        return "\n".join(lines)
+
+    def details(self) -> str:
+        """One line per package: requirement, rough download, what it is for, the version installed now."""
+        lines = []
+        if self.torch:
+            installed = installed_version("torch")
+            lines.append(f"torch{TORCH_REQUIREMENT} (about {TORCH_SIZE_MB[self.cuda_gpu]} MB, "
+                         f"{'CUDA' if self.cuda_gpu else 'CPU'} build, by the PyTorch extension): "
+                         f"networks and ONNX export; installed: {installed or 'none'}")
+        for requirement in self.packages:
+            installed = installed_version(requirement.distribution)
+            lines.append(f"{requirement.pip} (about {requirement.size_mb} MB): {requirement.purpose}; "
+                         f"installed: {installed or 'none'}")
         return "\n".join(lines)
 
 
@@ -121,10 +160,27 @@ def is_satisfied(requirement: Requirement, find_spec: FindSpec = importlib.util.
 
 
 def cuda_gpu_present() -> bool:
-    """True when an NVIDIA GPU with a working driver is visible (torch's, cuda-python's or nvidia-smi's view)."""
-    from .runtimes.cuda_memory import device_status, nvidia_gpu_listed
+    """True when ``nvidia-smi -L`` lists an NVIDIA GPU (a driver is installed and sees one)."""
+    return "GPU" in _nvidia_smi("-L")
 
-    return device_status()[0] or nvidia_gpu_listed()
+
+def torch_cuda_major(version_of: VersionOf = installed_version) -> Optional[int]:
+    """The CUDA major version the installed torch was built for (None: no torch, or a CPU build).
+
+    Read from the wheel's local version label (``2.5.1+cu124`` -> 12), or for PyPI's default Linux
+    wheel (no label) from the CUDA runtime package it depends on, so torch is not imported.
+    """
+    version = version_of("torch")
+    if version is None:
+        return None
+    match = re.search(r"\+cu(\d+)", version)
+    if match and len(match.group(1)) > 1:
+        return int(match.group(1)[:-1])
+    if "+" not in version:
+        for major in (13, 12, 11):
+            if version_of(f"nvidia-cuda-runtime-cu{major}"):
+                return major
+    return None
 
 
 def cuda_major() -> int:
@@ -134,26 +190,30 @@ def cuda_major() -> int:
     follows it; without one, the newest CUDA the driver supports decides
     (``nvidia-smi`` prints it as "CUDA Version: 13.0"), and 12 when unknown.
     """
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        if torch.version.cuda:
-            return int(str(torch.version.cuda).split(".")[0])
+    torch_major = torch_cuda_major()
+    if torch_major is not None:
+        return torch_major
     driver = _driver_cuda_version()
     return driver[0] if driver and driver[0] >= 13 else 12
 
 
 def _driver_cuda_version() -> Tuple[int, ...]:
     """The newest CUDA version the NVIDIA driver supports, from ``nvidia-smi`` (``()`` if unknown)."""
+    match = re.search(r"CUDA Version:\s*([0-9.]+)", _nvidia_smi())
+    return _version_tuple(match.group(1)) if match else ()
+
+
+def _nvidia_smi(*arguments: str) -> str:
+    """What ``nvidia-smi`` prints ("" without an NVIDIA driver), run without a console window."""
     nvidia_smi = shutil.which("nvidia-smi")
     if nvidia_smi is None:
-        return ()
+        return ""
     try:
-        header = subprocess.run([nvidia_smi], capture_output=True, text=True, timeout=20, check=False).stdout
+        completed = subprocess.run([nvidia_smi, *arguments], capture_output=True, text=True, timeout=20,
+                                   check=False, **no_console_window())
     except (OSError, subprocess.TimeoutExpired):
-        return ()
-    match = re.search(r"CUDA Version:\s*([0-9.]+)", header)
-    return _version_tuple(match.group(1)) if match else ()
+        return ""
+    return completed.stdout if completed.returncode == 0 else ""
 
 
 def tensorrt_requirement(major: Optional[int] = None) -> Requirement:
@@ -172,11 +232,9 @@ def cuda_python_requirement(major: Optional[int] = None) -> Requirement:
 
 def gpu_requirements(major: Optional[int] = None) -> List[Requirement]:
     """What TensorRT needs on a GPU machine: TensorRT, and cuda-python unless torch has CUDA."""
-    from .runtimes.cuda_memory import torch_has_cuda
-
     major = cuda_major() if major is None else major
     wanted = [tensorrt_requirement(major)]
-    if importlib.util.find_spec("torch") is None or not torch_has_cuda():
+    if torch_cuda_major() is None:
         wanted.append(cuda_python_requirement(major))
     return wanted
 
@@ -186,7 +244,8 @@ def install_plan(find_spec: FindSpec = importlib.util.find_spec, version_of: Ver
     """What must be installed before the core can run here (nothing is installed)."""
     cuda_gpu = cuda_gpu_present() if cuda_gpu is None else cuda_gpu
     wanted = list(CORE_REQUIREMENTS) + (gpu_requirements() if cuda_gpu else [])
-    return InstallPlan(torch=find_spec("torch") is None,
+    torch = Requirement("torch", f"torch{TORCH_REQUIREMENT}", "networks and ONNX export")
+    return InstallPlan(torch=not is_satisfied(torch, find_spec, version_of),
                        packages=[r for r in wanted if not is_satisfied(r, find_spec, version_of)],
                        cuda_gpu=cuda_gpu)
 
@@ -200,21 +259,34 @@ def install(plan: InstallPlan, pip_install: Callable[[List[str]], None],
     PTQError naming what is still missing and how to install it by hand.
     """
     if plan.torch and not install_torch():
-        raise PTQError("PyTorch was not installed. Install it from the PyTorch extension "
-                       "(PyTorch Utils module) and try again.")
+        raise PTQError(f"PyTorch was not installed (SlicerPTQ needs torch{TORCH_REQUIREMENT}). Install it from the "
+                       "PyTorch extension (PyTorch Utils module) and try again.")
     if plan.packages:
-        try:
-            pip_install(plan.pip_arguments())
-        except Exception as exc:  # pip failures surface as many types (CalledProcessError, OSError, ...)
-            raise PTQError(f"Installing {', '.join(plan.pip_arguments())} failed: {exc}. Check the network "
-                           "or proxy settings, or run in the Python console: "
-                           f"slicer.util.pip_install({plan.pip_arguments()!r})") from exc
+        with tempfile.TemporaryDirectory(prefix="slicer-ptq-pip-") as folder:
+            constraints = _torch_pin(Path(folder))
+            try:
+                pip_install(plan.pip_arguments(constraints))
+            except Exception as exc:  # pip failures surface as many types (CalledProcessError, OSError, ...)
+                raise PTQError(f"Installing {', '.join(plan.pip_arguments())} failed: {exc}. Check the network "
+                               "or proxy settings, or run in the Python console: "
+                               f"slicer.util.pip_install({plan.pip_arguments()!r})") from exc
     importlib.invalidate_caches()
     still_missing = install_plan(cuda_gpu=plan.cuda_gpu)
     if not still_missing.empty:
         raise PTQError("Still missing after installation: "
                        + ", ".join((["torch"] if still_missing.torch else []) + still_missing.pip_arguments())
                        + ". Restart 3D Slicer and try again; if it persists, install them from the Python console.")
+
+
+def _torch_pin(folder: Path) -> Optional[Path]:
+    """A pip constraints file holding torch at its installed version (None: no torch), so that pip
+    (resolving monai's ``torch`` requirement) never replaces the PyTorch extension's build."""
+    version = installed_version("torch")
+    if version is None:
+        return None
+    path = folder / "constraints.txt"
+    path.write_text(f"torch=={version}\n")
+    return path
 
 
 def _version_tuple(version: str) -> Tuple[int, ...]:

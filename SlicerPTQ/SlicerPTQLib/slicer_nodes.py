@@ -19,19 +19,30 @@ from .spec import ModelSpec
 from .volume import Volume
 
 
-def volume_from_node(volume_node) -> Volume:
+def volume_from_node(volume_node, allow_labelmap: bool = False) -> Volume:
     """The voxels ``(I, J, K)`` and RAS affine of a scalar volume node.
 
     A parent transform is not applied: the segmentation made from this
     volume is placed under the same transform instead, so both move together.
+    Label-map volumes are refused unless ``allow_labelmap`` (they are
+    segmentations, not images to segment or calibrate on), and so are NaN or
+    infinite voxels, by the same rule as volume files the worker reads.
     """
     if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.GetImageData() is None:
         raise PTQError("Select a loaded scalar volume (the input image) first.")
+    if volume_node.IsA("vtkMRMLLabelMapVolumeNode") and not allow_labelmap:
+        raise PTQError(f"Volume '{volume_node.GetName()}' is a label map (a segmentation), not an image; "
+                       "select the scan itself as input and calibration volume.")
     array = slicer.util.arrayFromVolume(volume_node)
     if array.ndim != 3:
         raise PTQError(f"Volume '{volume_node.GetName()}' has {array.shape[-1]} components per voxel; "
                        "segmentation needs a single-component (greyscale) volume. Convert it first "
                        "(Vector to Scalar Volume module).")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise PTQError(f"Volume '{volume_node.GetName()}' has {bad} NaN or infinite voxel(s). Clean them "
+                           "first (e.g. replace with 0: numpy.nan_to_num) and retry.")
     return Volume(array=np.ascontiguousarray(array.transpose(2, 1, 0)), affine=_ijk_to_ras(volume_node),
                   name=volume_node.GetName())
 
@@ -70,6 +81,12 @@ def labels_to_segmentation(labels: Volume, spec: ModelSpec, reference_node, segm
     segments replaced. Returns the segmentation node.
     """
     scene = reference_node.GetScene()
+    if scene is None:
+        raise PTQError(f"Input volume '{reference_node.GetName()}' is no longer in the scene (removed, or the "
+                       "scene was closed); load it again and re-run.")
+    if segmentation_node is not None and segmentation_node.GetScene() is not scene:
+        raise PTQError(f"Segmentation '{segmentation_node.GetName()}' is not in the input volume's scene; pick "
+                       "a segmentation node of the same scene (or none, to create one).")
     unknown = sorted(set(np.unique(labels.array).tolist()) - set(spec.labels) - {0})
     if unknown:
         raise PTQError(f"The label map has values {unknown} that model '{spec.name}' does not define "
@@ -91,6 +108,9 @@ def labels_to_segmentation(labels: Volume, spec: ModelSpec, reference_node, segm
                 _set_terminology(segmentation.GetSegment(segment_id), terminology)
         segment_ids.InsertNextValue(segment_id if value in spec.labels else "")
     labelmap_node = add_volume_node(scene, labels, name="SlicerPTQ labels (temporary)", labelmap=True)
+    # The label map lives in the input's own (untransformed) frame, like the segmentation: both under the
+    # same transform, Slicer imports voxel for voxel instead of transforming (and resampling) the labels.
+    labelmap_node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
     try:
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
                 labelmap_node, segmentation_node, segment_ids):

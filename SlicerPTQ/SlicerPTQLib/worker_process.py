@@ -46,6 +46,18 @@ PARENT_PID_ENV = "SLICER_PTQ_PARENT_PID"
 PARENT_POLL_S = 1.0
 
 
+#: Windows process creation flags (constants of ``subprocess`` there, spelled out to be usable everywhere).
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
+
+
+def no_console_window() -> Dict[str, int]:
+    """``subprocess`` keyword arguments that start a console program without a console window on Windows
+    (as ``slicer.util.launchConsoleProcess`` does): no window flashes up, and none a user could close
+    (which would kill the program)."""
+    return {"creationflags": CREATE_NO_WINDOW} if os.name == "nt" else {}
+
+
 def python_executable() -> str:
     """``PythonSlicer`` inside 3D Slicer (it sets up Slicer's Python environment), else this Python."""
     here = Path(sys.executable).parent
@@ -55,9 +67,11 @@ def python_executable() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
-def worker_command(arguments: Sequence[str]) -> List[str]:
-    """The command running ``slicer-ptq --progress-json <arguments>`` out of process."""
-    return [python_executable(), "-m", "SlicerPTQLib.cli", "--progress-json", *[str(a) for a in arguments]]
+def worker_command(arguments: Sequence[str], module: str = "SlicerPTQLib.cli") -> List[str]:
+    """The command running ``slicer-ptq --progress-json <arguments>`` out of process (or another
+    ``module`` speaking its JSON lines, e.g. ``SlicerPTQLib.fetch_worker``)."""
+    options = ["--progress-json"] if module == "SlicerPTQLib.cli" else []
+    return [python_executable(), "-m", module, *options, *[str(a) for a in arguments]]
 
 
 def worker_environment() -> Dict[str, str]:
@@ -101,7 +115,7 @@ class WorkerProcess:
         """Launch the command; returns at once."""
         if self.process is not None:
             raise RuntimeError("WorkerProcess.start() called twice")
-        platform_kwargs = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
+        platform_kwargs = ({"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW} if os.name == "nt"
                            else {"start_new_session": True})
         env = dict(self.env if self.env is not None else os.environ)
         env[PARENT_PID_ENV] = str(os.getpid())
@@ -227,7 +241,8 @@ def kill_process_tree(process: subprocess.Popen) -> None:
     """Terminate ``process`` and its descendants (started in their own session/group)."""
     if os.name == "nt":
         # taskkill ships with Windows and walks the child tree (/T).
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False,
+                       **no_console_window())
     else:
         _signal_group(process.pid, signal.SIGTERM)
         try:
