@@ -87,8 +87,47 @@ def load_benchmark(path: Path) -> Dict:
         return data
     if isinstance(data, dict) and "patch_latency" in data and "volumes" in data:
         return _from_demo(data)
-    raise PTQError(f"{path} is neither a benchmark JSON (kind '{BENCHMARK_KIND}') nor a demo.json. "
-                   "Run benchmarks/bench_backends.py or slicer-ptq demo to make one.")
+    if _is_evaluation(data):
+        return _from_evaluation(data, path)
+    raise PTQError(f"{path} is not a results file the report reads: give the JSON of "
+                   "benchmarks/bench_backends.py, slicer-ptq demo (demo.json) or slicer-ptq evaluate --json.")
+
+
+def _is_evaluation(data) -> bool:
+    """Whether ``data`` is ``slicer-ptq evaluate --json``'s list of per-volume rows."""
+    return (isinstance(data, list) and bool(data) and all(isinstance(row, dict) for row in data)
+            and all("dice_quantized_vs_fp32" in row and "volume" in row for row in data))
+
+
+def _volume_results(rows, fp32_key: str, quantized_key: str):
+    """Per-volume rows of ``evaluation.evaluate_models`` as the benchmark's ``volumes``."""
+    volumes = []
+    for row in rows:
+        fp32 = {"total_s": row.get("time_fp32_s"), "timings": row.get("timings_fp32"),
+                "dice_vs_reference": row.get("dice_fp32_vs_reference"), "dice_vs_fp32": 1.0}
+        quantized = {"total_s": row.get("time_quantized_s"), "timings": row.get("timings_quantized"),
+                     "dice_vs_reference": row.get("dice_quantized_vs_reference"),
+                     "dice_vs_fp32": row.get("dice_quantized_vs_fp32")}
+        volumes.append({"volume": row["volume"], "results": {fp32_key: fp32, quantized_key: quantized}})
+    return volumes
+
+
+def _mean(values) -> Optional[float]:
+    numbers = [float(v) for v in values if isinstance(v, (int, float))]
+    return float(np.mean(numbers)) if numbers else None
+
+
+def _from_evaluation(rows, path: Path) -> Dict:
+    """``slicer-ptq evaluate --json`` (one row per volume) in the benchmark's shape."""
+    volumes = _volume_results(rows, "fp32", "slicerptq_int8")
+    variants = []
+    for key, label in (("fp32", rows[0].get("fp32", "FP32")), ("slicerptq_int8", rows[0].get("quantized", "INT8"))):
+        results = [vol["results"][key] for vol in volumes]
+        variants.append({"key": key, "label": str(label), "volume_mean_s": _mean(r["total_s"] for r in results),
+                         "dice_vs_reference_mean": _mean(r["dice_vs_reference"] for r in results),
+                         "dice_vs_fp32_mean": _mean(r["dice_vs_fp32"] for r in results)})
+    return {"kind": BENCHMARK_KIND, "source": "evaluate", "cpu": {},
+            "models": [{"name": path.stem, "variants": variants, "volumes": volumes}]}
 
 
 def _from_demo(demo: Dict) -> Dict:
@@ -104,14 +143,7 @@ def _from_demo(demo: Dict) -> Dict:
         variants.append({"key": key, "label": row["backend"], "patch_median_s": row.get("median_s"),
                          "patch_p90_s": row.get("p90_s"), "size_mb": size_of.get(key),
                          "int8_layers": row.get("int8_layers")})
-    volumes = []
-    for row in demo["volumes"]:
-        fp32 = {"total_s": row.get("time_fp32_s"), "dice_vs_reference": row.get("dice_fp32_vs_reference"),
-                "dice_vs_fp32": 1.0}
-        quantized = {"total_s": row.get("time_quantized_s"),
-                     "dice_vs_reference": row.get("dice_quantized_vs_reference"),
-                     "dice_vs_fp32": row.get("dice_quantized_vs_fp32")}
-        volumes.append({"volume": row["volume"], "results": {"torch_fp32": fp32, "slicerptq_int8": quantized}})
+    volumes = _volume_results(demo["volumes"], "torch_fp32", "slicerptq_int8")
     return {"kind": BENCHMARK_KIND, "source": "demo", "cpu": demo.get("cpu", {}),
             "settings": demo.get("settings", {}),
             "models": [{"name": Path(str(demo.get("model", "model"))).name, "variants": variants,
