@@ -430,3 +430,112 @@ def test_missing_volume_and_folder_are_told_apart(tmp_path):
     folder.mkdir()
     with pytest.raises(PTQError, match="is a folder, not a file"):
         read_volume(folder)
+
+
+def test_test_extra_installs_jsonschema():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(item.split("[")[0].split("=")[0].split(">")[0].strip() == "jsonschema"
+               for item in project["optional-dependencies"]["test"])
+
+
+# --- the demo is never silent ---------------------------------------------------------------------
+
+
+def test_demo_says_what_it_does_before_each_long_step(tmp_path, monkeypatch, capsys):
+    from SlicerPTQLib import demo, shipped
+
+    def offline():
+        raise PTQError("offline")
+
+    monkeypatch.setattr(shipped, "shipped_model", offline)
+    with pytest.raises(PTQError):
+        demo.run_demo(tmp_path / "demo")
+    assert "fetching the shipped model and volumes" in capsys.readouterr().out
+
+
+def test_text_progress_shows_stage_starts_and_ends():
+    import io
+
+    from SlicerPTQLib.progress import text_lines_callback
+
+    stream = io.StringIO()
+    report = text_lines_callback(stream)
+    for done in range(4):
+        report("calibrate", done, 3)
+    report("self-check", 0, 1)
+    report("self-check", 1, 1)
+    assert stream.getvalue().splitlines() == ["  calibrate: 0/3", "  calibrate: 3/3 done", "  self-check: 0/1",
+                                              "  self-check: 1/1 done"]
+
+
+# --- the report -------------------------------------------------------------------------------------
+
+
+def _evaluation_rows(stages: bool) -> list:
+    rows = []
+    for index, name in enumerate(("mni152", "colin27")):
+        row = {"volume": name, "fp32": "torch fp32", "quantized": "openvino int8",
+               "dice_quantized_vs_fp32": 0.995 - index / 100, "time_fp32_s": 2.0, "time_quantized_s": 0.8,
+               "dice_fp32_vs_reference": 0.95, "dice_quantized_vs_reference": 0.945}
+        if stages:
+            row["timings_fp32"] = {"preprocess_s": 0.5, "network_s": 1.2, "restore_s": 0.3, "total_s": 2.0}
+            row["timings_quantized"] = {"preprocess_s": 0.5, "network_s": 0.1, "restore_s": 0.2, "total_s": 0.8}
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def figures(monkeypatch) -> dict:
+    """Every chart the report saves, by file name, as the real matplotlib figure (inspected before closing)."""
+    from SlicerPTQLib import report
+
+    drawn = {}
+    save = report._save
+
+    def keep(fig, path):
+        drawn[Path(path).name] = {
+            "titles": [ax.get_title() for ax in fig.axes], "xlabels": [ax.get_xlabel() for ax in fig.axes],
+            "texts": [text.get_text() for ax in fig.axes for text in ax.texts],
+            "legends": [[(text.get_text(), text.get_fontsize()) for text in ax.get_legend().get_texts()]
+                        for ax in fig.axes if ax.get_legend() is not None]}
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    return drawn
+
+
+def test_report_draws_stages_int8_vs_fp32_and_a_legible_legend(tmp_path, figures):
+    from SlicerPTQLib.report import build_report
+
+    results = tmp_path / "table.json"
+    results.write_text(json.dumps(_evaluation_rows(stages=True)))
+    build_report(results, tmp_path / "report")
+    stages = figures["table_volume_time.png"]["legends"][0]
+    assert [name for name, _ in stages] == ["preprocess", "sliding window", "labels + resample back"]
+    dice_legend = figures["table_dice.png"]["legends"][0]
+    assert [name for name, _ in dice_legend] == ["torch fp32", "openvino int8"]
+    assert min(size for _, size in dice_legend) >= 9
+    agreement = figures["table_agreement.png"]
+    assert agreement["titles"] == ["Agreement with FP32", "Time against FP32 (below 1: faster)"]
+    assert "table_agreement.png" in (tmp_path / "report" / "index.html").read_text()
+
+
+def test_report_drops_the_stage_chart_without_stages_and_says_mib(tmp_path, figures):
+    from SlicerPTQLib.report import build_report
+
+    results = tmp_path / "table.json"
+    results.write_text(json.dumps(_evaluation_rows(stages=False)))
+    build_report(results, tmp_path / "report")
+    assert "table_volume_time.png" not in figures and not (tmp_path / "report" / "table_volume_time.png").exists()
+    demo = {"model": "/m/bbox_model.pt", "size_mb": {"torchscript": 1.5, "fp32_onnx": 1.4, "quantized_onnx": 0.4},
+            "patch_latency": [{"backend": "PyTorch eager FP32", "median_s": 0.5, "p90_s": 0.6},
+                              {"backend": "OpenVINO INT8", "median_s": 0.1, "p90_s": 0.12}],
+            "volumes": _evaluation_rows(stages=True)}
+    (tmp_path / "demo.json").write_text(json.dumps(demo))
+    page = build_report(tmp_path / "demo.json", tmp_path / "demo_report").read_text()
+    size = figures["bbox_model_pt_size.png"]
+    assert "MiB" in size["xlabels"][0] and all(text.endswith("MiB") for text in size["texts"])
+    assert "MB)" not in page and "file (MiB)" in page
+    assert "bbox_model_pt_volume_time.png" in figures and "bbox_model_pt_agreement.png" in figures

@@ -195,6 +195,9 @@ def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_d
     from .limits import check_roi
 
     _check_settings(method, weight_bits, num_crops, placement, accuracy_budget, seed, roi)
+    if not calibration:
+        raise PTQError("No calibration volumes given. Pass a few unlabeled volumes of the kind the model "
+                       "segments (--calib FILE... or a folder).")
     check_sources(calibration)
     if out_dir is not None:
         from .output_paths import check_output_folder
