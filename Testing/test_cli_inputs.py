@@ -101,9 +101,8 @@ def full_disk(tmp_path) -> Path:
 
 
 def _cli(*argv: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "SlicerPTQ"))
     return subprocess.run([sys.executable, "-m", "SlicerPTQLib.cli", *argv], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=env)
+                          timeout=timeout, cwd=cwd)
 
 
 def _refused(done: subprocess.CompletedProcess, *phrases: str) -> str:
