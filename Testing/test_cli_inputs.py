@@ -538,3 +538,44 @@ def test_report_drops_the_stage_chart_without_stages_and_says_mib(tmp_path, figu
     assert "MiB" in size["xlabels"][0] and all(text.endswith("MiB") for text in size["texts"])
     assert "MB)" not in page and "file (MiB)" in page
     assert "bbox_model_pt_volume_time.png" in figures and "bbox_model_pt_agreement.png" in figures
+
+
+# --- messages name the user's file or node ------------------------------------------------------------
+
+
+def test_nan_volume_node_is_named_not_the_workers_temporary_file(tiny_build, request):
+    pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
+    from SlicerPTQLib import slicer_nodes
+    from SlicerPTQLib.logic import PTQLogic
+
+    scene = request.getfixturevalue("mrml_scene")
+    array = np.full((20, 20, 20), 100.0, np.float32)
+    array[3, 4, 5] = np.nan
+    node = slicer_nodes.add_volume_node(scene, Volume(array=array, affine=np.eye(4), name="head T1"), name="head T1")
+    with pytest.raises(PTQError) as caught:
+        PTQLogic().segment(tiny_build.quantized_onnx, node, runtime="onnxruntime")
+    message = str(caught.value)
+    assert message.startswith("Volume 'head T1' has 1 NaN or infinite voxel(s)") and "slicer-ptq-segment" not in message
+
+
+def test_empty_onnx_and_junk_zip_are_named_for_what_they_are(tiny_volume, tmp_path):
+    from SlicerPTQLib.models import load_model
+
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(PTQError, match=f"{empty} holds no ONNX graph \\(0 bytes\\)"):
+        load_model(empty)
+    junk = tmp_path / "junk.pt"
+    import zipfile
+
+    with zipfile.ZipFile(junk, "w") as archive:
+        archive.writestr("notes.txt", "not a model")
+    with pytest.raises(PTQError) as caught:
+        load_model(junk)
+    assert "state dict" not in str(caught.value) and f"Cannot load {junk} as TorchScript" in str(caught.value)
+    weights = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, weights)
+    with pytest.raises(PTQError, match="holds weights only \\(a state dict\\)"):
+        load_model(weights)
+    done = _cli("quantize", str(empty), "--calib", str(tiny_volume), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert ".partial" not in _refused(done, "empty.onnx holds no ONNX graph")

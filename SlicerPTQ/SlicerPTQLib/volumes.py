@@ -223,12 +223,17 @@ def _checked_array(array: np.ndarray, path: Path) -> np.ndarray:
                        "Convert it to a scalar volume (e.g. in 3D Slicer: Vector to Scalar Volume).")
     if np.issubdtype(array.dtype, np.complexfloating):
         raise PTQError(f"{path} holds complex voxels; save the magnitude image instead.")
+    check_finite(array, str(path))
+    return array
+
+
+def check_finite(array: np.ndarray, what: str) -> None:
+    """Refuse NaN or infinite voxels; ``what`` names the file or node in the message."""
     if np.issubdtype(array.dtype, np.floating):
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         if bad:
-            raise PTQError(f"{path} has {bad} NaN or infinite voxel(s). Clean them first (e.g. "
+            raise PTQError(f"{what} has {bad} NaN or infinite voxel(s). Clean them first (e.g. "
                            "replace with 0: numpy.nan_to_num, or fslmaths -nan) and retry.")
-    return array
 
 
 def _storable(array: np.ndarray, labels: bool, path: Path) -> np.ndarray:
