@@ -68,7 +68,7 @@ def evaluate_models(fp32_model: Path, quantized_model: Path, images: Sequence[Vo
     ``references`` are label maps on the images' grids (same order). Both
     runtimes are created once and reused over the volumes.
     """
-    from .inference import load_blending, segment_volume
+    from .inference import segment_volume
     from .runtimes import create_runtime
 
     if references is not None and len(references) != len(images):
@@ -89,7 +89,6 @@ def evaluate_models(fp32_model: Path, quantized_model: Path, images: Sequence[Vo
     try:
         for runtime in (fp32, quantized):
             _warm_up(runtime, (1, spec.in_channels, *spec.roi_size))
-        load_blending()  # MONAI's import (seconds) is not part of the first timed volume
         for index in track(range(len(images)), "evaluate", callback=progress):
             image = read_any(images[index])
             fp32_labels, fp32_times = segment_volume(fp32, image, spec)
