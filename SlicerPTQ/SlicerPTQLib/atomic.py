@@ -69,8 +69,14 @@ def replacing(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         raise PTQError(f"Cannot write {path}: folder {path.parent} does not exist. Create it first.")
+    if path.is_dir():
+        raise PTQError(f"Cannot write {path}: it is a folder. Give a file name.")
     remove_stale(path.parent, f".{path.name}.", suffix)
-    handle, tmp_name = tempfile.mkstemp(prefix=owned_prefix(f".{path.name}."), suffix=suffix, dir=path.parent)
+    try:
+        handle, tmp_name = tempfile.mkstemp(prefix=owned_prefix(f".{path.name}."), suffix=suffix, dir=path.parent)
+    except OSError as exc:  # read-only location, no permission, full disk
+        raise PTQError(f"Cannot write {path}: {exc.strerror or exc}. Check that {path.parent} is writable "
+                       "and has free space.") from exc
     os.close(handle)
     tmp = Path(tmp_name)
     try:
@@ -78,7 +84,9 @@ def replacing(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
         make_public(tmp)
         os.replace(tmp, path)
     except OSError as exc:
-        raise PTQError(f"Cannot write {path}: {exc}. Check free disk space and permissions.") from exc
+        # The user's path, not the temp file's: that name means nothing to them.
+        raise PTQError(f"Cannot write {path}: {exc.strerror or exc}. Check free disk space and "
+                       "permissions.") from exc
     finally:
         tmp.unlink(missing_ok=True)
 

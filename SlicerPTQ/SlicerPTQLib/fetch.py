@@ -34,7 +34,8 @@ PIP_TIMEOUT_S = 300
 APT_TIMEOUT_S = 300
 EXTRACT_TIMEOUT_S = 120
 
-_USE_OWN_FILES = "or pass your own files: --model PATH / --calib FILES"
+_USE_OWN_FILES = ("or quantize your own model and volumes instead of the shipped ones: "
+                  "slicer-ptq quantize MODEL --calib VOLUMES... --out FOLDER")
 
 
 @dataclass(frozen=True)

@@ -688,8 +688,11 @@ class PTQLogic:
         state: Dict[str, BuiltModel] = {}
 
         def arguments() -> List[str]:
-            from .volumes import write_volume
+            from .volumes import check_finite, write_volume
 
+            for volume in plan.volumes:  # said here, by node name: the worker only sees a temporary file
+                if isinstance(volume, Volume):
+                    check_finite(volume.array, f"Volume '{volume.name}'")
             inputs = [write_volume(volume, staging / f"calibration_{index}.nrrd") if isinstance(volume, Volume)
                       else Path(volume) for index, volume in enumerate(plan.volumes)]
             budget = settings.get("accuracy_budget")
@@ -756,8 +759,10 @@ class PTQLogic:
             if index >= len(current.runs):
                 return None
             if index == 0:
-                from .volumes import write_volume
+                from .volumes import check_finite, write_volume
 
+                # Said here, by node name: the worker only sees a temporary file.
+                check_finite(current.volume.array, f"Volume '{current.volume.name}'")
                 write_volume(current.volume, work / "input.nrrd")
             run = current.runs[index]
             return (["segment", str(run["model"]), str(work / "input.nrrd"), "--out", str(work / f"labels_{index}.nrrd"),

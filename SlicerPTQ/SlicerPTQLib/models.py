@@ -89,9 +89,12 @@ def _load_onnx(path: Path, spec: Optional[ModelSpec]) -> LoadedModel:
     import onnx
 
     try:
-        onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others for corrupt files
         raise PTQError(f"{path} is not a readable ONNX file ({exc}). Re-export the model.") from exc
+    if not model.graph.node:  # an empty file parses as an empty model: say so here, under the user's name
+        raise PTQError(f"{path} holds no ONNX graph ({path.stat().st_size} bytes): the export or copy did not "
+                       "finish. Re-export the model.")
     return LoadedModel(source=path, spec=_spec_beside(path, spec), onnx_path=path)
 
 
@@ -111,10 +114,14 @@ def _load_torchscript(path: Path, spec: Optional[ModelSpec]) -> LoadedModel:
 
 
 def _looks_like_state_dict(path: Path) -> bool:
+    """A ``torch.save`` file: a zip with ``data.pkl`` and no TorchScript ``constants.pkl``, or a legacy pickle."""
     if not zipfile.is_zipfile(path):
-        return True  # legacy pickle: not TorchScript
+        with open(path, "rb") as handle:
+            return handle.read(1) == b"\x80"  # pickle's PROTO opcode: torch.save before zip files
     with zipfile.ZipFile(path) as archive:
-        return not any(name.endswith("constants.pkl") for name in archive.namelist())
+        names = archive.namelist()
+    return any(name.endswith("data.pkl") for name in names) and not any(name.endswith("constants.pkl")
+                                                                         for name in names)
 
 
 def build_monai_network(arch: str, arch_args: Dict[str, Any]):

@@ -46,13 +46,18 @@ def quantized_name(weight_bits: int) -> str:
 
 
 def _check_settings(method: str, weight_bits: int, num_crops: int, placement: str,
-                    accuracy_budget: Optional[float] = None) -> None:
+                    accuracy_budget: Optional[float] = None, seed: int = 0,
+                    roi: Optional[Sequence[int]] = None) -> None:
+    from .limits import check_num_crops, check_roi, check_seed
+
     if method not in METHODS:
         raise PTQError(f"Unknown calibration method '{method}'. Choose one of: {', '.join(METHODS)}.")
     if weight_bits not in WEIGHT_BITS:
         raise PTQError(f"Weight bits must be one of {WEIGHT_BITS}, not {weight_bits}.")
-    if num_crops < 1:
-        raise PTQError(f"--num-crops must be at least 1 (got {num_crops}).")
+    check_num_crops(num_crops)
+    check_seed(seed)
+    if roi is not None:
+        check_roi(roi)
     if placement not in ("cpu", "tensorrt"):
         raise PTQError(f"Unknown Q/DQ placement '{placement}'. Choose 'cpu' (OpenVINO) or 'tensorrt'.")
     if accuracy_budget is not None:
@@ -69,10 +74,36 @@ def check_accuracy_budget(budget: float) -> None:
                        f"e.g. 0.99; got {budget}.")
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PTQError(f"Output folder {out_dir} is a file. Give a folder path (it is created if missing).")
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _prepare_out_dir(out_dir: Path) -> List[Path]:
+    """Create ``out_dir`` if missing; returns the folders created, deepest first (to undo on failure)."""
+    from .output_paths import check_output_folder
+
+    check_output_folder(out_dir)
+    created = [folder for folder in [out_dir, *out_dir.parents] if not folder.exists()]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PTQError(f"Cannot create output folder {out_dir}: {exc.strerror or exc}. Choose a folder you "
+                       "can write to.") from exc
+    return created
+
+
+def _remove_if_empty(folders: Sequence[Path]) -> None:
+    """Undo :func:`_prepare_out_dir` after a failed run: a folder the run created and left empty goes."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only ever removes an empty folder
+        except OSError:
+            return
+
+
+def check_sources(sources: Sequence[VolumeSource], what: str = "Calibration volume") -> None:
+    """Refuse missing files and folders among volume paths before any work."""
+    for source in sources:
+        if not isinstance(source, Volume):
+            from .volumes import check_volume_path
+
+            check_volume_path(Path(source), what)
 
 
 def read_any(source: VolumeSource) -> Volume:
@@ -161,10 +192,20 @@ def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_d
         result = quantize("net.pt", ["a.nii.gz", "b.nii.gz"], Path("out"))
         result.quantized_onnx  # out/model.int8.onnx
     """
-    _check_settings(method, weight_bits, num_crops, placement, accuracy_budget)
+    from .limits import check_roi
+
+    _check_settings(method, weight_bits, num_crops, placement, accuracy_budget, seed, roi)
+    if not calibration:
+        raise PTQError("No calibration volumes given. Pass a few unlabeled volumes of the kind the model "
+                       "segments (--calib FILE... or a folder).")
+    check_sources(calibration)
+    if out_dir is not None:
+        from .output_paths import check_output_folder
+
+        check_output_folder(Path(out_dir))
     loaded = load_model(model, arch=arch, arch_args=arch_args, spec=spec, trust_bundle_code=trust_bundle_code)
     if roi is not None:
-        loaded.spec.roi_size = tuple(int(v) for v in roi)
+        loaded.spec.roi_size = check_roi(roi, loaded.spec.spatial_multiple, loaded.source)
     settings = {"method": method, "num_crops": num_crops, "seed": seed, "placement": placement,
                 "weight_bits": weight_bits, "lowbit_solver": lowbit_solver if weight_bits < 8 else None,
                 "keep_float": sorted(keep_float), "roi": list(loaded.spec.roi_size),
@@ -176,24 +217,48 @@ def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_d
         if hit is not None:
             return hit
         # Staged beside the cache folder, which then appears whole with one rename.
-        _prepare_out_dir(out_dir.parent)
-        staging = staging_folder(out_dir.parent, label=f"{out_dir.name}.")
+        created = _prepare_out_dir(out_dir.parent)
+        parent = out_dir.parent
+        label = f"{out_dir.name}."
     else:
         out_dir = Path(out_dir)
-        _prepare_out_dir(out_dir)
-        staging = staging_folder(out_dir)
+        created = _prepare_out_dir(out_dir)
+        parent, label = out_dir, ""
+    published = False
+    staging = None
     try:
+        staging = _staging(parent, label)
         result = _quantize_into(loaded, calibration, staging, settings, keep_float, progress)
-        return _publish(result, staging, out_dir, whole_folder=in_cache)
+        result = _publish(result, staging, out_dir, whole_folder=in_cache)
+        published = True
+        return result
+    except OSError as exc:  # a full disk or a location that turned read-only mid-run
+        raise PTQError(f"Cannot write the build into {out_dir}: {exc.strerror or exc}. Free disk space or "
+                       "choose another --out.") from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not published:
+            _remove_if_empty(created)
+
+
+def _staging(parent: Path, label: str) -> Path:
+    try:
+        return staging_folder(parent, label=label)
+    except OSError as exc:
+        raise PTQError(f"Cannot write into {parent}: {exc.strerror or exc}. Choose a folder you can "
+                       "write to.") from exc
 
 
 def _export_fp32(loaded: LoadedModel, path: Path) -> None:
     from .export import export_onnx, onnx_input_spec
 
     if loaded.kind == "onnx":
-        shutil.copyfile(loaded.onnx_path, path)
+        try:
+            shutil.copyfile(loaded.onnx_path, path)
+        except OSError as exc:
+            raise PTQError(f"Cannot copy {loaded.source} into the build folder: {exc.strerror or exc}. "
+                           "Free disk space or choose another --out.") from exc
     else:
         spec = loaded.spec
         export_onnx(loaded.module, path, in_channels=spec.in_channels,

@@ -1,4 +1,4 @@
-"""Progress reporting shared by the CLI (tqdm) and the Slicer worker."""
+"""Progress reporting shared by the CLI (tqdm, or plain lines) and the Slicer worker."""
 
 from __future__ import annotations
 
@@ -37,6 +37,26 @@ def json_lines_callback(stream=None) -> ProgressCallback:
 
     def report(stage: str, done: int, total: int) -> None:
         stream.write(json.dumps({"progress": {"stage": stage, "done": done, "total": total}}) + "\n")
+        stream.flush()
+
+    return report
+
+
+def text_lines_callback(stream=None) -> ProgressCallback:
+    """A callback that writes a plain line when a stage starts and when it ends (the demo's log).
+
+    Long stages (export, calibration, self-check) otherwise pass in silence
+    when stderr is not a terminal, where tqdm's bars stay off.
+    """
+    stream = stream or sys.stderr
+    state = {"stage": None}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage != state["stage"]:
+            state["stage"] = stage
+            stream.write(f"  {stage}: {done}/{total}\n" if total else f"  {stage} ...\n")
+        elif total and done == total:
+            stream.write(f"  {stage}: {done}/{total} done\n")
         stream.flush()
 
     return report

@@ -3,9 +3,9 @@
 ``build_report(benchmark_json, out_dir)`` reads what
 ``benchmarks/bench_backends.py`` (or ``slicer-ptq demo``) wrote and draws,
 per model: per-patch latency and file size per backend, whole-volume time
-split by stage, Dice per volume, slices of each volume with the FP32 and
-INT8 segmentations overlaid, and the per-layer executed precision of the
-OpenVINO models. Matplotlib runs on its Agg backend (no display needed).
+split by stage, Dice per volume, INT8 against FP32 (agreement and time),
+slices of each volume with the FP32 and INT8 segmentations overlaid, and
+the per-layer executed precision of the OpenVINO models. Matplotlib runs on its Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ STAGES_SPLIT = ("preprocess_s", "forward_s", "blend_s", "restore_s")
 STAGE_NAMES = {"preprocess_s": "preprocess", "network_s": "sliding window", "forward_s": "network forward",
                "blend_s": "windows + blending", "restore_s": "labels + resample back"}
 IMAGE_SIZES = {"latency": (8.0, 4.5), "size": (8.0, 4.5), "volume_time": (8.0, 4.5), "dice": (8.0, 4.5),
-               "overlay": (9.0, 9.0), "layers": (10.0, 4.0)}
+               "agreement": (8.0, 4.5), "overlay": (9.0, 9.0), "layers": (10.0, 4.0)}
+#: Legends and value labels stay legible when the PNG is shown at page width.
+LEGEND_FONTSIZE = 9
 
 
 def _pyplot():
@@ -87,8 +89,54 @@ def load_benchmark(path: Path) -> Dict:
         return data
     if isinstance(data, dict) and "patch_latency" in data and "volumes" in data:
         return _from_demo(data)
-    raise PTQError(f"{path} is neither a benchmark JSON (kind '{BENCHMARK_KIND}') nor a demo.json. "
-                   "Run benchmarks/bench_backends.py or slicer-ptq demo to make one.")
+    if _is_evaluation(data):
+        return _from_evaluation(data, path)
+    raise PTQError(f"{path} is not a results file the report reads: give the JSON of "
+                   "benchmarks/bench_backends.py, slicer-ptq demo (demo.json) or slicer-ptq evaluate --json.")
+
+
+def _is_evaluation(data) -> bool:
+    """Whether ``data`` is ``slicer-ptq evaluate --json``'s list of per-volume rows."""
+    return (isinstance(data, list) and bool(data) and all(isinstance(row, dict) for row in data)
+            and all("dice_quantized_vs_fp32" in row and "volume" in row for row in data))
+
+
+def _volume_results(rows, fp32_key: str, quantized_key: str):
+    """Per-volume rows of ``evaluation.evaluate_models`` as the benchmark's ``volumes``."""
+    volumes = []
+    for row in rows:
+        fp32 = {"total_s": row.get("time_fp32_s"), "timings": row.get("timings_fp32"),
+                "dice_vs_reference": row.get("dice_fp32_vs_reference"), "dice_vs_fp32": 1.0}
+        quantized = {"total_s": row.get("time_quantized_s"), "timings": row.get("timings_quantized"),
+                     "dice_vs_reference": row.get("dice_quantized_vs_reference"),
+                     "dice_vs_fp32": row.get("dice_quantized_vs_fp32")}
+        volumes.append({"volume": row["volume"], "results": {fp32_key: fp32, quantized_key: quantized}})
+    return volumes
+
+
+def _mean(values) -> Optional[float]:
+    numbers = [float(v) for v in values if isinstance(v, (int, float))]
+    return float(np.mean(numbers)) if numbers else None
+
+
+def _with_volume_means(variants, volumes) -> list:
+    """``variants`` with the table's whole-volume columns (mean time, mean Dice) from ``volumes``."""
+    for variant in variants:
+        results = [vol["results"][variant["key"]] for vol in volumes if variant["key"] in vol["results"]]
+        variant.update({"volume_mean_s": _mean(r["total_s"] for r in results),
+                        "dice_vs_reference_mean": _mean(r["dice_vs_reference"] for r in results),
+                        "dice_vs_fp32_mean": _mean(r["dice_vs_fp32"] for r in results)})
+    return variants
+
+
+def _from_evaluation(rows, path: Path) -> Dict:
+    """``slicer-ptq evaluate --json`` (one row per volume) in the benchmark's shape."""
+    volumes = _volume_results(rows, "fp32", "slicerptq_int8")
+    variants = _with_volume_means([{"key": "fp32", "label": str(rows[0].get("fp32", "FP32"))},
+                                   {"key": "slicerptq_int8", "label": str(rows[0].get("quantized", "INT8"))}],
+                                  volumes)
+    return {"kind": BENCHMARK_KIND, "source": "evaluate", "cpu": {},
+            "models": [{"name": path.stem, "variants": variants, "volumes": volumes}]}
 
 
 def _from_demo(demo: Dict) -> Dict:
@@ -104,14 +152,8 @@ def _from_demo(demo: Dict) -> Dict:
         variants.append({"key": key, "label": row["backend"], "patch_median_s": row.get("median_s"),
                          "patch_p90_s": row.get("p90_s"), "size_mb": size_of.get(key),
                          "int8_layers": row.get("int8_layers")})
-    volumes = []
-    for row in demo["volumes"]:
-        fp32 = {"total_s": row.get("time_fp32_s"), "dice_vs_reference": row.get("dice_fp32_vs_reference"),
-                "dice_vs_fp32": 1.0}
-        quantized = {"total_s": row.get("time_quantized_s"),
-                     "dice_vs_reference": row.get("dice_quantized_vs_reference"),
-                     "dice_vs_fp32": row.get("dice_quantized_vs_fp32")}
-        volumes.append({"volume": row["volume"], "results": {"torch_fp32": fp32, "slicerptq_int8": quantized}})
+    volumes = _volume_results(demo["volumes"], "torch_fp32", "slicerptq_int8")
+    _with_volume_means(variants, volumes)
     return {"kind": BENCHMARK_KIND, "source": "demo", "cpu": demo.get("cpu", {}),
             "settings": demo.get("settings", {}),
             "models": [{"name": Path(str(demo.get("model", "model"))).name, "variants": variants,
@@ -150,15 +192,15 @@ def _bar_chart(variants: Sequence[Dict], field: str, error_field: Optional[str],
 
 
 def _volume_time_chart(model: Dict, path: Path) -> Optional[Path]:
-    """Stacked bars: mean whole-volume time per variant split by stage."""
+    """Stacked bars: mean whole-volume time per variant split by stage (none without stage timings)."""
     volumes = model.get("volumes", [])
     variants = [v for v in model.get("variants", [])
                 if any(v["key"] in vol.get("results", {}) for vol in volumes)]
-    if not variants:
-        return None
     found = {stage for vol in volumes for result in vol["results"].values() for stage in (result.get("timings") or {})}
     # network_s = forward_s + blend_s when the benchmark split it: stack the finer stages.
     stages = [stage for stage in (STAGES_SPLIT if set(STAGES_SPLIT) <= found else STAGES) if stage in found]
+    if not variants or not stages:
+        return None  # the whole-volume totals are in the table; a "by stage" chart needs stages
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=IMAGE_SIZES["volume_time"])
     positions = np.arange(len(variants))
@@ -169,20 +211,17 @@ def _volume_time_chart(model: Dict, path: Path) -> Optional[Path]:
         return float(np.mean(values)) if values else 0.0
 
     totals = [mean_of(v["key"], lambda r: r.get("total_s")) for v in variants]
-    if stages:
-        left = np.zeros(len(variants))
-        cmap = plt.get_cmap("tab10")
-        for index, stage in enumerate(stages):
-            widths = np.array([mean_of(v["key"], lambda r, s=stage: (r.get("timings") or {}).get(s))
-                               for v in variants])
-            ax.barh(positions, widths, left=left, color=cmap(index % 10), label=STAGE_NAMES[stage])
-            left += widths
-        other = np.clip(np.array(totals) - left, 0, None)
-        if other.max() > 0.01 * max(totals):
-            ax.barh(positions, other, left=left, color="#dddddd", label="other")
-        ax.legend(fontsize=7, loc="best")
-    else:
-        ax.barh(positions, totals, color=[FAMILY_COLORS[family(v["key"])] for v in variants])
+    left = np.zeros(len(variants))
+    cmap = plt.get_cmap("tab10")
+    for index, stage in enumerate(stages):
+        widths = np.array([mean_of(v["key"], lambda r, s=stage: (r.get("timings") or {}).get(s))
+                           for v in variants])
+        ax.barh(positions, widths, left=left, color=cmap(index % 10), label=STAGE_NAMES[stage])
+        left += widths
+    other = np.clip(np.array(totals) - left, 0, None)
+    if other.max() > 0.01 * max(totals):
+        ax.barh(positions, other, left=left, color="#dddddd", label="other")
+    ax.legend(fontsize=LEGEND_FONTSIZE, loc="best")
     for position, total in zip(positions, totals):
         ax.text(total, position, f" {total:.2f} s", va="center", fontsize=8)
     ax.set_yticks(positions, [v["label"] for v in variants], fontsize=8)
@@ -217,7 +256,50 @@ def _dice_chart(model: Dict, path: Path) -> Optional[Path]:
     ax.set_ylim(max(0.0, lowest - 0.05), 1.0)
     ax.set_ylabel("Dice vs reference mask")
     ax.set_title("Dice per volume, FP32 backends vs INT8", fontsize=10)
-    ax.legend(fontsize=6, ncol=2, loc="lower right")
+    # Beside the bars, not over them: with many variants an inside legend hid the bars it names.
+    ax.legend(fontsize=LEGEND_FONTSIZE, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _agreement_chart(model: Dict, path: Path) -> Optional[Path]:
+    """INT8 against FP32 per volume: Dice of each quantized variant's labels with FP32's, and its
+    whole-volume time as a fraction of FP32's (the baseline variant, the first one)."""
+    volumes = model.get("volumes", [])
+    variants = [v for v in model.get("variants", []) if family(v["key"]) not in ("baseline", "bf16")
+                and any(vol["results"].get(v["key"], {}).get("dice_vs_fp32") is not None for vol in volumes)]
+    if not variants:
+        return None
+    baseline = next((v["key"] for v in model.get("variants", []) if family(v["key"]) == "baseline"), None)
+    plt = _pyplot()
+    fig, (dice_ax, time_ax) = plt.subplots(1, 2, figsize=IMAGE_SIZES["agreement"])
+    width = 0.8 / len(variants)
+    cmap = plt.get_cmap("tab10")
+    positions = np.arange(len(volumes))
+    lowest = 1.0
+    for index, variant in enumerate(variants):
+        offset = (index - (len(variants) - 1) / 2) * width
+        agreement = [vol["results"].get(variant["key"], {}).get("dice_vs_fp32") for vol in volumes]
+        agreement = [np.nan if value is None else float(value) for value in agreement]
+        lowest = min([lowest] + [value for value in agreement if not np.isnan(value)])
+        dice_ax.bar(positions + offset, agreement, width, label=variant["label"], color=cmap(index % 10))
+        ratios = []
+        for vol in volumes:
+            mine = vol["results"].get(variant["key"], {}).get("total_s")
+            fp32 = vol["results"].get(baseline, {}).get("total_s") if baseline else None
+            ratios.append(float(mine) / float(fp32) if mine and fp32 else np.nan)
+        time_ax.bar(positions + offset, ratios, width, label=variant["label"], color=cmap(index % 10))
+    names = [vol["volume"] for vol in volumes]
+    dice_ax.set_xticks(positions, names, fontsize=8, rotation=20, ha="right")
+    dice_ax.set_ylim(max(0.0, lowest - 0.02), 1.0)
+    dice_ax.set_ylabel("Dice, INT8 labels vs FP32 labels")
+    dice_ax.set_title("Agreement with FP32", fontsize=10)
+    time_ax.set_xticks(positions, names, fontsize=8, rotation=20, ha="right")
+    time_ax.axhline(1.0, color="black", linewidth=1)
+    time_ax.set_ylabel("whole-volume time / FP32's")
+    time_ax.set_title("Time against FP32 (below 1: faster)", fontsize=10)
+    dice_ax.legend(fontsize=LEGEND_FONTSIZE, loc="lower left")
+    fig.suptitle("INT8 vs FP32", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -304,7 +386,7 @@ VARIANT_COLUMNS = (
     ("patch_min_s", "patch fastest (s)", 4), ("patch_cpu_median_s", "patch CPU time (s)", 4),
     ("speedup_vs_torch", "patch speed-up vs PyTorch", 2), ("volume_mean_s", "whole volume (s)", 3),
     ("volume_fastest_mean_s", "whole volume, fastest round (s)", 3),
-    ("size_mb", "file (MB)", 2), ("peak_rss_mb", "peak RSS (MB)", 0), ("quantize_s", "quantize (s)", 1),
+    ("size_mb", "file (MiB)", 2), ("peak_rss_mb", "peak RSS (MiB)", 0), ("quantize_s", "quantize (s)", 1),
     ("dice_vs_reference_mean", "Dice vs reference", 4), ("dice_vs_fp32_mean", "Dice vs FP32", 4),
     ("int8_layers", "INT8 conv", None),
 )
@@ -344,9 +426,10 @@ def _model_section(model: Dict, base_dir: Path, out_dir: Path) -> str:
                                  "whisker: p90)", "Per-patch latency", out_dir / f"{slug}_latency.png",
                                  "{:.3f} s"), out_dir, "latency"))
     parts.append(_img(_bar_chart(variants, "size_mb", None, "file size (MiB)", "Model file size",
-                                 out_dir / f"{slug}_size.png", "{:.2f} MB"), out_dir, "size"))
+                                 out_dir / f"{slug}_size.png", "{:.2f} MiB"), out_dir, "size"))
     parts.append(_img(_volume_time_chart(model, out_dir / f"{slug}_volume_time.png"), out_dir, "volume time"))
     parts.append(_img(_dice_chart(model, out_dir / f"{slug}_dice.png"), out_dir, "dice"))
+    parts.append(_img(_agreement_chart(model, out_dir / f"{slug}_agreement.png"), out_dir, "INT8 vs FP32"))
     profile = model.get("profile")
     if profile:
         parts.append("<h3>Sliding-window profile</h3>")

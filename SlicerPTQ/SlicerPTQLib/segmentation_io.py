@@ -21,7 +21,7 @@ from .atomic import replacing
 from .errors import PTQError
 from .spec import ModelSpec
 from .volume import Volume
-from .volumes import labels_dtype, nrrd_affine, nrrd_space_fields
+from .volumes import check_voxel_count, labels_dtype, nrrd_affine, nrrd_space_fields
 
 SEG_SUFFIX = ".seg.nrrd"
 _NRRD_TYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.uint16): "unsigned short",
@@ -76,6 +76,7 @@ def read_seg_nrrd(path: Path) -> Tuple[Volume, SegmentTable]:
                 raise ValueError("no end of NRRD header found")
             lines = head[: end + 1].decode("utf-8").splitlines(keepends=True)
             header = nrrd.read_header(lines)
+            check_voxel_count(header.get("sizes", ()), path)
             stream.seek(end + 2)
             array = nrrd.read_data(header, stream, str(path), index_order="F")
     except (OSError, ValueError, UnicodeDecodeError, nrrd.NRRDError) as exc:

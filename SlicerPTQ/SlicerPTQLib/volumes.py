@@ -33,6 +33,9 @@ _NRRD_SPACE_TO_RAS = {
 }
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 _NRRD_COMPRESSION_LEVEL = 4
+#: The most voxels a volume may have (2^31, 8 GiB as float32; a 0.5 mm whole-body CT is ~1.5e9).
+#: Checked on the header before any data is read, so a tiny file claiming 10000^3 maps nothing.
+MAX_VOXELS = 2 ** 31
 
 
 def volume_suffix(path: Path) -> str:
@@ -50,6 +53,21 @@ def volume_stem(path: Path) -> str:
     return name[: len(name) - len(volume_suffix(path))] if volume_suffix(path) else Path(path).stem
 
 
+def check_volume_path(path: Path, what: str = "Volume file") -> str:
+    """Refuse a path that is missing, a folder or not a volume file; returns its volume suffix."""
+    path = Path(path)
+    if path.is_dir():
+        raise PTQError(f"{what} {path} is a folder, not a file. Give a volume file "
+                       f"({', '.join(READ_SUFFIXES)}).")
+    if not path.is_file():
+        raise PTQError(f"{what} {path} does not exist. Check the path.")
+    suffix = volume_suffix(path)
+    if not suffix:
+        raise PTQError(f"{path} is not a supported volume file; use one of {', '.join(READ_SUFFIXES)} "
+                       "(in 3D Slicer: File > Save as NRRD or NIfTI).")
+    return suffix
+
+
 def read_volume(path: Path) -> Volume:
     """Read a 3D scalar volume from .nii/.nii.gz/.nrrd/.nhdr.
 
@@ -58,12 +76,7 @@ def read_volume(path: Path) -> Volume:
     length 1 is dropped.
     """
     path = Path(path)
-    if not path.is_file():
-        raise PTQError(f"Volume file {path} does not exist. Check the path.")
-    suffix = volume_suffix(path)
-    if not suffix:
-        raise PTQError(f"{path} is not a supported volume file; use one of {', '.join(READ_SUFFIXES)} "
-                       "(in 3D Slicer: File > Save as NRRD or NIfTI).")
+    suffix = check_volume_path(path)
     try:
         if suffix in NIFTI_SUFFIXES:
             array, affine = _read_nifti(path)
@@ -155,10 +168,22 @@ def nrrd_space_fields(affine: np.ndarray) -> dict:
     }
 
 
+def check_voxel_count(shape, path: Path) -> None:
+    """Refuse a header whose ``shape`` holds more than :data:`MAX_VOXELS` voxels (before reading data)."""
+    count = 1
+    for size in shape:
+        count *= int(size)
+    if count > MAX_VOXELS:
+        raise PTQError(f"{path} claims {count:,} voxels (shape {tuple(int(s) for s in shape)}), more than the "
+                       f"limit of {MAX_VOXELS:,}. The header is wrong or the volume is too large; crop or "
+                       "downsample it (e.g. in 3D Slicer: Crop Volume) and retry.")
+
+
 def _read_nifti(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     image = nib.load(str(path))
+    check_voxel_count(image.shape, path)
     array = np.asanyarray(image.dataobj)
     return _squeeze_to_3d(array, list(range(array.ndim))[:3], path), np.asarray(image.affine, dtype=np.float64)
 
@@ -166,7 +191,10 @@ def _read_nifti(path: Path) -> Tuple[np.ndarray, np.ndarray]:
 def _read_nrrd(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     import nrrd
 
-    array, header = nrrd.read(str(path), index_order="F")
+    with open(path, "rb") as handle:
+        header = nrrd.read_header(handle)
+        check_voxel_count(header.get("sizes", ()), path)
+        array = nrrd.read_data(header, handle, str(path), index_order="F")
     affine, spatial = nrrd_affine(header, path)
     return _squeeze_to_3d(array, spatial, path), affine
 
@@ -195,12 +223,17 @@ def _checked_array(array: np.ndarray, path: Path) -> np.ndarray:
                        "Convert it to a scalar volume (e.g. in 3D Slicer: Vector to Scalar Volume).")
     if np.issubdtype(array.dtype, np.complexfloating):
         raise PTQError(f"{path} holds complex voxels; save the magnitude image instead.")
+    check_finite(array, str(path))
+    return array
+
+
+def check_finite(array: np.ndarray, what: str) -> None:
+    """Refuse NaN or infinite voxels; ``what`` names the file or node in the message."""
     if np.issubdtype(array.dtype, np.floating):
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         if bad:
-            raise PTQError(f"{path} has {bad} NaN or infinite voxel(s). Clean them first (e.g. "
+            raise PTQError(f"{what} has {bad} NaN or infinite voxel(s). Clean them first (e.g. "
                            "replace with 0: numpy.nan_to_num, or fslmaths -nan) and retry.")
-    return array
 
 
 def _storable(array: np.ndarray, labels: bool, path: Path) -> np.ndarray:
