@@ -173,7 +173,10 @@ def check_args(args) -> None:
         _roi(args.roi)
         check_output_folder(args.out)
     elif args.command == "segment":
+        from .cohort import check_options
+
         limits.check_batch_size(args.batch_size)
+        check_options(args)
         if not args.server:  # with --server the model is a name on the server
             _check_input_file(args.model, "Model", "model.int8.onnx")
         if _is_cohort(args):  # each volume is checked by the cohort: one bad volume must not stop the rest
@@ -181,8 +184,6 @@ def check_args(args) -> None:
                 check_output_folder(args.out_dir)
             return
         check_volume_path(args.image[0], "Image")
-        if args.out is None:
-            raise PTQError("Give --out FILE for the label map (or --out-dir DIR for a cohort).")
         if not (args.out.name.lower().endswith(".seg.nrrd") or volume_suffix(args.out) in WRITE_SUFFIXES):
             raise PTQError(f"--out {args.out}: write a label map as {', '.join(WRITE_SUFFIXES)}, or a Slicer "
                            "segmentation as .seg.nrrd.")

@@ -269,16 +269,28 @@ def describe(result: VolumeResult) -> str:
     return f"{result.volume}: {result.status} ({result.seconds:.2f} s) -> {result.output}"
 
 
-def run_cli(args, images: List[Path], progress: Optional[ProgressCallback]) -> Dict:
-    """``slicer-ptq segment`` with ``--out-dir``, ``--server`` or several volumes; returns the CLI result."""
+def check_options(args) -> None:
+    """``segment``'s option combinations, refused before any file is read (they need none)."""
     if args.server and (args.runtime or args.precision):
         raise PTQError("--runtime/--precision and --server do not combine: with --server the model runs on the "
                        "server as exported. Drop one of them.")
     if args.out_dir is None:
-        if len(images) != 1:
+        folders = [Path(path) for path in args.image if Path(path).is_dir()]
+        if folders:
+            raise PTQError(f"Image {folders[0]} is a folder, not a file: give --out-dir DIR to segment every "
+                           "volume in it, or one volume file with --out FILE.")
+        if len(args.image) != 1:
             raise PTQError("Several volumes go to a folder: give --out-dir DIR (or one volume with --out FILE).")
         if args.out is None:
             raise PTQError("Give --out FILE for the label map (or --out-dir DIR for a cohort).")
+    elif args.out is not None:
+        raise PTQError("--out and --out-dir do not combine. Give --out FILE for one volume or --out-dir DIR.")
+
+
+def run_cli(args, images: List[Path], progress: Optional[ProgressCallback]) -> Dict:
+    """``slicer-ptq segment`` with ``--out-dir``, ``--server`` or several volumes (options checked by
+    :func:`check_options`); returns the CLI result."""
+    if args.out_dir is None:
         if args.server:
             labels, timings, spec = segment_remote(args.server, str(args.model), images[0], args.batch_size,
                                                    args.server_timeout, args.retries, progress)
@@ -288,8 +300,6 @@ def run_cli(args, images: List[Path], progress: Optional[ProgressCallback]) -> D
             if not args.progress_json:
                 print(f"labels written to {args.out} in {timings['total_s']:.2f} s")
             return {"labels": args.out, "timings": timings}
-    elif args.out is not None:
-        raise PTQError("--out and --out-dir do not combine. Give --out FILE for one volume or --out-dir DIR.")
     if args.server:
         make_runtime, spec, model_id = remote_source(args.server, str(args.model), args.server_timeout,
                                                      args.retries)
