@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
                         "on the calibration volumes, e.g. 0.99 (INT8 weights only)")
     q.add_argument("--arch", help="MONAI network name when MODEL is a state dict, e.g. UNet")
     q.add_argument("--arch-args", type=json.loads, default=None, help="JSON constructor arguments for --arch")
+    q.add_argument("--spec", type=Path, help="model metadata JSON (default: found beside the model, see "
+                                              "docs/model-metadata.md)")
+    q.add_argument("--modality", help="input modality whose preprocessing to use (the metadata's "
+                                      "'intensity_by_modality'), e.g. CT")
     q.add_argument("--trust-bundle-code", action="store_true",
                    help="let MONAI evaluate the Python expressions ('$...') and objects ('_target_') in a bundle's "
                         "configs; only for bundles whose author you trust (default: configs are read as data)")
@@ -69,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: openvino for ONNX, torch for TorchScript")
     s.add_argument("--precision", help="runtime precision, e.g. fp32 or bf16 for float models on OpenVINO")
     s.add_argument("--batch-size", type=int, default=1, help="sliding-window patches per forward")
+    s.add_argument("--spec", type=Path, help="model metadata JSON (default: found beside the model)")
+    s.add_argument("--modality", help="input modality whose preprocessing to use, e.g. CT")
     s.add_argument("--no-self-check", action="store_true",
                    help="run a quantized model without first checking, once per machine and runtime, that its "
                         "INT8 labels agree with FP32's here")
@@ -79,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--images", nargs="+", required=True)
     e.add_argument("--labels", nargs="+", help="reference masks, in the order of --images")
     e.add_argument("--json", type=Path, help="also write the table as JSON here")
+    e.add_argument("--spec", type=Path, help="model metadata JSON (default: found beside the quantized model)")
 
     d = sub.add_parser("demo", help="the whole pipeline on the shipped real model and volumes")
     d.add_argument("--out", type=Path, default=Path("ptq-demo"))
@@ -117,9 +124,11 @@ def run(args) -> int:
                                    placement=args.placement, weight_bits=args.weight_bits,
                                    lowbit_solver=args.lowbit_solver, arch=args.arch, arch_args=args.arch_args,
                                    accuracy_budget=args.accuracy_budget, progress=_progress(args),
-                                   trust_bundle_code=args.trust_bundle_code)
+                                   trust_bundle_code=args.trust_bundle_code, spec_file=args.spec,
+                                   require_spec=True, modality=args.modality)
         sizes = result.report["size_mb"]
         if not args.progress_json:
+            print(f"metadata   {result.report.get('spec_source', 'given')}")
             print(f"FP32 ONNX  {result.fp32_onnx}  {sizes['fp32_onnx']:.2f} MB")
             print(f"quantized  {result.quantized_onnx}  {sizes['quantized_onnx']:.2f} MB "
                   f"({sizes['quantized_onnx'] / sizes['fp32_onnx']:.2f}x)")
@@ -132,9 +141,11 @@ def run(args) -> int:
     elif args.command == "segment":
         labels, timings = pipeline.segment(args.model, args.image, runtime=args.runtime, precision=args.precision,
                                            batch_size=args.batch_size, progress=_progress(args),
-                                           self_check=not args.no_self_check)
-        pipeline.write_outputs(labels, pipeline.model_spec_for(args.model), args.out)
+                                           self_check=not args.no_self_check, spec_file=args.spec,
+                                           modality=args.modality)
+        pipeline.write_outputs(labels, pipeline.model_spec_for(args.model, args.spec, args.modality), args.out)
         if not args.progress_json:
+            print(f"metadata: {args.spec or pipeline.find_sidecar(args.model)}")
             print(timings["self_check"])
             print(f"labels written to {args.out} in {timings['total_s']:.2f} s")
         _emit_result(args, {"labels": args.out, "timings": timings})
@@ -142,7 +153,8 @@ def run(args) -> int:
         from .evaluation import evaluate_models, format_table
 
         rows = evaluate_models(args.fp32_model, args.quantized_model, expand_volumes(args.images),
-                               expand_volumes(args.labels) if args.labels else None, progress=_progress(args))
+                               expand_volumes(args.labels) if args.labels else None, progress=_progress(args),
+                               spec_file=args.spec)
         if not args.progress_json:
             print(format_table(rows))
         if args.json:

@@ -19,7 +19,7 @@ from .errors import PTQError
 from .metrics import file_size_mb
 from .models import LoadedModel, file_sha256, load_model
 from .progress import ProgressCallback
-from .spec import ModelSpec, sidecar_path
+from .spec import ModelSpec, find_sidecar, sidecar_path
 from .volume import Volume
 
 VolumeSource = Union[str, Path, Volume]
@@ -138,7 +138,9 @@ def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_d
              placement: str = "cpu", weight_bits: int = 8, lowbit_solver: str = "admm",
              arch: Optional[str] = None, arch_args: Optional[Dict] = None, spec: Optional[ModelSpec] = None,
              keep_float: Sequence[str] = (), accuracy_budget: Optional[float] = None,
-             progress: Optional[ProgressCallback] = None, trust_bundle_code: bool = False) -> QuantizeResult:
+             progress: Optional[ProgressCallback] = None, trust_bundle_code: bool = False,
+             spec_file: Optional[Path] = None, require_spec: bool = False, modality: Optional[str] = None
+             ) -> QuantizeResult:
     """Calibrate ``model`` on unlabeled ``calibration`` volumes and write a QDQ ONNX model.
 
     ``accuracy_budget`` (e.g. 0.99): keep the layers INT8 hurts most in
@@ -155,6 +157,9 @@ def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_d
 
     A MONAI bundle ``model`` is read as data; ``trust_bundle_code`` lets
     MONAI evaluate the Python expressions in its configs (trusted authors only).
+    ``spec_file`` names the metadata (else it is looked for beside the
+    model; ``require_spec`` refuses defaults); ``modality`` picks the
+    preprocessing for that input modality (:meth:`ModelSpec.for_modality`).
 
     Example::
 
@@ -162,9 +167,12 @@ def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_d
         result.quantized_onnx  # out/model.int8.onnx
     """
     _check_settings(method, weight_bits, num_crops, placement, accuracy_budget)
-    loaded = load_model(model, arch=arch, arch_args=arch_args, spec=spec, trust_bundle_code=trust_bundle_code)
+    loaded = load_model(model, arch=arch, arch_args=arch_args, spec=spec, trust_bundle_code=trust_bundle_code,
+                        spec_file=spec_file, require_spec=require_spec)
+    loaded.spec = loaded.spec.for_modality(modality)
     if roi is not None:
         loaded.spec.roi_size = tuple(int(v) for v in roi)
+        loaded.spec.check("--roi")
     settings = {"method": method, "num_crops": num_crops, "seed": seed, "placement": placement,
                 "weight_bits": weight_bits, "lowbit_solver": lowbit_solver if weight_bits < 8 else None,
                 "keep_float": sorted(keep_float), "roi": list(loaded.spec.roi_size),
@@ -214,6 +222,7 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
     fp32_onnx = folder / "model.fp32.onnx"
     _export_fp32(loaded, fp32_onnx)
     spec.out_channels = _onnx_out_channels(fp32_onnx, spec.out_channels)
+    spec.check(f"the metadata of {loaded.source} ({loaded.spec_origin})")
     arrays = prepared_arrays(calibration, spec, progress)
     _check_channels(arrays, spec, calibration)
     crops = sample_crops(arrays, spec.roi_size, settings["num_crops"], settings["seed"])
@@ -250,7 +259,7 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
                                       method=settings["method"], placement=settings["placement"],
                                       keep_policy_float=False, keep_float=keep_float, ranges=ranges,
                                       volumes=arrays, roi=spec.roi_size, overlap=spec.overlap,
-                                      output_kind=spec.output, progress_callback=progress)
+                                      output_kind=spec.label_rule(), progress_callback=progress)
         qdq_summary = sensitivity.report
         sensitivity_report = sensitivity_summary(sensitivity)
     else:
@@ -261,6 +270,7 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
     report = {
         "model": str(loaded.source),
         "model_sha256": file_sha256(loaded.source),
+        "spec_source": loaded.spec_origin,
         "settings": settings,
         "calibration": [_source_name(source) for source in calibration],
         "size_mb": {"fp32_onnx": file_size_mb(fp32_onnx), "quantized_onnx": file_size_mb(quantized)},
@@ -373,13 +383,16 @@ def _publish(result: QuantizeResult, staging: Path, out_dir: Path, whole_folder:
                           spec=result.spec, report=result.report, packed_weights=moved.get("packed_weights"))
 
 
-def model_spec_for(model_path: Path) -> ModelSpec:
-    """The spec beside a model file, or a clear error if there is none."""
-    candidate = sidecar_path(Path(model_path))
-    if not candidate.is_file():
-        raise PTQError(f"No metadata beside {model_path} (expected {candidate}). Quantize the model with "
-                       "slicer-ptq quantize, which writes it, or write it by hand (see README).")
-    return ModelSpec.load(candidate)
+def model_spec_for(model_path: Path, spec_file: Optional[Path] = None, modality: Optional[str] = None) -> ModelSpec:
+    """The spec of a model file (``spec_file``, else beside it), or a clear error if there is none."""
+    if spec_file is not None:
+        return ModelSpec.load(Path(spec_file)).for_modality(modality)
+    candidate = find_sidecar(Path(model_path))
+    if candidate is None:
+        from .models import missing_spec_message
+
+        raise PTQError(missing_spec_message(Path(model_path)))
+    return ModelSpec.load(candidate).for_modality(modality)
 
 
 def default_backend(model_path: Path) -> str:
@@ -389,18 +402,21 @@ def default_backend(model_path: Path) -> str:
 
 def segment(model_path: Union[str, Path], volume: VolumeSource, runtime: Optional[str] = None,
             precision: Optional[str] = None, batch_size: int = 1, threads: Optional[int] = None,
-            progress: Optional[ProgressCallback] = None, self_check: bool = True) -> Tuple[Volume, Dict]:
+            progress: Optional[ProgressCallback] = None, self_check: bool = True,
+            spec_file: Optional[Path] = None, modality: Optional[str] = None) -> Tuple[Volume, Dict]:
     """Segment one volume; returns the label map on the input grid and timings (s).
 
     A quantized model is first checked on this machine and runtime
     (:func:`ensure_checked`, cached); ``self_check=False`` skips that. The
     timings dict carries the check's summary as ``"self_check"``.
+    ``spec_file`` and ``modality`` choose the metadata as in :func:`model_spec_for`.
+    A regression model returns a float volume instead of labels.
     """
     from .inference import segment_volume
     from .runtimes import create_runtime
 
     model_path = Path(model_path)
-    spec = model_spec_for(model_path)
+    spec = model_spec_for(model_path, spec_file, modality)
     runtime = runtime or default_backend(model_path)
     image = read_any(volume)
     engine = create_runtime(model_path, runtime, precision=precision, threads=threads, batch_size=batch_size)
@@ -461,6 +477,9 @@ def _build_report(model_path: Path) -> Dict:
 def write_outputs(labels: Volume, spec: ModelSpec, out: Path) -> List[Path]:
     """Write a label map (NIfTI/NRRD by extension); ``.seg.nrrd`` writes a Slicer segmentation."""
     out = Path(out)
+    if spec.output == "regression" and out.name.endswith(".seg.nrrd"):
+        raise PTQError(f"Model {spec.name} gives a regression map (a float volume), not segments; write it as "
+                       f".nii.gz or .nrrd instead of {out.name}.")
     if out.name.endswith(".seg.nrrd"):
         from .segmentation_io import write_seg_nrrd
 
