@@ -203,3 +203,75 @@ def test_regression_map_written_as_a_float_volume(tmp_path):
     np.testing.assert_allclose(values.array, 1.5 - read_volume(volume).array, atol=1e-5)
     with pytest.raises(PTQError, match="regression map"):
         pipeline.write_outputs(values, result.spec, tmp_path / "reg.seg.nrrd")
+
+
+# --- preprocessing, post-processing, plausibility ----------------------------------------------
+
+
+def test_quantile_scale_maps_quantiles_to_the_range_and_clips():
+    from SlicerPTQLib.preprocess import normalize_intensity
+    from SlicerPTQLib.spec import Intensity
+
+    image = np.arange(1000, dtype=np.int16).reshape(10, 10, 10)
+    rule = Intensity(kind="quantile_scale", low=0.1, high=0.9, b_min=-1.0, b_max=1.0)
+    out = normalize_intensity(image, rule)
+    low, high = np.quantile(image, (0.1, 0.9))
+    assert out.min() == -1.0 and out.max() == 1.0
+    np.testing.assert_allclose(out[5, 0, 0], -1 + 2 * (500 - low) / (high - low), atol=1e-6)
+    floats = normalize_intensity(image.astype(np.float32) + 0.25, rule)  # the non-integer path agrees
+    np.testing.assert_allclose(floats, out, atol=1e-5)
+
+
+def test_modality_picks_its_preprocessing_from_one_metadata_file(tmp_path):
+    path = _write(tmp_path / "net.json", {**VALID, "intensity_by_modality": {
+        "CT": {"kind": "clip_scale", "a_min": -1000, "a_max": 1000}}})
+    spec = ModelSpec.load(path)
+    ct = spec.for_modality("CT")
+    assert ct.modality == "CT" and ct.intensity.kind == "clip_scale"
+    assert ct.for_modality("MR").intensity.kind == "zscore"  # the file's own rule stays on offer
+    with pytest.raises(PTQError, match="no preprocessing for modality 'PT'.*offers CT, MR"):
+        spec.for_modality("PT")
+
+
+def test_postprocess_steps():
+    from SlicerPTQLib.postprocess import apply_steps
+
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:12, 2:12, 2:12] = 1
+    labels[6:8, 6:8, 6:8] = 0  # a hole
+    labels[16:18, 16:18, 16:18] = 1  # a speck
+    labels[15:19, 2:6, 2:6] = 2
+    kept = apply_steps(labels, [{"step": "largest_component"}])
+    assert kept[16, 16, 16] == 0 and kept[3, 3, 3] == 1 and kept[16, 3, 3] == 2
+    filled = apply_steps(labels, [{"step": "fill_holes", "labels": [1]}])
+    assert filled[6, 6, 6] == 1 and filled[16, 16, 16] == 1
+    smooth = apply_steps(labels, [{"step": "smooth", "sigma_mm": 1.0}], spacing=(1.0, 1.0, 1.0))
+    assert smooth[16, 16, 16] == 0 and smooth[6, 6, 6] == 1 and smooth[7, 7, 7] == 1
+    with pytest.raises(PTQError, match="not one of largest_component"):
+        apply_steps(labels, [{"step": "erode"}])
+
+
+def test_plausibility_warns_for_chest_ct_under_a_brain_mr_model(tmp_path):
+    from SlicerPTQLib import plausibility
+
+    rng = np.random.default_rng(0)
+    ct = rng.normal(-800, 300, (40, 40, 20)).astype(np.int16)
+    mr = rng.uniform(0, 400, (40, 40, 20)).astype(np.float32)
+    brain = ModelSpec(name="brain", modality="MR",
+                      expected={"intensity_range": [0.0, 500.0], "field_of_view_mm": [180.0, 220.0, 200.0]})
+    affine = np.diag([9.0, 9.0, 9.0, 1.0])  # 360 x 360 x 180 mm: a torso, not a head
+    warnings = plausibility.check(Volume(array=ct, affine=affine, name="chest"), brain)
+    assert len(warnings) == 3 and "looks like CT" in warnings[0]
+    head = np.diag([5.0, 5.0, 10.0, 1.0])
+    assert plausibility.check(Volume(array=mr, affine=head, name="head"), brain) == []
+    assert "no negative values" in plausibility.check(Volume(array=mr, affine=head), ModelSpec("c", modality="CT"))[0]
+
+
+def test_segment_warns_but_still_segments(tmp_path, capsys):
+    model = _script(_Scores(), tmp_path / "net.pt")
+    _write(tmp_path / "net.json", {**VALID, "intensity": {"kind": "none"}})
+    chest = tmp_path / "chest.nii.gz"
+    write_volume(Volume(array=np.full((16, 16, 16), -1000, np.int16), affine=np.eye(4), name="chest"), chest)
+    assert cli.main(["segment", str(model), str(chest), "--out", str(tmp_path / "l.nii.gz")]) == 0
+    err = capsys.readouterr().err
+    assert "slicer-ptq: warning:" in err and "looks like CT" in err

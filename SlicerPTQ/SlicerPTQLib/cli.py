@@ -127,6 +127,7 @@ def run(args) -> int:
                                    trust_bundle_code=args.trust_bundle_code, spec_file=args.spec,
                                    require_spec=True, modality=args.modality)
         sizes = result.report["size_mb"]
+        _warn(result.report.get("warnings", []))
         if not args.progress_json:
             print(f"metadata   {result.report.get('spec_source', 'given')}")
             print(f"FP32 ONNX  {result.fp32_onnx}  {sizes['fp32_onnx']:.2f} MB")
@@ -143,6 +144,7 @@ def run(args) -> int:
                                            batch_size=args.batch_size, progress=_progress(args),
                                            self_check=not args.no_self_check, spec_file=args.spec,
                                            modality=args.modality)
+        _warn(timings.get("warnings", []))
         pipeline.write_outputs(labels, pipeline.model_spec_for(args.model, args.spec, args.modality), args.out)
         if not args.progress_json:
             print(f"metadata: {args.spec or pipeline.find_sidecar(args.model)}")
@@ -181,6 +183,12 @@ def run(args) -> int:
 
         print(json.dumps({"cpu": cpu_summary(), "runtimes": available_backends()}, indent=2))
     return 0
+
+
+def _warn(lines: List[str]) -> None:
+    """Plausibility warnings: one line each on stderr, the run goes on."""
+    for line in lines:
+        print(f"slicer-ptq: warning: {line}", file=sys.stderr)
 
 
 def _roi(values: Optional[List[int]]):

@@ -85,16 +85,23 @@ def read_any(source: VolumeSource) -> Volume:
 
 
 def prepared_arrays(sources: Sequence[VolumeSource], spec: ModelSpec,
-                    progress: Optional[ProgressCallback] = None) -> List:
-    """Read and preprocess volumes to network arrays ``(C, D, H, W)``."""
+                    progress: Optional[ProgressCallback] = None, warnings: Optional[List[str]] = None) -> List:
+    """Read and preprocess volumes to network arrays ``(C, D, H, W)``; plausibility
+    warnings (:mod:`plausibility`) are appended to ``warnings`` when given."""
+    from . import plausibility
     from .preprocess import prepare
     from .progress import track
 
     if not sources:
         raise PTQError("No calibration volumes given. Pass a few unlabeled volumes of the kind the model "
                        "segments (--calib FILE... or a folder).")
-    return [prepare(read_any(source), spec)[0] for source in track(list(sources), "read volumes",
-                                                                     callback=progress)]
+    arrays = []
+    for source in track(list(sources), "read volumes", callback=progress):
+        volume = read_any(source)
+        if warnings is not None:
+            warnings.extend(plausibility.check(volume, spec))
+        arrays.append(prepare(volume, spec)[0])
+    return arrays
 
 
 def build_folder(model_source: Path, spec: ModelSpec, calibration: Sequence[VolumeSource], settings: Dict) -> Path:
@@ -223,7 +230,8 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
     _export_fp32(loaded, fp32_onnx)
     spec.out_channels = _onnx_out_channels(fp32_onnx, spec.out_channels)
     spec.check(f"the metadata of {loaded.source} ({loaded.spec_origin})")
-    arrays = prepared_arrays(calibration, spec, progress)
+    warnings: List[str] = []
+    arrays = prepared_arrays(calibration, spec, progress, warnings)
     _check_channels(arrays, spec, calibration)
     crops = sample_crops(arrays, spec.roi_size, settings["num_crops"], settings["seed"])
     from .float_policy import float_policy_nodes
@@ -276,6 +284,7 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
         "size_mb": {"fp32_onnx": file_size_mb(fp32_onnx), "quantized_onnx": file_size_mb(quantized)},
         "qdq": qdq_summary,
         "self_check": check.to_dict(),
+        "warnings": warnings,
     }
     if sensitivity_report is not None:
         report["sensitivity"] = sensitivity_report
@@ -408,17 +417,21 @@ def segment(model_path: Union[str, Path], volume: VolumeSource, runtime: Optiona
 
     A quantized model is first checked on this machine and runtime
     (:func:`ensure_checked`, cached); ``self_check=False`` skips that. The
-    timings dict carries the check's summary as ``"self_check"``.
+    timings dict carries the check's summary as ``"self_check"`` and the
+    plausibility warnings (:mod:`plausibility`) as ``"warnings"``.
     ``spec_file`` and ``modality`` choose the metadata as in :func:`model_spec_for`.
     A regression model returns a float volume instead of labels.
     """
     from .inference import segment_volume
     from .runtimes import create_runtime
 
+    from . import plausibility
+
     model_path = Path(model_path)
     spec = model_spec_for(model_path, spec_file, modality)
     runtime = runtime or default_backend(model_path)
     image = read_any(volume)
+    warnings = plausibility.check(image, spec)
     engine = create_runtime(model_path, runtime, precision=precision, threads=threads, batch_size=batch_size)
     try:
         check = ensure_checked(model_path, runtime, spec, image, threads, progress) \
@@ -429,6 +442,7 @@ def segment(model_path: Union[str, Path], volume: VolumeSource, runtime: Optiona
     finally:
         engine.close()
     timings["self_check"] = check
+    timings["warnings"] = warnings
     return labels, timings
 
 
