@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="TorchScript/ONNX file, MONAI bundle folder, or state dict (with --arch)")
     q.add_argument("--calib", nargs="+", required=True, help="unlabeled volumes (files or folders)")
     q.add_argument("--out", required=True, type=Path, help="output folder")
-    q.add_argument("--method", default="max", choices=["max", "percentile", "entropy", "mse"])
+    q.add_argument("--method", default="max", choices=["max", "percentile", "entropy", "mse", "auto"],
+                   help="activation range observer; 'auto' tries each on held-back calibration crops and keeps "
+                        "the one that agrees best with FP32 (recorded in quantization.json)")
     q.add_argument("--roi", nargs="+", type=int, help="patch size (1 or 3 ints); default from the model metadata")
     q.add_argument("--num-crops", type=int, default=20)
     q.add_argument("--seed", type=int, default=0)
@@ -130,6 +132,9 @@ def run(args) -> int:
         _warn(result.report.get("warnings", []))
         if not args.progress_json:
             print(f"metadata   {result.report.get('spec_source', 'given')}")
+            chosen = result.report.get("calibration_method", {})
+            print(f"method     {chosen.get('chosen')} ({chosen.get('reason')}); "
+                  f"{result.report['crops']['distinct']} distinct crops of {result.report['crops']['requested']}")
             print(f"FP32 ONNX  {result.fp32_onnx}  {sizes['fp32_onnx']:.2f} MB")
             print(f"quantized  {result.quantized_onnx}  {sizes['quantized_onnx']:.2f} MB "
                   f"({sizes['quantized_onnx'] / sizes['fp32_onnx']:.2f}x)")

@@ -41,7 +41,7 @@ from .spec import ModelSpec, sidecar_path
 from .volume import Volume
 from .worker_process import Launcher, LogCallback, WorkerProcess, worker_command, worker_environment
 
-METHODS = ("max", "percentile", "entropy", "mse")
+METHODS = ("max", "percentile", "entropy", "mse", "auto")
 REPORT_NAME = "quantization.json"
 GRID_TOLERANCE_MM = 1e-3
 

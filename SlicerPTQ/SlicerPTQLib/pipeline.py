@@ -23,7 +23,7 @@ from .spec import ModelSpec, find_sidecar, sidecar_path
 from .volume import Volume
 
 VolumeSource = Union[str, Path, Volume]
-METHODS = ("max", "percentile", "entropy", "mse")
+METHODS = ("max", "percentile", "entropy", "mse", "auto")
 WEIGHT_BITS = (8, 4, 3, 2)
 REPORT_NAME = "quantization.json"
 
@@ -243,7 +243,16 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
     # QDQ writer, so both see the same activation scales.
     tensors = choose_activation_tensors(onnx_graph.load_model(fp32_onnx), PLACEMENTS[settings["placement"]],
                                         keep_float)
-    ranges = collect_ranges(fp32_onnx, tensors, crops, settings["method"], progress)
+    if settings["method"] == "auto":
+        from .method_choice import choose_method
+
+        choice, ranges = choose_method(fp32_onnx, tensors, crops, settings["placement"], keep_float,
+                                       spec.label_rule(), progress)
+        method, method_record = choice.chosen, choice.to_dict()
+    else:
+        ranges = collect_ranges(fp32_onnx, tensors, crops, settings["method"], progress)
+        method = settings["method"]
+        method_record = {"requested": method, "chosen": method, "reason": "given (--method)"}
     weight_quant = None
     packed = None
     lowbit_report = None
@@ -264,7 +273,7 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
         from .sensitivity import Budget, mixed_precision
 
         sensitivity = mixed_precision(fp32_onnx, quantized, crops, Budget("dice", settings["accuracy_budget"]),
-                                      method=settings["method"], placement=settings["placement"],
+                                      method=method, placement=settings["placement"],
                                       keep_policy_float=False, keep_float=keep_float, ranges=ranges,
                                       volumes=arrays, roi=spec.roi_size, overlap=spec.overlap,
                                       output_kind=spec.label_rule(), progress_callback=progress)
@@ -273,6 +282,7 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
     else:
         qdq_summary = quantize_onnx(fp32_onnx, quantized, ranges, placement=settings["placement"],
                                     weight_quant=weight_quant, keep_float=keep_float).to_dict()
+    qdq_summary["method"] = method  # the ranges were handed over as a table: name the method that made them
     spec.save(sidecar_path(quantized))
     check = _check_build(fp32_onnx, quantized, arrays, spec, calibration, progress)
     report = {
@@ -281,6 +291,9 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
         "spec_source": loaded.spec_origin,
         "settings": settings,
         "calibration": [_source_name(source) for source in calibration],
+        "calibration_method": method_record,
+        # Patches already drawn (a volume no larger than the roi gives one) are not repeated.
+        "crops": {"requested": settings["num_crops"], "distinct": len(crops)},
         "size_mb": {"fp32_onnx": file_size_mb(fp32_onnx), "quantized_onnx": file_size_mb(quantized)},
         "qdq": qdq_summary,
         "self_check": check.to_dict(),
