@@ -275,3 +275,32 @@ def test_segment_warns_but_still_segments(tmp_path, capsys):
     assert cli.main(["segment", str(model), str(chest), "--out", str(tmp_path / "l.nii.gz")]) == 0
     err = capsys.readouterr().err
     assert "slicer-ptq: warning:" in err and "looks like CT" in err
+
+
+# --- spatial_multiple --------------------------------------------------------------------------
+
+
+class _Needs64(torch.nn.Module):
+    """Takes widths in multiples of 64 only, and bakes the export width into its graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 1)
+
+    def forward(self, x):
+        if x.shape[-1] % 64:
+            raise ValueError(f"width {x.shape[-1]} is not a multiple of 64")
+        return self.conv(x) * float(int(x.shape[-1]))
+
+
+def test_export_wider_input_check_uses_spatial_multiple(tmp_path):
+    from SlicerPTQLib.export import export_onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # No size rule: the +32 width is rejected by the network and that comparison is skipped.
+        export_onnx(_Needs64(), tmp_path / "a.onnx", 1, (1, 1, 8, 8, 64))
+        with pytest.raises(PTQError, match="bakes its input shape"):
+            export_onnx(_Needs64(), tmp_path / "b.onnx", 1, (1, 1, 8, 8, 64), spatial_multiple=64)
+        with pytest.raises(PTQError, match="rejects input size .*spatial_multiple 16"):
+            export_onnx(_Needs64(), tmp_path / "c.onnx", 1, (1, 1, 8, 8, 64), spatial_multiple=16)

@@ -212,7 +212,8 @@ def _export_fp32(loaded: LoadedModel, path: Path) -> None:
     else:
         spec = loaded.spec
         export_onnx(loaded.module, path, in_channels=spec.in_channels,
-                    example_shape=(1, spec.in_channels, *spec.roi_size), dynamic_spatial=spec.dynamic_spatial)
+                    example_shape=(1, spec.in_channels, *spec.roi_size), dynamic_spatial=spec.dynamic_spatial,
+                    spatial_multiple=spec.spatial_multiple)
     info = onnx_input_spec(path)
     if info.channels is not None and info.channels != loaded.spec.in_channels:
         raise PTQError(f"{loaded.source} takes {info.channels} input channel(s) but its metadata says "
