@@ -118,8 +118,8 @@ def bench_one(name: str, module, spec, weights: str, num_crops: int, folder: Pat
     row["auto_calibration_s"] = time.perf_counter() - start
     path = folder / f"{name}.auto.onnx"
     quantize_onnx(fp32, path, ranges, method=choice.chosen, keep_float=keep_float)
-    row["auto"] = {**agreement(fp32, path, spec, held_out, reference), "chosen": choice.chosen,
-                   "reason": choice.reason, "held_out_dice": choice.agreement}
+    row["auto"] = {**agreement(fp32, path, spec, held_out, reference), "choice": choice.to_dict(),
+                   "chosen": choice.chosen}
     best = max(FIXED, key=lambda method: (row[method]["dice"], -row[method]["relative_rmse"]))
     row["best_fixed"] = best
     row["auto_at_least_best"] = row["auto"]["dice"] >= row[best]["dice"] - 1e-4

@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, type=Path, help="output folder")
     q.add_argument("--method", default="max", choices=["max", "percentile", "entropy", "mse", "auto"],
                    help="activation range observer; 'auto' tries each on held-back calibration crops and keeps "
-                        "the one that agrees best with FP32 (recorded in quantization.json)")
+                        "the one whose outputs are closest to FP32 (recorded in quantization.json)")
     q.add_argument("--roi", nargs="+", type=int, help="patch size (1 or 3 ints); default from the model metadata")
     q.add_argument("--num-crops", type=int, default=20)
     q.add_argument("--seed", type=int, default=0)
