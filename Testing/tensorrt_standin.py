@@ -278,7 +278,8 @@ class _Builder:
                     return trt._si_error(self._si_logger, f"profile of '{name}' disagrees with fixed dim {axis}")
         plan = {"version": trt.__version__, "inputs": {name: shapes[name] for name in inputs},
                 "outputs": network._si_outputs, "flags": network._si_flags, "onnx": network._si_onnx,
-                "quantized": network._si_quantized, "compute": network._si_compute}
+                "quantized": network._si_quantized, "float16_initializers": network._si_float16,
+                "compute": network._si_compute}
         memory = trt._si_new("IHostMemory")
         memory._si_bytes = _PLAN_MAGIC + json.dumps(plan).encode()
         return memory
@@ -323,6 +324,8 @@ class _OnnxParser:
         network._si_num_layers = len(graph.node)
         network._si_onnx = str(model)
         network._si_quantized = any(node.op_type == "DequantizeLinear" for node in graph.node)
+        # What a strongly typed build takes its precision from: the ONNX tensor types.
+        network._si_float16 = sum(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer)
         network._si_compute = [[node.op_type, node.name, node.input[0], node.output[0], node.input[1]]
                                for node in graph.node if node.op_type in ("Conv", "ConvTranspose")]
         return True

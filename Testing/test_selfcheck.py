@@ -14,15 +14,15 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 
-from SlicerPTQLib import pipeline, selfcheck  # noqa: E402
+from SlicerPTQLib import build_cache, pipeline, selfcheck  # noqa: E402
 from SlicerPTQLib.errors import PTQError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def build(shipped_model_path, calibration_paths, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
+    cache = tmp_path_factory.mktemp("builds")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SLICER_PTQ_CACHE", str(cache))
+        patch.setenv("SLICER_PTQ_BUILDS", str(cache))
         result = pipeline.quantize(shipped_model_path, calibration_paths[:2], tmp_path_factory.mktemp("b"),
                                    num_crops=4)
     return result, cache
@@ -35,14 +35,16 @@ def test_a_build_checks_itself_on_its_calibration_volumes(build, monkeypatch):
     assert check["agreement"] >= check["floor"] and len(check["per_volume"]) == 2
     assert abs(check["agreement"] - check["reference_agreement"]) < selfcheck.TOLERANCE
     assert "int8:" in check["machine"] and "openvino" in check["machine"]   # CPU, int8 path, version
-    monkeypatch.setenv("SLICER_PTQ_CACHE", str(cache))
+    monkeypatch.setenv("SLICER_PTQ_BUILDS", str(cache))
     cached = selfcheck.recorded(result.quantized_onnx, "openvino")
     assert cached is not None and cached.agreement == check["agreement"]
+    # Recorded beside the builds (SLICER_PTQ_BUILDS), so moving or isolating builds moves the checks too.
+    assert build_cache.builds_dir() == cache and any((cache / "selfchecks").glob("*.json"))
 
 
 def test_segment_uses_the_cached_check(build, evaluation_cases, monkeypatch):
     result, cache = build
-    monkeypatch.setenv("SLICER_PTQ_CACHE", str(cache))
+    monkeypatch.setenv("SLICER_PTQ_BUILDS", str(cache))
     _, timings = pipeline.segment(result.quantized_onnx, evaluation_cases[0][1])
     assert timings["self_check"].startswith("self-check passed: openvino")
 
@@ -65,7 +67,7 @@ def _broken_copy(result, folder):
 
 def test_a_wrong_int8_model_is_refused_with_what_to_do(build, evaluation_cases, tmp_path, monkeypatch):
     result, _ = build
-    monkeypatch.setenv("SLICER_PTQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SLICER_PTQ_BUILDS", str(tmp_path / "builds"))
     broken = _broken_copy(result, tmp_path)
     with pytest.raises(PTQError, match=r"is not the network it was made from.*Dice 0\.\d+.*--accuracy-budget"):
         pipeline.segment(broken, evaluation_cases[0][1])
@@ -78,7 +80,7 @@ def test_a_wrong_int8_model_is_refused_with_what_to_do(build, evaluation_cases, 
 def test_the_cli_refuses_in_one_sentence(build, evaluation_cases, tmp_path):
     result, _ = build
     broken = _broken_copy(result, tmp_path)
-    env = {**__import__("os").environ, "SLICER_PTQ_CACHE": str(tmp_path / "cache")}
+    env = {**__import__("os").environ, "SLICER_PTQ_BUILDS": str(tmp_path / "builds")}
     done = subprocess.run([sys.executable, "-m", "SlicerPTQLib.cli", "segment", str(broken),
                            str(evaluation_cases[0][1]), "--out", str(tmp_path / "x.nii.gz")],
                           capture_output=True, text=True, timeout=600, env=env)
@@ -88,7 +90,7 @@ def test_the_cli_refuses_in_one_sentence(build, evaluation_cases, tmp_path):
 
 def test_without_an_fp32_model_beside_it_the_check_says_so(build, evaluation_cases, tmp_path, monkeypatch):
     result, _ = build
-    monkeypatch.setenv("SLICER_PTQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SLICER_PTQ_BUILDS", str(tmp_path / "builds"))
     for name in ("model.int8.onnx", "model.json"):
         shutil.copy(result.out_dir / name, tmp_path / name)
     _, timings = pipeline.segment(tmp_path / "model.int8.onnx", evaluation_cases[0][1])

@@ -24,6 +24,7 @@ from SlicerPTQLib.errors import PTQError
 from SlicerPTQLib.runtimes.tensorrt_runtime import tensorrt_available
 from SlicerPTQLib.tensorrt_build import (
     BuildSettings, convert_to_fp16, engine_for, onnx_input, parse_layer_information, profile_shapes)
+from tensorrt_models import export_unet, ort_qdq
 
 REPO = Path(__file__).resolve().parents[1]
 USABLE, REASON = tensorrt_available()
@@ -32,17 +33,7 @@ no_gpu_only = pytest.mark.skipif(USABLE, reason="TensorRT is usable here; the no
 
 
 def _export(path: Path, dynamic_spatial: bool = True, batch_dynamic: bool = True) -> Path:
-    import torch
-    from monai.networks.nets import UNet
-
-    torch.manual_seed(0)
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32), strides=(2, 2),
-               num_res_units=1).eval()
-    axes = ({0: "batch"} if batch_dynamic else {}) | ({2: "d", 3: "h", 4: "w"} if dynamic_spatial else {})
-    torch.onnx.export(net, torch.randn(1, 1, 32, 32, 32), str(path), opset_version=17, dynamo=False,
-                      input_names=["input"], output_names=["output"],
-                      dynamic_axes={"input": axes, "output": axes} if axes else None)
-    return path
+    return export_unet(path, (32, 32, 32), dynamic_spatial=dynamic_spatial, batch_dynamic=batch_dynamic)
 
 
 @pytest.fixture(scope="module")
@@ -52,22 +43,7 @@ def float_onnx(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def qdq_onnx(float_onnx, tmp_path_factory) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Crops(CalibrationDataReader):
-        def __init__(self):
-            rng = np.random.default_rng(0)
-            self.items = iter([{"input": rng.standard_normal((1, 1, 32, 32, 32)).astype(np.float32)}
-                               for _ in range(2)])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    out = tmp_path_factory.mktemp("trt_qdq") / "unet.int8.onnx"
-    quantize_static(str(float_onnx), str(out), Crops(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
-    return out
+    return ort_qdq(float_onnx, tmp_path_factory.mktemp("trt_qdq") / "unet.int8.onnx", (32, 32, 32), crops=2)
 
 
 # -- no GPU here ---------------------------------------------------------------------------

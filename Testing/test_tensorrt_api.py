@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from SlicerPTQLib.errors import PTQError
+from tensorrt_models import export_unet, ort_qdq
 from tensorrt_standin import HostMemory, distinct_releases, standin, surfaces
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,50 +95,33 @@ def test_the_static_scan_sees_a_removed_name(tmp_path):
 
 # -- the stand-in run ---------------------------------------------------------------------------
 
-def _export(path: Path) -> Path:
-    import torch
-    from monai.networks.nets import UNet
-
-    torch.manual_seed(0)
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,),
-               num_res_units=0).eval()
-    axes = {0: "batch", 2: "d", 3: "h", 4: "w"}
-    torch.onnx.export(net, torch.randn(1, 1, *ROI), str(path), opset_version=17, dynamo=False,
-                      input_names=["input"], output_names=["output"], dynamic_axes={"input": axes, "output": axes})
-    return path
-
-
 @pytest.fixture(scope="module")
 def float_onnx(tmp_path_factory) -> Path:
-    return _export(tmp_path_factory.mktemp("trt_api") / "tiny.fp32.onnx")
+    return export_unet(tmp_path_factory.mktemp("trt_api") / "tiny.fp32.onnx", ROI, channels=(4, 8), num_res_units=0)
 
 
 @pytest.fixture(scope="module")
 def qdq_onnx(float_onnx, tmp_path_factory) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Crops(CalibrationDataReader):
-        def __init__(self):
-            rng = np.random.default_rng(0)
-            self.items = iter([{"input": rng.standard_normal((1, 1, *ROI)).astype(np.float32)}])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    out = tmp_path_factory.mktemp("trt_api_qdq") / "tiny.int8.onnx"
-    quantize_static(str(float_onnx), str(out), Crops(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
-    return out
+    return ort_qdq(float_onnx, tmp_path_factory.mktemp("trt_api_qdq") / "tiny.int8.onnx", ROI, crops=1)
 
 
 @pytest.fixture(params=RELEASES)
 def trt(request, monkeypatch):
     """The stand-in of one release as ``tensorrt``, with host memory as the GPU."""
+    return _install_standin(request.param, monkeypatch)
+
+
+@pytest.fixture
+def newest_trt(monkeypatch):
+    """The stand-in of the newest release only (for long runs that make no release-specific call)."""
+    return _install_standin(RELEASES[-1], monkeypatch)
+
+
+def _install_standin(release: str, monkeypatch):
     from SlicerPTQLib import tensorrt_build
     from SlicerPTQLib.runtimes import cuda_memory, tensorrt_runtime
 
-    module = standin(request.param)
+    module = standin(release)
     monkeypatch.setitem(sys.modules, "tensorrt", module)
     monkeypatch.setattr(tensorrt_build, "_LOGGER", None)
     monkeypatch.setattr(tensorrt_runtime, "_RUNTIME_CHECK", {})
@@ -202,6 +186,54 @@ def test_int8_build_and_run_follow_the_documented_sequence(trt, qdq_onnx, tmp_pa
     assert layers and {layer["precision"] for layer in layers} == {"int8"}
     assert [layer["convtranspose"] for layer in layers if "convtranspose" in layer] == ["yes"]
     runtime.close()
+
+
+def _plan(engine_path: Path) -> dict:
+    """The stand-in's serialized plan: what the builder was given."""
+    import json
+
+    from tensorrt_standin import _PLAN_MAGIC
+
+    return json.loads(engine_path.read_bytes()[len(_PLAN_MAGIC):])
+
+
+def test_int8_engine_is_built_with_fp16_float_parts_by_default(trt, qdq_onnx, tmp_path):
+    """The INT8 network's float parts are FP16 tensors (strongly typed: no FP16 builder flag), unless asked not to."""
+    from SlicerPTQLib.fp16_float_parts import RECIPE
+    from SlicerPTQLib.runtimes.tensorrt_runtime import TensorRTRuntime
+    from SlicerPTQLib.tensorrt_build import onnx_compute_ops
+
+    half = TensorRTRuntime(qdq_onnx, precision="int8", roi=ROI, max_batch=1, cache_dir=tmp_path)
+    (parsed,) = _args(trt.calls, "OnnxParser.parse_from_file")
+    assert parsed[0].endswith("tiny.int8.fp16-float-parts.onnx")
+    assert not any(name.startswith("IBuilderConfig.set_flag") for name in _names(trt.calls))
+    assert _plan(half.engine_path)["float16_initializers"] > 0 and _plan(half.engine_path)["quantized"]
+    assert half.metadata["float_parts"]["fp16_nodes"] > 0 and half.metadata["onnx_file"].endswith("float-parts.onnx")
+    # Layer names map to the user's QDQ file; the temporary FP16 copy is gone.
+    assert half.metadata["onnx_ops"] == onnx_compute_ops(qdq_onnx) and half.metadata["onnx_ops"]
+    assert not Path(parsed[0]).exists()
+
+    trt.calls.clear()
+    full = TensorRTRuntime(qdq_onnx, precision="int8", roi=ROI, max_batch=1, cache_dir=tmp_path, float_parts="fp32")
+    (parsed,) = _args(trt.calls, "OnnxParser.parse_from_file")
+    assert parsed[0] == str(qdq_onnx) and _plan(full.engine_path)["float16_initializers"] == 0
+    assert full.built and full.engine_path != half.engine_path
+    keys = [_sidecar_key(engine.engine_path) for engine in (half, full)]
+    assert keys[0]["quantization"]["float_parts"] == "fp16" and keys[0]["quantization"]["float_parts_recipe"] == RECIPE
+    assert keys[1]["quantization"]["float_parts"] == "fp32" and "float_parts_recipe" not in keys[1]["quantization"]
+
+
+def _sidecar_key(engine_path: Path) -> dict:
+    from SlicerPTQLib.engine_cache import read_sidecar
+
+    return read_sidecar(engine_path)["key"]
+
+
+def test_float_parts_setting_is_checked():
+    from SlicerPTQLib.tensorrt_build import BuildSettings
+
+    with pytest.raises(PTQError, match="float_parts 'bf16'"):
+        BuildSettings(precision="int8", float_parts="bf16")
 
 
 def test_second_runtime_is_a_cache_hit_without_a_build(trt, float_onnx, tmp_path):
@@ -292,14 +324,19 @@ def test_bench_gpu_table_with_max_batch_1(capsys, monkeypatch):
         return {"engine_mb": ms, "patch_batch1": times, "patch_max_batch": times, "volume_median_s": ms,
                 "dice_vs_fp32": 1.0, "layers": {"conv_int8": 0, "conv_total": 1}, "convtranspose": []}
 
-    engines = {"fp32": row(4.0), "fp16": row(2.0), "int8": row(1.0)}
+    engines = {"fp32": row(4.0), "fp16": row(2.0), "int8": row(1.0), "int8_fp32_float": row(1.5)}
+    assert list(engines) == list(bench_gpu.ENGINES)
     results = {"machine": {"gpu": "GPU", "tensorrt_runtime": "TensorRT"}, "roi": [16, 16, 16], "max_batch": 1,
-               "engines": engines, "int8_vs_fp16": bench_gpu.speedups(engines["fp16"], engines["int8"]),
-               "int8_vs_fp32": bench_gpu.speedups(engines["fp32"], engines["int8"])}
+               "engines": engines, **{key: bench_gpu.speedups(engines[baseline], engines[compared])
+                                      for key, _, baseline, compared in bench_gpu.COMPARISONS}}
     bench_gpu.print_table(results)
-    table = capsys.readouterr().out
-    assert "INT8 vs FP16: patch 2.00x faster (batch 1), 2.00x (batch 1)" in table
-    assert "INT8 vs FP32: patch 4.00x faster" in table
+    lines = capsys.readouterr().out.splitlines()
+    # The headline first: INT8 (FP16 float parts) vs FP16.
+    comparisons = [line for line in lines if " vs " in line]
+    assert comparisons[0].startswith("INT8 vs FP16: patch 2.00x faster (batch 1), 2.00x (batch 1)")
+    assert comparisons[1].startswith("INT8 vs FP32: patch 4.00x faster")
+    assert comparisons[2].startswith("INT8 with FP16 float parts vs with FP32 ones: patch 1.50x faster")
+    assert any(line.startswith("int8_fp32_float ") for line in lines)
 
 
 def test_fp16_cache_key_names_the_onnxruntime_converter(trt, float_onnx):
@@ -355,5 +392,36 @@ def test_gpu_check_steps_run_against_the_stand_in(trt, tmp_path, monkeypatch):
     axes = {key: row for key, row in results["convtranspose_axis"].items() if key not in ("ok", "seconds")}
     assert set(axes) == {"axis0", "axis1", "per_tensor"}
     assert all("error" not in row and row["convtranspose_ran_int8"] for row in axes.values()), axes
-    assert len(list((tmp_path / "inspector").glob("*.json"))) == 6
+    assert len(list((tmp_path / "inspector").glob("*.json"))) == 7
     assert set(results["speed"]["int8_speedup_vs_fp16"]) == {"batch1", "batch2"}
+    assert set(results["speed"]["int8_speedup_vs_int8_fp32_float"]) == {"batch1", "batch2"}
+    tiny = results["tiny_unet"]
+    assert {"fp32", "fp16", "int8", "int8_fp32_float"} <= set(tiny) and "vs_fp32_qdq" in tiny["int8"]
+    assert all(tiny[name]["layer_precisions"] for name in ("int8", "int8_fp32_float"))
+
+
+def test_bench_gpu_runs_against_the_stand_in(newest_trt, tmp_path, monkeypatch, shipped_model_path, calibration_paths,
+                                             evaluation_cases):
+    """bench_gpu.py end to end on the shipped model: four engines, INT8 with and without FP16 float parts.
+
+    One release: bench_gpu makes no TensorRT call of its own beyond the runtime's, which every release
+    runs above; this checks the script's own code, which a GPU would otherwise meet first.
+    """
+    import json
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_gpu
+
+    out = tmp_path / "gpu.json"
+    status = bench_gpu.main(["--calib", str(calibration_paths[0]), "--num-crops", "2", "--repeats", "2",
+                             "--warmup", "1", "--volume-repeats", "1", "--max-batch", "1",
+                             "--work", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "engines"),
+                             "--out", str(out)])
+    assert status == 0
+    results = json.loads(out.read_text())
+    engines = results["engines"]
+    assert list(engines) == list(bench_gpu.ENGINES)
+    assert [(row["precision"], row["float_parts"]) for row in engines.values()] == list(bench_gpu.ENGINES.values())
+    assert len({row["engine"] for row in engines.values()}) == 4
+    assert all(key in results for key, _, _, _ in bench_gpu.COMPARISONS)
+    assert engines["int8"]["layer_precisions"] and "dice_vs_reference" in engines["int8"]

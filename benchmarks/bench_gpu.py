@@ -2,8 +2,10 @@
 
 The model (default: the shipped deepbet brain-extraction network) is
 quantized with the TensorRT Q/DQ placement on real calibration volumes,
-then three strongly typed engines are built (FP32 and FP16 from the float
-ONNX, INT8 from the QDQ ONNX) and measured on a real volume:
+then four strongly typed engines are built (FP32 and FP16 from the float
+ONNX; INT8 from the QDQ ONNX with its float parts in FP16, the default and
+what Model-Optimizer ships, and ``int8_fp32_float`` with them in FP32) and
+measured on a real volume:
 
 - per-patch GPU compute time: CUDA events around ``execute_async_v3`` only
   (no host copies), mean and median over repeats, at batch 1 and at
@@ -21,7 +23,9 @@ Run on a machine with an NVIDIA GPU, CUDA and TensorRT::
     # device memory: a CUDA build of torch, or cuda-python with a CPU-only torch
     python benchmarks/bench_gpu.py [--max-batch 2] [--out benchmarks/results/gpu_tensorrt.json]
 
-Prints a table and writes JSON. Without a usable GPU/TensorRT it prints
+The headline is INT8 vs FP16 (what a GPU user would otherwise run), then
+INT8 vs FP32 and what the FP16 float parts gain over FP32 ones. Prints a
+table and writes JSON. Without a usable GPU/TensorRT it prints
 why in one sentence and exits with status 2.
 """
 
@@ -31,13 +35,20 @@ import argparse
 import platform
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PRECISIONS = ("fp32", "fp16", "int8")
+# Engine name -> (TensorRT precision, float parts of an INT8 engine; other precisions ignore it).
+ENGINES = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp16"), "int8": ("int8", "fp16"),
+           "int8_fp32_float": ("int8", "fp32")}
+# (results key, label, baseline engine, compared engine)
+COMPARISONS = (("int8_vs_fp16", "INT8 vs FP16", "fp16", "int8"), ("int8_vs_fp32", "INT8 vs FP32", "fp32", "int8"),
+               ("int8_fp16_float_vs_fp32_float", "INT8 with FP16 float parts vs with FP32 ones", "int8_fp32_float",
+                "int8"))
 EXIT_NO_GPU = 2
 
 
@@ -105,23 +116,24 @@ def run(args: argparse.Namespace, machine: str) -> Dict:
 
     engines: Dict[str, Dict] = {}
     labels: Dict[str, np.ndarray] = {}
-    for precision in PRECISIONS:
+    for name, (precision, float_parts) in ENGINES.items():
         onnx_path = quantized.quantized_onnx if precision == "int8" else quantized.fp32_onnx
-        engines[precision], labels[precision] = measure_engine(args, onnx_path, precision, spec, volume, patch)
-    for precision in PRECISIONS:
-        engines[precision]["dice_vs_fp32"] = mean_dice(labels[precision], labels["fp32"])
+        engines[name], labels[name] = measure_engine(args, onnx_path, precision, float_parts, spec, volume, patch)
+    for name in ENGINES:
+        engines[name]["dice_vs_fp32"] = mean_dice(labels[name], labels["fp32"])
         if reference is not None:
-            engines[precision]["dice_vs_reference"] = mean_dice(labels[precision], reference)
-    return {
+            engines[name]["dice_vs_reference"] = mean_dice(labels[name], reference)
+    results = {
         "machine": {"gpu": open_device(0).identity()[0], "tensorrt_runtime": machine,
                     "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
         "model": str(model), "volume": str(volume_path), "roi": list(spec.roi_size),
         "max_batch": args.max_batch, "calibration": [str(path) for path in calibration],
         "engines": engines,
-        # The headline is INT8 vs FP16 (what a GPU user would otherwise run), then vs FP32.
-        "int8_vs_fp16": speedups(engines["fp16"], engines["int8"]),
-        "int8_vs_fp32": speedups(engines["fp32"], engines["int8"]),
     }
+    # The headline is INT8 vs FP16 (what a GPU user would otherwise run), then vs FP32.
+    results.update({key: speedups(engines[baseline], engines[compared])
+                    for key, _, baseline, compared in COMPARISONS})
+    return results
 
 
 def speedups(baseline: Dict, int8: Dict) -> Dict[str, float]:
@@ -144,7 +156,7 @@ def center_patch(volume, spec) -> np.ndarray:
                                        starts[2]:starts[2] + roi[2]], dtype=np.float32)
 
 
-def measure_engine(args, onnx_path: Path, precision: str, spec, volume, patch: np.ndarray):
+def measure_engine(args, onnx_path: Path, precision: str, float_parts: str, spec, volume, patch: np.ndarray):
     from SlicerPTQLib.inference import segment_volume
     from SlicerPTQLib.metrics import file_size_mb
     from SlicerPTQLib.runtimes import int8_summary
@@ -152,11 +164,14 @@ def measure_engine(args, onnx_path: Path, precision: str, spec, volume, patch: n
 
     started = time.perf_counter()
     runtime = TensorRTRuntime(onnx_path, precision=precision, roi=spec.roi_size, max_batch=args.max_batch,
-                              cache_dir=args.cache_dir, optimization_level=args.optimization_level)
+                              cache_dir=args.cache_dir, optimization_level=args.optimization_level,
+                              float_parts=float_parts)
     ready_s = time.perf_counter() - started
     try:
         result = {
             "onnx": str(onnx_path),
+            "precision": precision,
+            "float_parts": float_parts if precision == "int8" else precision,
             "engine": str(runtime.engine_path),
             "engine_mb": file_size_mb(runtime.engine_path),
             "ready_s": ready_s,
@@ -175,6 +190,8 @@ def measure_engine(args, onnx_path: Path, precision: str, spec, volume, patch: n
         result["volume_median_s"] = float(np.median(seconds[1:]))
         layers = runtime.layer_precisions()
         result["layers"] = int8_summary(layers)
+        # Whether the float parts really ran FP16: every layer's precision, counted.
+        result["layer_precisions"] = dict(Counter(layer["precision"] for layer in layers))
         result["convtranspose"] = [layer for layer in layers if layer.get("convtranspose")]
         result["qdq_warnings"] = runtime.metadata.get("qdq_warnings", [])
     finally:
@@ -202,23 +219,25 @@ def mean_dice(labels: np.ndarray, reference: np.ndarray) -> float:
 
 def print_table(results: Dict) -> None:
     batch = results["max_batch"]
-    header = (f"{'engine':6} {'MB':>7} {'b1 med ms':>10} {'b1 mean ms':>11} {f'b{batch} ms/patch':>13} "
+    header = (f"{'engine':15} {'MB':>7} {'b1 med ms':>10} {'b1 mean ms':>11} {f'b{batch} ms/patch':>13} "
               f"{'volume s':>9} {'Dice/FP32':>10} {'Dice/ref':>9} {'conv INT8':>10}")
     print(f"TensorRT on {results['machine']['gpu']} ({results['machine']['tensorrt_runtime']}), "
           f"roi {results['roi']}")
     print(header)
     print("-" * len(header))
-    for precision, row in results["engines"].items():
+    for name, row in results["engines"].items():
         batched = row["patch_max_batch"]
         layers = row["layers"]
-        print(f"{precision:6} {row['engine_mb']:7.2f} {row['patch_batch1']['median_ms']:10.3f} "
+        print(f"{name:15} {row['engine_mb']:7.2f} {row['patch_batch1']['median_ms']:10.3f} "
               f"{row['patch_batch1']['mean_ms']:11.3f} {batched['median_ms_per_patch']:13.3f} "
               f"{row['volume_median_s']:9.3f} {row['dice_vs_fp32']:10.4f} "
               f"{row.get('dice_vs_reference', float('nan')):9.4f} "
               f"{layers['conv_int8']:>4}/{layers['conv_total']:<5}")
-    for baseline in ("fp16", "fp32"):
-        ratios = results[f"int8_vs_{baseline}"]
-        print(f"INT8 vs {baseline.upper()}: patch {ratios['patch_speedup_batch1']:.2f}x faster (batch 1), "
+    for key, label, _, _ in COMPARISONS:
+        if key not in results:
+            continue
+        ratios = results[key]
+        print(f"{label}: patch {ratios['patch_speedup_batch1']:.2f}x faster (batch 1), "
               f"{ratios['patch_speedup_max_batch']:.2f}x (batch {batch}), volume {ratios['volume_speedup']:.2f}x "
               f"faster, engine {ratios['engine_size_ratio']:.2f}x the size")
     for layer in results["engines"]["int8"]["convtranspose"]:

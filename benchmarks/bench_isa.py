@@ -29,6 +29,17 @@ from typing import Dict
 import numpy as np
 
 ISAS = ("native", "AVX512_CORE_VNNI", "AVX2")
+
+
+def reachable_isas() -> tuple:
+    """The caps below this CPU's own int8 level (a cap above it would only repeat the native run)."""
+    from SlicerPTQLib.cpu_info import isa_flags
+    from SlicerPTQLib.int8_compat import int8_path
+
+    native = int8_path(isa_flags(), environ={})
+    caps = {"AVX512_CORE_VNNI": native.shift_activations is False,  # only AMX sits above VNNI
+            "AVX2": native.seven_bit_weights is False}
+    return ("native",) + tuple(isa for isa in ISAS[1:] if caps[isa])
 ROI = 32        # patch size, or the architecture's minimum where larger (64)
 LARGEST = 64
 CLASSES = 3
@@ -108,6 +119,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     patches = patches_from_a_real_volume(args.patches)
+    isas = reachable_isas()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-isa-") as scratch:
         for name in args.arch:
@@ -122,7 +134,7 @@ def main(argv=None) -> int:
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 rows.append(row)
                 continue
-            for isa in ISAS:
+            for isa in isas:
                 result = evaluate_on(isa, folder, patches_file)
                 row[f"{isa} agreement"] = result.get("agreement")
                 row[f"{isa} correlation"] = result.get("correlation")
@@ -131,7 +143,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json({"cpu": cpu_summary(), "isas": ISAS, "rows": rows}, args.out)
+    write_json({"cpu": cpu_summary(), "isas": isas, "rows": rows}, args.out)
     table = [{key: value for key, value in row.items() if not key.endswith("adaptation")} for row in rows]
     print(format_table(table))
     print(f"wrote {args.out}")

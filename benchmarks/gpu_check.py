@@ -6,17 +6,20 @@ ends; a failing step records its error and the next one still runs):
 1. ``environment``: Python, TensorRT, torch, cuda-python, onnxruntime
    versions; ``tensorrt_available()``; creating a builder and a runtime.
 2. ``tiny_unet``: FP32, FP16 and INT8 engines of a small MONAI 3D UNet
-   (with ConvTranspose3d upsampling) vs ONNX Runtime on the same files
-   (max abs diff, argmax agreement on a smooth phantom, not noise), and a
-   cache hit on a second load.
+   (with ConvTranspose3d upsampling), INT8 with its float parts in FP16
+   (the default) and in FP32, each vs ONNX Runtime on the graph the engine
+   was built from (max abs diff, argmax agreement on a smooth phantom, not
+   noise; the FP16-float-parts engine also vs the FP32 QDQ file), the
+   precision of every engine layer, and a cache hit on a second load.
 3. ``convtranspose_axis``: Conv -> ConvTranspose3d -> Conv quantized with
    ConvTranspose weight scales on axis 0, axis 1 and per tensor, each
    INT8 engine vs ONNX Runtime on the same QDQ file, and whether the
    ConvTranspose layer ran INT8 (engine inspector).
 4. ``inspector_fixtures``: the inspector JSON of every engine built above,
    saved under ``<out>/inspector/`` (fixtures for the layer-precision parser).
-5. ``speed``: INT8 vs FP16 vs FP32 GPU time per 96^3 patch (CUDA events) of
-   a mid-sized UNet at batch 1 and 2.
+5. ``speed``: INT8 (FP16 float parts) vs FP16 vs FP32 GPU time per 96^3
+   patch (CUDA events) of a mid-sized UNet at batch 1 and 2, and INT8 with
+   FP32 float parts (what the FP16 float parts gain).
 6. ``shipped_model``: ``bench_gpu.py`` on the shipped model end to end.
 
 Usage (about 10 minutes on one H100; ``--skip-shipped`` saves most of it)::
@@ -37,11 +40,13 @@ import platform
 import sys
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_gpu beside this script
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check"
 EXIT_NO_GPU = 2
 TINY_ROI = (32, 32, 32)
@@ -134,10 +139,33 @@ def onnxruntime_output(model: Path, batch: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: batch})[0]
 
 
+def engine_reference(model: Path, float_parts: str, batch: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's output on the graph TensorRT builds: a QDQ file with FP16 float parts when the engine has them."""
+    from SlicerPTQLib.fp16_float_parts import convert_float_parts
+    from SlicerPTQLib.tensorrt_build import has_qdq
+
+    if float_parts == "fp16" and has_qdq(model):
+        converted = model.with_name(f"{model.stem}.fp16-float-parts.onnx")
+        convert_float_parts(model, converted)
+        model = converted
+    return onnxruntime_output(model, batch)
+
+
 def compare(engine_output: np.ndarray, reference: np.ndarray) -> Dict:
     return {"max_abs_diff": float(np.abs(engine_output - reference).max()),
             "reference_max_abs": float(np.abs(reference).max()),
             "argmax_agreement": float((engine_output.argmax(1) == reference.argmax(1)).mean())}
+
+
+def open_engines(check: Check, fp32: Path, int8: Path, roi):
+    """``(name, (model, float parts, runtime))`` for each engine of ``bench_gpu.ENGINES``, opened one at a time."""
+    from bench_gpu import ENGINES
+    from SlicerPTQLib.runtimes.tensorrt_runtime import TensorRTRuntime
+
+    for name, (precision, float_parts) in ENGINES.items():
+        model = int8 if precision == "int8" else fp32
+        yield name, (model, float_parts, TensorRTRuntime(model, precision=precision, roi=roi, max_batch=2,
+                                                         cache_dir=check.out / "engines", float_parts=float_parts))
 
 
 def tiny_unet(check: Check) -> Dict:
@@ -149,12 +177,14 @@ def tiny_unet(check: Check) -> Dict:
     int8 = quantize(fp32, work / "tiny.int8.onnx", TINY_ROI)
     batch = phantom(2, TINY_ROI)
     record = {}
-    for precision, model in (("fp32", fp32), ("fp16", fp32), ("int8", int8)):
-        runtime = TensorRTRuntime(model, precision=precision, roi=TINY_ROI, max_batch=2,
-                                  cache_dir=check.out / "engines")
-        check.runtimes[f"tiny_{precision}"] = runtime
-        record[precision] = {"built": runtime.built, "device_memory": runtime.memory.name,
-                             **compare(runtime.predict(batch), onnxruntime_output(model, batch))}
+    for name, (model, float_parts, runtime) in open_engines(check, fp32, int8, TINY_ROI):
+        check.runtimes[f"tiny_{name}"] = runtime
+        output = runtime.predict(batch)
+        record[name] = {"built": runtime.built, "device_memory": runtime.memory.name,
+                        **compare(output, engine_reference(model, float_parts, batch)),
+                        "layer_precisions": dict(Counter(layer["precision"] for layer in runtime.layer_precisions()))}
+        if name == "int8":
+            record[name]["vs_fp32_qdq"] = compare(output, onnxruntime_output(model, batch))
     again = TensorRTRuntime(int8, precision="int8", roi=TINY_ROI, max_batch=2, cache_dir=check.out / "engines")
     record["second_load_cache_hit"] = not again.built
     again.close()
@@ -189,7 +219,7 @@ def convtranspose_axis(check: Check) -> Dict:
                                       cache_dir=check.out / "engines")
             check.runtimes[f"deconv_{label}"] = runtime
             deconv = [layer for layer in runtime.layer_precisions() if layer.get("convtranspose")]
-            record[label] = {**compare(runtime.predict(batch), onnxruntime_output(qdq, batch)),
+            record[label] = {**compare(runtime.predict(batch), engine_reference(qdq, "fp16", batch)),
                              "convtranspose_layers": deconv,
                              "convtranspose_ran_int8": bool(deconv) and all(layer["precision"] == "int8"
                                                                            for layer in deconv)}
@@ -212,16 +242,12 @@ def inspector_fixtures(check: Check) -> Dict:
 
 
 def speed(check: Check, repeats: int) -> Dict:
-    from SlicerPTQLib.runtimes.tensorrt_runtime import TensorRTRuntime
-
     work = check.out / "speed"
     work.mkdir(exist_ok=True)
     fp32 = export_unet(work / "mid.fp32.onnx", (16, 32, 64, 128), SPEED_ROI)
     int8 = quantize(fp32, work / "mid.int8.onnx", SPEED_ROI)
     record = {}
-    for precision, model in (("fp32", fp32), ("fp16", fp32), ("int8", int8)):
-        runtime = TensorRTRuntime(model, precision=precision, roi=SPEED_ROI, max_batch=2,
-                                  cache_dir=check.out / "engines")
+    for name, (_, _, runtime) in open_engines(check, fp32, int8, SPEED_ROI):
         try:
             row = {"engine_mb": runtime.engine_path.stat().st_size / 2 ** 20}
             for batch in (1, 2):
@@ -231,10 +257,10 @@ def speed(check: Check, repeats: int) -> Dict:
                 runtime.memory.synchronize()
                 times = runtime.memory.timed(lambda: runtime.run_device(inputs), repeats)
                 row[f"batch{batch}_median_ms_per_patch"] = float(np.median(times)) / batch
-            record[precision] = row
+            record[name] = row
         finally:
             runtime.close()
-    for baseline in ("fp16", "fp32"):
+    for baseline in ("fp16", "fp32", "int8_fp32_float"):
         if baseline in record and "int8" in record:
             record[f"int8_speedup_vs_{baseline}"] = {
                 f"batch{b}": record[baseline][f"batch{b}_median_ms_per_patch"]
@@ -243,7 +269,6 @@ def speed(check: Check, repeats: int) -> Dict:
 
 
 def shipped_model(check: Check) -> Dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_gpu
 
     out = check.out / "bench_gpu.json"
@@ -252,7 +277,7 @@ def shipped_model(check: Check) -> Dict:
     record = {"exit_status": status}
     if out.is_file():
         results = json.loads(out.read_text())
-        record.update({key: results.get(key) for key in ("int8_vs_fp16", "int8_vs_fp32")})
+        record.update({key: results.get(key) for key, _, _, _ in bench_gpu.COMPARISONS})
         record["dice_vs_fp32"] = {p: row.get("dice_vs_fp32") for p, row in results.get("engines", {}).items()}
     return record
 

@@ -68,9 +68,19 @@ def _parser() -> argparse.ArgumentParser:
                         "configs; only for bundles whose author you trust (default: configs are read as data)")
 
     s = sub.add_parser("segment", help="segment a volume with a (quantized) model")
-    s.add_argument("model", type=Path, help="model file with its metadata JSON beside it")
-    s.add_argument("image", type=Path)
-    s.add_argument("--out", required=True, type=Path, help="label map: .nii.gz, .nrrd, or .seg.nrrd (segments)")
+    s.add_argument("model", type=Path, help="model file with its metadata JSON beside it (with --server: the "
+                                             "model's name in the server's repository)")
+    s.add_argument("image", type=Path, nargs="+", help="a volume; several, or folders, with --out-dir")
+    s.add_argument("--out", type=Path, help="label map: .nii.gz, .nrrd, or .seg.nrrd (segments)")
+    s.add_argument("--out-dir", type=Path, help="cohort: one label map per volume here, a summary (CSV, JSON); "
+                                                "volumes finished by an earlier run are skipped")
+    s.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd", ".seg.nrrd"],
+                   help="label map format in --out-dir")
+    s.add_argument("--server", help="Triton server's HTTP endpoint, e.g. http://127.0.0.1:8000: the network runs "
+                                    "there, preprocessing and blending here")
+    s.add_argument("--server-timeout", type=float, default=120.0, help="seconds to wait for one server request")
+    s.add_argument("--retries", type=int, default=3, help="tries again of a failed server request")
+    s.add_argument("--jobs", type=int, help="volumes in flight at once (default: 4 with --server, else 1)")
     s.add_argument("--runtime", choices=["openvino", "onnxruntime", "torch", "tensorrt"],
                    help="default: openvino for ONNX, torch for TorchScript")
     s.add_argument("--precision", help="runtime precision, e.g. fp32 or bf16 for float models on OpenVINO")
@@ -98,6 +108,17 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="HTML report with plots from a benchmark or demo JSON")
     r.add_argument("results", type=Path, help="benchmarks/bench_backends.py JSON, or the demo's demo.json")
     r.add_argument("--out", type=Path, required=True, help="folder for index.html and its PNGs")
+
+    t = sub.add_parser("export-triton", help="a Triton Inference Server model repository from a build")
+    t.add_argument("build_dir", type=Path, help="the --out folder of slicer-ptq quantize")
+    t.add_argument("--repo", type=Path, required=True, help="repository folder (new, empty, or an earlier export)")
+    t.add_argument("--backends", nargs="+", default=["openvino", "python"], choices=["openvino", "tensorrt", "python"],
+                   help="models to write: OpenVINO backend (CPU), TensorRT plan (GPU), Python backend running "
+                        "this project's OpenVINO runtime")
+    t.add_argument("--engine", type=Path, help="TensorRT engine to serve as the tensorrt model")
+    t.add_argument("--max-batch", type=int, default=8, help="max_batch_size of each model")
+    t.add_argument("--instances", type=int, default=1, help="instances of each model (instance_group count)")
+    t.add_argument("--no-dynamic-batching", action="store_true", help="leave dynamic batching off")
 
     sub.add_parser("info", help="runtimes available here and the CPU's INT8 instruction sets")
     return parser
@@ -144,7 +165,17 @@ def run(args) -> int:
             print(pipeline.describe_self_check(result.report["self_check"]))
         _emit_result(args, {"fp32_onnx": result.fp32_onnx, "quantized_onnx": result.quantized_onnx,
                             "report": result.report})
+    elif args.command == "segment" and (args.out_dir or args.server or len(args.image) > 1 or args.image[0].is_dir()):
+        from .cohort import run_cli
+
+        result = run_cli(args, expand_volumes([str(path) for path in args.image]), _progress(args))
+        _emit_result(args, result)
+        if result.get("counts", {}).get("error"):
+            return 1  # the others are written; the summary names the failed volumes
     elif args.command == "segment":
+        if args.out is None:
+            raise PTQError("Give --out FILE for the label map (or --out-dir DIR for a cohort).")
+        args.image = args.image[0]
         labels, timings = pipeline.segment(args.model, args.image, runtime=args.runtime, precision=args.precision,
                                            batch_size=args.batch_size, progress=_progress(args),
                                            self_check=not args.no_self_check, spec_file=args.spec,
@@ -182,6 +213,15 @@ def run(args) -> int:
         if not args.progress_json:
             print(f"report written to {index}")
         _emit_result(args, {"report": index})
+    elif args.command == "export-triton":
+        from .triton_export import describe, export_repository
+
+        written = export_repository(args.build_dir, args.repo, backends=args.backends, engine=args.engine,
+                                    max_batch=args.max_batch, dynamic_batching=not args.no_dynamic_batching,
+                                    instances=args.instances)
+        if not args.progress_json:
+            print("\n".join(describe(written)))
+        _emit_result(args, {"repository": args.repo, "models": sorted(written)})
     elif args.command == "info":
         from .cpu_info import cpu_summary
         from .runtimes import available_backends

@@ -324,7 +324,8 @@ class PTQLogic:
 
     def segment(self, model, volumeNode, segmentationNode=None, runtime: Optional[str] = None,
                 compareWithFP32: bool = False, precision: Optional[str] = None,
-                progress: Optional[ProgressCallback] = None, log: Optional[LogCallback] = None):
+                progress: Optional[ProgressCallback] = None, log: Optional[LogCallback] = None,
+                serverUrl: Optional[str] = None):
         """Segment ``volumeNode``; returns ``(segmentationNode, table)`` (blocking).
 
         ``model``: a :class:`BuiltModel` (runs its quantized or FP32 file per
@@ -333,7 +334,13 @@ class PTQLogic:
         the FP32 model and fills ``table["rows"]`` with time and Dice vs FP32
         per model. ``table["build"]`` is the :class:`BuiltModel` that ran
         (None for a model file or catalog id).
+
+        ``runtime="triton"`` with ``serverUrl`` (e.g. ``http://host:8000``):
+        ``model`` is a model's name on that Triton server (``slicer-ptq
+        export-triton``); the network runs there, the rest here.
         """
+        if runtime == "triton":
+            return self._segmentRemote(model, volumeNode, segmentationNode, serverUrl, progress)
         if not self.inProcess:
             return self.startSegment(model, volumeNode, segmentationNode, runtime, compareWithFP32, precision,
                                      progress, log).wait()
@@ -344,6 +351,20 @@ class PTQLogic:
                                                precision=run["precision"], progress=progress)
             outputs.append((labels, timings))
         return self._showResult(request, outputs, segmentationNode)
+
+    def _segmentRemote(self, model, volumeNode, segmentationNode, serverUrl, progress):
+        # In this process: the network runs on the server, so no worker is needed to keep Slicer safe.
+        from .cohort import segment_remote
+
+        if not serverUrl:
+            raise PTQError("The 'triton' runtime needs the server's URL, e.g. http://127.0.0.1:8000.")
+        volume = slicer_nodes.volume_from_node(volumeNode)
+        labels, timings, spec = segment_remote(serverUrl, str(model), volume, progress=progress)
+        node = slicer_nodes.labels_to_segmentation(_on_input_grid(labels, volume), spec, volumeNode,
+                                                   segmentationNode, catalog.terminologies_for(spec, self.models))
+        row = {"model": str(model), "file": serverUrl, "runtime": "triton",
+               "time (s)": round(float(timings["total_s"]), 3)}
+        return node, {"rows": [row], "reference": None, "build": None}
 
     def startSegment(self, model, volumeNode, segmentationNode=None, runtime=None, compareWithFP32=False,
                      precision=None, progress=None, log=None) -> PTQJob:

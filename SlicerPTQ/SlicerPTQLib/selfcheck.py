@@ -4,7 +4,7 @@ INT8 correctness depends on the CPU (see :mod:`.int8_compat`): a file that
 is right on one machine came out as an empty mask on another. So a build
 checks itself where it runs: the runtime's INT8 labels against its FP32
 labels on whole calibration volumes, once per model file, machine and
-runtime (cached under ``<cache>/selfchecks``).
+runtime (cached under ``<builds>/selfchecks``, see :func:`build_cache.builds_dir`).
 
 The floor is what the quantized model itself can give: ONNX Runtime (the
 reference executor of Q/DQ graphs) on the same file and volumes, capped at
@@ -176,11 +176,13 @@ def run_check(fp32_onnx: Path, quantized_onnx: Path, volumes: Sequence[np.ndarra
 
 
 def _record_path(quantized_onnx: Path, runtime: str) -> Path:
-    from .fetch import cache_dir, sha256_of
+    from .build_cache import builds_dir
+    from .fetch import sha256_of
 
     machine = machine_description(runtime)
     key = hashlib.sha256(f"{sha256_of(quantized_onnx)}|{machine}".encode()).hexdigest()[:24]
-    return cache_dir() / "selfchecks" / f"{key}.json"
+    # Beside the builds it vouches for, so SLICER_PTQ_BUILDS moves (and tests isolate) both.
+    return builds_dir() / "selfchecks" / f"{key}.json"
 
 
 def recorded(quantized_onnx: Path, runtime: str) -> Optional[SelfCheck]:

@@ -7,8 +7,12 @@ flags. That is the only mode TensorRT 11 has (``BuilderFlag.FP16``/``INT8``
 were removed; weak typing was deprecated in 10.12 and implicit INT8
 calibration in 10.1), so:
 
-- **int8**: the QDQ ONNX as it is. Each Q/DQ-wrapped convolution becomes an
-  INT8 kernel; everything else runs in the graph's float type (FP32).
+- **int8**: the QDQ ONNX with its float parts converted to FP16 first
+  (:mod:`.fp16_float_parts`, what NVIDIA's Model-Optimizer does after INT8
+  quantization), keeping the network's inputs/outputs and the sensitive ops
+  in FP32. Each Q/DQ-wrapped convolution becomes an INT8 kernel, the other
+  layers run FP16. ``float_parts="fp32"`` builds the QDQ ONNX as it is
+  (float parts in FP32).
 - **fp16**: the float ONNX converted to an FP16 ONNX first
   (:func:`convert_to_fp16`, the step NVIDIA's migration guide does with
   ModelOpt AutoCast), keeping the network's inputs/outputs and the
@@ -40,16 +44,17 @@ from typing import Any, Dict, List, Optional, Tuple
 from .atomic import replacing
 from .engine_cache import CachedEngine, EngineCache, EngineKey, write_atomic
 from .errors import PTQError
+from .fp16_float_parts import KEEP_FLOAT32_OPS
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("int8", "fp16", "fp32")
-# Float ops kept in FP32 in the FP16 model: their reductions (mean and
-# variance over a whole 3D feature map) overflow or lose precision in FP16.
-FP16_KEEP_FLOAT32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization",
-                         "BatchNormalization", "ReduceMean", "ReduceSum", "ReduceL2")
+FLOAT_PARTS = ("fp16", "fp32")
+# Float ops kept in FP32 in the FP16 model: the same list as the INT8 engines' float parts, so the two
+# compare like for like (norms and reductions over a whole 3D feature map, Softmax/Exp/Log/Pow).
+FP16_KEEP_FLOAT32_OPS = KEEP_FLOAT32_OPS
 #: Changes whenever :func:`convert_to_fp16` would write a different file.
-FP16_RECIPE = "onnxruntime-float16/io-fp32/norm-fp32/v1"
+FP16_RECIPE = "onnxruntime-float16/io-fp32/norm-softmax-fp32/v2"
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,10 @@ class BuildSettings:
     only). ``max_batch`` patches go through one call. ``optimization_level``
     is TensorRT's builder optimization level (0-5, 3 is its default;
     higher searches more tactics and builds slower); ``workspace_mib`` caps
-    the scratch memory tactics may use.
+    the scratch memory tactics may use. ``float_parts`` is the type of the
+    layers an INT8 engine does not quantize: "fp16" (default, as
+    Model-Optimizer writes INT8 models) or "fp32" (the QDQ file as it is);
+    other precisions ignore it.
     """
 
     precision: str = "int8"
@@ -71,10 +79,14 @@ class BuildSettings:
     max_roi: Optional[Tuple[int, int, int]] = None
     optimization_level: int = 3
     workspace_mib: int = 4096
+    float_parts: str = "fp16"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise PTQError(f"Unknown TensorRT precision '{self.precision}'. Choose one of: {', '.join(PRECISIONS)}.")
+        if self.float_parts not in FLOAT_PARTS:
+            raise PTQError(f"Unknown float_parts '{self.float_parts}' for INT8 engines. Choose one of: "
+                           f"{', '.join(FLOAT_PARTS)}.")
         if self.max_batch < 1:
             raise PTQError(f"max_batch must be at least 1 (got {self.max_batch}).")
         if not 0 <= self.optimization_level <= 5:
@@ -346,26 +358,24 @@ def create_builder(logger):
     """``trt.Builder``; a PTQError instead of pybind11's ``TypeError`` when CUDA cannot start."""
     import tensorrt as trt
 
-    try:
-        builder = trt.Builder(logger)
-    except (TypeError, RuntimeError) as exc:
-        raise tensorrt_failure("cannot create a builder", CUDA_FIX, exc) from exc
-    if builder is None:
-        raise tensorrt_failure("cannot create a builder", CUDA_FIX)
-    return builder
+    return _created(trt.Builder, "builder", logger)
 
 
 def create_runtime(logger):
     """``trt.Runtime``; a PTQError instead of pybind11's ``TypeError`` when CUDA cannot start."""
     import tensorrt as trt
 
+    return _created(trt.Runtime, "runtime", logger)
+
+
+def _created(factory, what: str, logger):
     try:
-        runtime = trt.Runtime(logger)
+        made = factory(logger)
     except (TypeError, RuntimeError) as exc:
-        raise tensorrt_failure("cannot create a runtime", CUDA_FIX, exc) from exc
-    if runtime is None:
-        raise tensorrt_failure("cannot create a runtime", CUDA_FIX)
-    return runtime
+        raise tensorrt_failure(f"cannot create a {what}", CUDA_FIX, exc) from exc
+    if made is None:
+        raise tensorrt_failure(f"cannot create a {what}", CUDA_FIX)
+    return made
 
 
 #: The fix for a builder or runtime that cannot be created.
@@ -377,8 +387,10 @@ def build_serialized_engine(onnx_path: Path, settings: BuildSettings,
                             timing_cache: Optional[Path] = None) -> Tuple[bytes, Dict[str, Any]]:
     """Parse ``onnx_path`` into a strongly typed network and build a serialized engine.
 
-    ``onnx_path`` must already be in the precision asked for (QDQ for int8,
-    an FP16 ONNX for fp16, float for fp32). Returns the engine bytes and
+    ``onnx_path`` must already be in the precision asked for (QDQ, with its
+    float parts in FP16 or not, for int8; an FP16 ONNX for fp16; float for
+    fp32). No precision builder flag is set: a strongly typed network takes
+    its precision from the ONNX tensor types (TensorRT 11 has no such flags). Returns the engine bytes and
     build metadata (TensorRT version, profile, build time). ``timing_cache``
     is read before the build (if present) and rewritten atomically after it.
     """
@@ -445,7 +457,8 @@ def engine_key(onnx_path: Path, settings: BuildSettings, device: int = 0) -> Eng
 
     Holds the model file's SHA-256, the precision with the quantization
     settings that made the file (from ``quantization.json`` beside it, when
-    present), the TensorRT version, the GPU name and compute capability,
+    present) and, for converted files, the conversion recipe and the
+    converter's version (INT8: the float parts' type), the TensorRT version, the GPU name and compute capability,
     the optimization profile and the builder settings.
     """
     import tensorrt as trt
@@ -462,6 +475,16 @@ def engine_key(onnx_path: Path, settings: BuildSettings, device: int = 0) -> Eng
         # The FP16 file comes from onnxruntime's converter: another version may write another graph.
         quantization["fp16_recipe"] = FP16_RECIPE
         quantization["fp16_converter"] = f"onnxruntime {onnxruntime.__version__}"
+    if settings.precision == "int8":
+        quantization["float_parts"] = settings.float_parts
+        if settings.float_parts == "fp16":
+            import onnx
+
+            from .fp16_float_parts import RECIPE
+
+            # The pass uses onnx's version converter and shape inference: another version may differ.
+            quantization["float_parts_recipe"] = RECIPE
+            quantization["float_parts_converter"] = f"onnx {onnx.__version__}"
     return EngineKey(model_sha256=sha256_of(onnx_path), quantization=quantization,
                      tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
                      profile=profile_shapes(onnx_path, settings), builder=settings.builder_fields())
@@ -472,8 +495,9 @@ def engine_for(onnx_path: Path, settings: BuildSettings, cache_dir: Optional[Pat
     """The engine of ``onnx_path`` for ``settings``: from the cache, or built and cached.
 
     int8 takes a QDQ model, checked first against TensorRT's Q/DQ rules
-    (errors raise PTQError, warnings go into the engine's metadata); fp16
-    and fp32 take the float model. A cached engine whose key or file does
+    (errors raise PTQError, warnings go into the engine's metadata), and
+    converts its float parts to FP16 unless ``settings.float_parts`` is
+    "fp32"; fp16 and fp32 take the float model. A cached engine whose key or file does
     not match is rebuilt, never loaded.
     """
     from .qdq_check import assert_valid
@@ -501,18 +525,36 @@ def engine_for(onnx_path: Path, settings: BuildSettings, cache_dir: Optional[Pat
     def build() -> Tuple[bytes, Dict[str, Any]]:
         log.info("Building a TensorRT %s engine for %s (profile %s); this takes a while once per GPU.",
                  settings.precision, onnx_path.name, key.profile)
-        if settings.precision != "fp16":
-            engine, metadata = build_serialized_engine(onnx_path, settings, timing_cache)
+        if settings.precision == "fp16":
+            engine, metadata = _build_converted(onnx_path, settings, timing_cache, convert_to_fp16, "fp16")
+        elif settings.precision == "int8" and settings.float_parts == "fp16":
+            from .fp16_float_parts import convert_float_parts
+
+            conversion = {}
+
+            def convert(source: Path, target: Path) -> Path:
+                conversion.update(convert_float_parts(source, target).to_dict())
+                return target
+
+            engine, metadata = _build_converted(onnx_path, settings, timing_cache, convert, "fp16-float-parts")
+            metadata["float_parts"] = conversion
         else:
-            with tempfile.TemporaryDirectory(prefix="slicer-ptq-fp16-") as folder:
-                fp16_model = convert_to_fp16(onnx_path, Path(folder) / (onnx_path.stem + ".fp16.onnx"))
-                engine, metadata = build_serialized_engine(fp16_model, settings, timing_cache)
-            metadata["onnx_ops"] = onnx_compute_ops(onnx_path)
+            engine, metadata = build_serialized_engine(onnx_path, settings, timing_cache)
         metadata.update({"source_onnx": str(onnx_path), "gpu_name": key.gpu_name,
                          "compute_capability": key.compute_capability, "qdq_warnings": warnings})
         return engine, metadata
 
     return cache.get_or_build(key, build)
+
+
+def _build_converted(onnx_path: Path, settings: BuildSettings, timing_cache: Optional[Path],
+                     convert, label: str) -> Tuple[bytes, Dict[str, Any]]:
+    """Build from ``convert(onnx_path, temporary file)``; layer names still map to ``onnx_path``'s nodes."""
+    with tempfile.TemporaryDirectory(prefix="slicer-ptq-trt-") as folder:
+        converted = convert(onnx_path, Path(folder) / f"{onnx_path.stem}.{label}.onnx")
+        engine, metadata = build_serialized_engine(converted, settings, timing_cache)
+    metadata["onnx_ops"] = onnx_compute_ops(onnx_path)
+    return engine, metadata
 
 
 def _producer_settings(onnx_path: Path) -> Dict[str, Any]:

@@ -102,7 +102,10 @@ class TensorRTRuntime(Runtime):
     its ``.engine.json`` sidecar. ``precision=None`` picks "int8" for a Q/DQ
     file and "fp32" otherwise. ``roi`` (D, H, W) is the patch the engine is
     optimized for (default: the model's ``roi_size`` from its JSON sidecar);
-    ``max_batch`` patches go through one engine call. Engines are cached in
+    ``max_batch`` patches go through one engine call. ``float_parts`` is
+    the type of the layers an INT8 engine leaves unquantized: "fp16"
+    (default, as NVIDIA's Model-Optimizer writes INT8 models) or "fp32".
+    Engines are cached in
     ``cache_dir`` (default ``~/.cache/slicer-ptq/tensorrt``); :attr:`built`
     tells whether this call built the engine or found it cached.
     :attr:`memory` holds the device buffers and the stream (torch or
@@ -118,7 +121,8 @@ class TensorRTRuntime(Runtime):
 
     def __init__(self, model_path_or_engine, precision: Optional[str] = None,
                  roi: Optional[Sequence[int]] = None, max_batch: int = 2, cache_dir: Optional[Path] = None,
-                 optimization_level: int = 3, workspace_mib: int = 4096, device: int = 0) -> None:
+                 optimization_level: int = 3, workspace_mib: int = 4096, device: int = 0,
+                 float_parts: str = "fp16") -> None:
         require_tensorrt()
         import tensorrt as trt
 
@@ -139,8 +143,9 @@ class TensorRTRuntime(Runtime):
                     raise PTQError(f"{path} is a {self.precision or 'unknown-precision'} engine, not {precision}; "
                                    f"give the ONNX model to build a {precision} engine.")
             else:
-                cached = _engine_from_onnx(path, precision, roi, max_batch, cache_dir, optimization_level,
-                                           workspace_mib, device)
+                settings = dict(max_batch=int(max_batch), optimization_level=optimization_level,
+                                workspace_mib=workspace_mib, float_parts=float_parts)
+                cached = _engine_from_onnx(path, precision, roi, cache_dir, device, settings)
                 engine_bytes, self.metadata = cached.read_bytes(), cached.metadata
                 self.engine_path = cached.engine_path
                 self.built = cached.built
@@ -250,8 +255,8 @@ class TensorRTRuntime(Runtime):
         self._runtime = None
 
 
-def _engine_from_onnx(path: Path, precision: Optional[str], roi: Optional[Sequence[int]], max_batch: int,
-                      cache_dir: Optional[Path], optimization_level: int, workspace_mib: int, device: int):
+def _engine_from_onnx(path: Path, precision: Optional[str], roi: Optional[Sequence[int]],
+                      cache_dir: Optional[Path], device: int, settings: Dict[str, Any]):
     from ..tensorrt_build import BuildSettings, engine_for, has_qdq
     from . import resolve_precision
 
@@ -259,9 +264,8 @@ def _engine_from_onnx(path: Path, precision: Optional[str], roi: Optional[Sequen
         raise PTQError(f"TensorRT takes an ONNX model or a built .engine file, not {path.name}. Export the "
                        "network to ONNX first (slicer-ptq quantize writes model.fp32.onnx and model.int8.onnx).")
     precision = resolve_precision(precision, has_qdq(path), PRECISIONS, "tensorrt", path)
-    settings = BuildSettings(precision=precision, roi=_roi_for(path, roi), max_batch=int(max_batch),
-                             optimization_level=optimization_level, workspace_mib=workspace_mib)
-    return engine_for(path, settings, cache_dir=cache_dir, device=device)
+    build = BuildSettings(precision=precision, roi=_roi_for(path, roi), **settings)
+    return engine_for(path, build, cache_dir=cache_dir, device=device)
 
 
 def _roi_for(path: Path, roi: Optional[Sequence[int]]) -> Tuple[int, int, int]:
