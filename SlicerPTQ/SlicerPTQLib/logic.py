@@ -470,6 +470,9 @@ class PTQLogic:
             if (fp32_path, "fp32") != (model_path, runs[0]["precision"]):  # else it already is the FP32 run
                 runs.append({"model": fp32_path, "precision": "fp32", "title": "FP32"})
         spec = pipeline.model_spec_for(model_path)  # the CLI's lookup and refusal (docs/model-metadata.md)
+        if spec.output == "regression":
+            raise PTQError(f"Model {spec.name} gives a regression map (a float volume), not segments; run "
+                           f"slicer-ptq segment {model_path} IMAGE --out map.nii.gz and load the map as a volume.")
         return _SegmentRequest(volumeNode, volume, spec, backend, runs,
                                model if isinstance(model, BuiltModel) else None)
 
