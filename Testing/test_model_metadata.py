@@ -304,3 +304,33 @@ def test_export_wider_input_check_uses_spatial_multiple(tmp_path):
             export_onnx(_Needs64(), tmp_path / "b.onnx", 1, (1, 1, 8, 8, 64), spatial_multiple=64)
         with pytest.raises(PTQError, match="rejects input size .*spatial_multiple 16"):
             export_onnx(_Needs64(), tmp_path / "c.onnx", 1, (1, 1, 8, 8, 64), spatial_multiple=16)
+
+
+# --- the Slicer module -------------------------------------------------------------------------
+
+
+def test_signed_distance_network_through_the_slicer_module(tmp_path, mrml_scene):
+    """Quantize and segment in the module's logic (real MRML nodes, in process): the segment is the ball."""
+    slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
+    vtk = pytest.importorskip("vtk")
+    from SlicerPTQLib import slicer_nodes
+    from SlicerPTQLib.logic import PTQLogic
+
+    model = _script(_Distance(), tmp_path / "sdf.pt")
+    _write(tmp_path / "sdf.json", {"name": "sdf", "out_channels": 1, "roi_size": [16, 16, 16],
+                                   "labels": {"1": "inside"}, "intensity": {"kind": "none"}, "output": "threshold",
+                                   "threshold": 1.0, "threshold_direction": "below"})
+    ball = read_volume(_ball(tmp_path / "ball.nii.gz"))
+    node = slicer_nodes.add_volume_node(mrml_scene, ball, "ball")
+    logic = PTQLogic(inProcess=True)
+    built = logic.quantize(str(model), [node], numCrops=2)
+    segmentation_node, _ = logic.segment(built, node)
+    segmentation = segmentation_node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1 and segmentation.GetNthSegment(0).GetName() == "inside"
+    exported = mrml_scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "exported")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segmentation.GetNthSegmentID(0))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, exported,
+                                                                                 node)
+    inside = slicer.util.arrayFromVolume(exported) > 0
+    assert np.array_equal(inside, slicer.util.arrayFromVolume(node) > 0.5)
