@@ -5,7 +5,7 @@ initial weights: memory and time do not depend on the weights) is exported
 to FP32 ONNX once; then each contender runs in a fresh process on the same
 20 crops of 192^3 (seeded normal noise: the statistics' values do not
 change their cost), and the process reports its peak resident memory
-(``ru_maxrss``) and wall time:
+(``VmHWM``) and wall time:
 
 - ``slicer-ptq max``: ``collect_ranges`` (in-graph reductions) + ``quantize_onnx``;
 - ``slicer-ptq percentile``: the same with histograms fetched in groups
@@ -55,6 +55,15 @@ def crops(count: int, size: int):
     return [rng.normal(size=(1, size, size, size)).astype(np.float32) for _ in range(count)]
 
 
+def peak_rss_gb() -> float:
+    """This process's own peak resident memory (``VmHWM``): ``ru_maxrss`` survives ``execve`` on Linux and
+    would report the parent's peak when that was higher."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
 def measure(contender: str, fp32: Path, count: int, size: int) -> dict:
     """Run one contender in this process; returns seconds and peak RSS (GB)."""
     from SlicerPTQLib import onnx_graph
@@ -63,7 +72,7 @@ def measure(contender: str, fp32: Path, count: int, size: int) -> dict:
     from SlicerPTQLib.qdq import PLACEMENTS, choose_activation_tensors, quantize_onnx
 
     data = crops(count, size)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    baseline = peak_rss_gb()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         if contender == "nncf":
@@ -78,7 +87,7 @@ def measure(contender: str, fp32: Path, count: int, size: int) -> dict:
             quantize_onnx(fp32, Path(folder) / "model.int8.onnx", ranges, method=method, keep_float=keep_float)
     seconds = time.perf_counter() - start
     return {"contender": contender, "seconds": seconds,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "peak_rss_gb": peak_rss_gb(),
             "rss_before_gb": baseline, "crops": count, "size": size}
 
 
