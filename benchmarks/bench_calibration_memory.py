@@ -118,7 +118,7 @@ def main() -> int:
         fp32 = Path(folder) / "unet.fp32.onnx"
         build_onnx(fp32, args.size)
         for contender in args.contenders:
-            # A fresh process per contender: ru_maxrss is a high-water mark for the process's life.
+            # A fresh process per contender, so each peak is its own.
             done = subprocess.run([sys.executable, __file__, "--one", contender, "--onnx", str(fp32),
                                    "--crops", str(args.crops), "--size", str(args.size)],
                                   capture_output=True, text=True)

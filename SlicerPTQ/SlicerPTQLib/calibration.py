@@ -142,7 +142,7 @@ class RangeCollector:
     Fetching every activation of a crop at once held them all in memory
     (9 GB for a 192^3 network). Instead ``max |x|`` of every tensor comes
     from reductions added to the graph (three scalars per tensor, one
-    forward per crop); the histogram methods (percentile, entropy, mse)
+    forward per crop, run by OpenVINO in f32 where installed); the histogram methods (percentile, entropy, mse)
     fetch the tensors in groups whose float32 size, from shape inference
     at the crop's shape, stays under ``memory_budget`` bytes: one forward
     per crop and group, one group's session alive at a time. One histogram
@@ -171,13 +171,14 @@ class RangeCollector:
         input_name = onnx_graph.image_input_name(model)
         inner = [name for name in self.names if name != input_name]
         reductions = _with_reductions(model, inner) if inner else model
-        session = onnx_graph.cpu_session(reductions, memory_arena=False)
-        del reductions
         fetched = [f"{name}{suffix}" for name in inner for suffix in _REDUCTION_SUFFIXES]
+        # With the input as the only tensor the model's own outputs are run, so a bad crop still fails here.
+        wanted = fetched or [value.name for value in reductions.graph.output]
+        session = self._reduction_runner(reductions, input_name, (1, *np.shape(crops[0])), wanted)
+        del reductions
         for index, crop in enumerate(track(crops, "calibrate", callback=progress_callback)):
             batch = np.asarray(crop, dtype=np.float32)[None]
-            # With the input as the only tensor the model's own outputs are run, so a bad crop still fails here.
-            outputs = self._run(session, fetched or None, input_name, batch, index)
+            outputs = self._run(session, wanted, input_name, batch, index)
             if input_name in self.peaks:
                 self.peaks[input_name].update(batch)
             for position, name in enumerate(inner):
@@ -221,6 +222,35 @@ class RangeCollector:
             if histogram.range == 0.0 and self.peaks[name].amax() > 0.0:
                 histogram.range = histogram.peak = self.peaks[name].amax()
 
+    def _reduction_runner(self, reductions, input_name: str, shape, names: List[str]):
+        """Something with ``run(names, feeds)`` for the reduction graph.
+
+        OpenVINO (f32) runs these full-volume forwards about 3x faster than
+        ONNX Runtime on the CPU, at the crop's fixed shape; ONNX Runtime
+        serves where OpenVINO is missing.
+        """
+        try:
+            import openvino as ov
+        except ImportError:
+            ov = None
+        if ov is None:
+            return onnx_graph.cpu_session(reductions, memory_arena=False)
+        declared = next(value for value in reductions.graph.input if value.name == input_name)
+        fixed = [dim.dim_value for dim in declared.type.tensor_type.shape.dim]
+        try:
+            if any(size > 0 and size != want for size, want in zip(fixed, shape)):
+                # A static graph is calibrated at its own size only, as ONNX Runtime enforces.
+                raise ValueError(f"the model takes a fixed input of shape {tuple(fixed)}")
+            core = ov.Core()
+            network = core.read_model(reductions.SerializeToString(), b"")
+            network.reshape({input_name: list(shape)})
+            compiled = core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses for shapes the graph rejects
+            raise PTQError(f"The FP32 model {self.fp32_onnx} failed on calibration crop 0 of shape {tuple(shape)}: "
+                           f"{str(exc).strip().splitlines()[0][:300]}. Use a crop size the model accepts "
+                           "(its fixed input size, or a multiple of its downsampling).") from exc
+        return _OpenVINOForward(compiled)
+
     def _run(self, session, fetched, input_name: str, batch: np.ndarray, index: int):
         try:
             return session.run(fetched, {input_name: batch})
@@ -229,12 +259,25 @@ class RangeCollector:
                            f"shape {batch.shape}: {exc}. Use a crop size the model accepts "
                            "(its fixed input size, or a multiple of its downsampling).") from exc
 
+
     @staticmethod
     def _update(observer, name: str, index: int, values: np.ndarray) -> None:
         try:
             observer.update(values)
         except PTQError as exc:
             raise PTQError(f"Tensor {name!r} on calibration crop {index}: {exc}") from exc
+
+
+class _OpenVINOForward:
+    """A compiled OpenVINO model answering ``run(names, feeds)`` like an ONNX Runtime session."""
+
+    def __init__(self, compiled) -> None:
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+
+    def run(self, names: Sequence[str], feeds: Dict[str, np.ndarray]):
+        results = self.request.infer(feeds)
+        return [np.asarray(results[self.compiled.output(name)]) for name in names]
 
 
 # Per tensor: its maximum, minimum and sum (the sum only to detect NaN/Inf).
