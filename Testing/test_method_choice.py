@@ -91,14 +91,14 @@ def test_nan_activation_is_still_refused(tmp_path):
 
 def test_auto_avoids_max_when_one_outlier_would_flatten_the_grid(tmp_path):
     path = export_onnx(SignNet().eval(), tmp_path / "sign.onnx", 1, (1, 1, 16, 16, 16))
-    crops = _crops(4)
+    crops = _crops(8)
     crops[0][0, 5, 5, 5] = 1e4  # one calibration voxel 10^4 sigma out: max's scale rounds all else to 0
     choice, ranges = choose_method(path, _tensors(path), crops)
-    assert choice.fit_crops == 3 and choice.held_out_crops == 1
+    assert choice.fit_crops == 4 and choice.held_out_crops == 4
     assert set(choice.agreement) == set(CANDIDATES)
     assert choice.agreement["max"] < 0.9 and choice.chosen != "max"
     assert choice.relative_rmse[choice.chosen] == min(choice.relative_rmse.values())
-    assert max(ranges.values()) < 1e3 and "held-back" in choice.reason and choice.agreement[choice.chosen] > 0.99
+    assert max(ranges.values()) < 1e3 and "held back" in choice.reason and choice.agreement[choice.chosen] > 0.98
 
 
 def test_quantize_auto_records_the_choice_and_distinct_crops(tmp_path, capsys):

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", nargs="+", required=True, help="unlabeled volumes (files or folders)")
     q.add_argument("--out", required=True, type=Path, help="output folder")
     q.add_argument("--method", default="max", choices=["max", "percentile", "entropy", "mse", "auto"],
-                   help="activation range observer; 'auto' tries each on held-back calibration crops and keeps "
+                   help="activation range observer; 'auto' tries each on calibration crops held back from its ranges, keeps "
                         "the one whose outputs are closest to FP32 (recorded in quantization.json)")
     q.add_argument("--roi", nargs="+", type=int, help="patch size (1 or 3 ints); default from the model metadata")
     q.add_argument("--num-crops", type=int, default=20)

@@ -2,18 +2,17 @@
 
 No fixed method suits every network: ``max`` keeps a GroupNorm + Mish
 network's outliers and doubles its logit error, ``percentile`` clips a
-ReLU U-Net's useful tail. So every method's ranges are fitted on most of
-the crops (one histogram per tensor serves all of them, see
-:class:`calibration.RangeCollector`), a Q/DQ model is written with each,
-and each runs (ONNX Runtime, CPU) on the crops held back. The method with
-the smallest relative RMSE of the outputs against FP32 there wins (``max``,
-the default, winning exact ties). The output error, not the label Dice,
-decides: on a few crops Dice hangs on a handful of boundary voxels (on
-bench_methods.py's networks choosing by held-out Dice picked the worst
-method twice), while the error over every output value ranked the methods
-as the whole-volume agreement did. Each method's Dice on the held-back
-crops is recorded too. The held-back crops then join the winner's
-statistics, so the final ranges see every crop.
+ReLU U-Net's useful tail. So the crops are split in two halves; every
+method's ranges are fitted on one half (one histogram per tensor serves
+all of them, see :class:`calibration.RangeCollector`), a Q/DQ model is
+written with each, and each runs (ONNX Runtime, CPU) on the other half;
+then the halves swap, so every crop judges once while held back from the
+ranges it judges. The method with the smallest relative RMSE of the
+outputs against FP32 wins (``max``, the default, winning exact ties). The
+output error, not the label Dice, decides: on a few crops Dice hangs on a
+handful of boundary voxels, while the error over every output value is
+stable; each method's pooled Dice is recorded too. The final ranges of
+the winner see every crop.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -32,8 +31,6 @@ from .progress import ProgressCallback
 
 #: The methods tried, in order of preference when they do equally well.
 CANDIDATES = ("max", "percentile", "mse", "entropy")
-#: Share of the crops held back to judge the methods (at least one when there are two or more).
-HELD_OUT_FRACTION = 0.25
 
 
 @dataclass
@@ -58,40 +55,92 @@ def choose_method(fp32_onnx: Path, tensors: Sequence[str], crops: Sequence[np.nd
     """Pick the method for ``fp32_onnx`` from ``crops``; returns the choice and its ranges over all crops.
 
     ``label_rule`` is the spec's :meth:`ModelSpec.label_rule` (how outputs
-    become labels for the agreement).
+    become labels for the recorded agreement).
     """
-    from .qdq import quantize_onnx
-    from .sensitivity import output_error
-
     if len(crops) == 0:
         raise PTQError("No calibration crops to choose a method from; pass --calib with one or more volumes.")
-    held = max(1, int(round(len(crops) * HELD_OUT_FRACTION))) if len(crops) >= 2 else 0
-    fit, judge = (list(crops[:-held]), list(crops[-held:])) if held else (list(crops), list(crops))
-    collector = RangeCollector(fp32_onnx, tensors, CANDIDATES, memory_budget)
-    collector.feed(fit, progress_callback)
-    reference = _outputs(fp32_onnx, judge)
-    agreement, error = {}, {}
+    halves = [list(crops[0::2]), list(crops[1::2])] if len(crops) >= 2 else [list(crops)]
+    scores = {method: _Score(label_rule) for method in CANDIDATES}
+    reference = onnx_graph.cpu_session(fp32_onnx, memory_arena=False)
+    collectors = []
+    for fold, fit in enumerate(halves):
+        judge = halves[1 - fold] if len(halves) == 2 else fit
+        collector = RangeCollector(fp32_onnx, tensors, CANDIDATES, memory_budget)
+        collector.feed(fit, progress_callback)
+        collectors.append(collector)
+        _judge(fp32_onnx, collector, judge, reference, scores, placement, keep_float)
+    error = {method: scores[method].relative_rmse() for method in CANDIDATES}
+    agreement = {method: scores[method].dice() for method in CANDIDATES}
+    chosen = min(CANDIDATES, key=lambda method: (error[method], CANDIDATES.index(method)))
+    where = (f"{len(crops)} crops, each held back from the ranges it judged" if len(halves) == 2
+             else "the single calibration crop (none could be held back)")
+    reason = (f"smallest output error against FP32 on {where}: relative RMSE {error[chosen]:.4f} "
+              f"(Dice {agreement[chosen]:.4f})")
+    final = collectors[0]
+    if len(halves) == 2:
+        final.feed(halves[1], progress_callback)  # the final ranges see every crop
+    return (MethodChoice(chosen=chosen, reason=reason, fit_crops=len(halves[0]),
+                         held_out_crops=len(halves[1]) if len(halves) == 2 else 0,
+                         agreement=agreement, relative_rmse=error), final.ranges(chosen))
+
+
+def _judge(fp32_onnx: Path, collector: RangeCollector, judge: Sequence[np.ndarray], reference, scores,
+           placement: str, keep_float) -> None:
+    """Each method's Q/DQ model (ranges from ``collector``) against FP32 on the ``judge`` crops, into ``scores``."""
+    from .qdq import quantize_onnx
+
     with tempfile.TemporaryDirectory(prefix="ptq-auto-") as folder:
+        sessions = {}
         for method in CANDIDATES:
             candidate = Path(folder) / f"{method}.onnx"
             quantize_onnx(fp32_onnx, candidate, collector.ranges(method), method=method, placement=placement,
                           keep_float=keep_float)
-            measured = output_error(reference, _outputs(candidate, judge), output_kind=label_rule)
-            agreement[method] = float(measured.dice)
-            error[method] = float(np.sqrt(measured.relative_mse))
-            candidate.unlink()
-    chosen = min(CANDIDATES, key=lambda method: (error[method], CANDIDATES.index(method)))
-    where = f"{held} held-back crop(s)" if held else "the single calibration crop (none could be held back)"
-    reason = (f"smallest output error against FP32 on {where}: relative RMSE {error[chosen]:.4f} "
-              f"(Dice {agreement[chosen]:.4f})")
-    if held:
-        collector.feed(judge, progress_callback)  # the final ranges see every crop
-    return (MethodChoice(chosen=chosen, reason=reason, fit_crops=len(fit), held_out_crops=held,
-                         agreement=agreement, relative_rmse=error), collector.ranges(chosen))
+            sessions[method] = onnx_graph.cpu_session(candidate, memory_arena=False)
+        name = reference.get_inputs()[0].name
+        # One crop's outputs at a time: whole-volume networks give hundreds of MB per output.
+        for crop in judge:
+            batch = {name: np.asarray(crop, dtype=np.float32)[None]}
+            expected = reference.run(None, batch)[0][0]
+            for method, session in sessions.items():
+                scores[method].add(expected, session.run(None, batch)[0][0])
 
 
-def _outputs(onnx_path: Path, crops: Sequence[np.ndarray]) -> List[np.ndarray]:
-    """The first output of ``onnx_path`` on each crop, ``(1, K, D, H, W)`` each."""
-    session = onnx_graph.cpu_session(onnx_path, memory_arena=False)
-    name = session.get_inputs()[0].name
-    return [session.run(None, {name: np.asarray(crop, dtype=np.float32)[None]})[0] for crop in crops]
+class _Score:
+    """Agreement of one method's outputs with FP32 over all crops: relative RMSE and pooled label Dice.
+
+    The relative squared error is averaged per crop, so one crop with an
+    extreme value (whose clipping every method pays for) cannot drown the
+    differences on all the others.
+    """
+
+    def __init__(self, label_rule) -> None:
+        self.label_rule = label_rule
+        self.relative_mse = []
+        self.counts: Dict[int, np.ndarray] = {}  # label -> [both, reference, candidate] voxel counts
+
+    def add(self, expected: np.ndarray, got: np.ndarray) -> None:
+        expected64, got64 = expected.astype(np.float64), got.astype(np.float64)
+        self.relative_mse.append(float(np.sum((got64 - expected64) ** 2)) / max(float(np.sum(expected64 ** 2)), 1e-30))
+        ref_labels, out_labels = _labels(expected, self.label_rule), _labels(got, self.label_rule)
+        for label in set(np.unique(ref_labels).tolist()) | set(np.unique(out_labels).tolist()):
+            if label == 0:
+                continue
+            in_ref, in_out = ref_labels == label, out_labels == label
+            counts = self.counts.setdefault(int(label), np.zeros(3))
+            counts += [np.count_nonzero(in_ref & in_out), np.count_nonzero(in_ref), np.count_nonzero(in_out)]
+
+    def relative_rmse(self) -> float:
+        return float(np.sqrt(np.mean(self.relative_mse)))
+
+    def dice(self) -> float:
+        scores = [2 * both / (ref + out) for both, ref, out in self.counts.values() if ref + out > 0]
+        return float(np.mean(scores)) if scores else 1.0
+
+
+def _labels(output: np.ndarray, label_rule) -> np.ndarray:
+    """Labels of one output ``(K, D, H, W)`` as the spec makes them (argmax, or > 0 for one channel, without one)."""
+    from .inference import to_labels
+
+    if label_rule is not None:
+        return to_labels(output, *label_rule)
+    return (output[0] > 0).astype(np.uint8) if output.shape[0] == 1 else output.argmax(axis=0).astype(np.uint8)
