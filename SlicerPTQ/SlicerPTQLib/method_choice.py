@@ -5,7 +5,7 @@ network's outliers and doubles its logit error, ``percentile`` clips a
 ReLU U-Net's useful tail. So the crops are split in two halves; every
 method's ranges are fitted on one half (one histogram per tensor serves
 all of them, see :class:`calibration.RangeCollector`), a Q/DQ model is
-written with each, and each runs (ONNX Runtime, CPU) on the other half;
+written with each, and each runs (OpenVINO INT8, CPU) on the other half;
 then the halves swap, so every crop judges once while held back from the
 ranges it judges. The method with the smallest relative RMSE of the
 outputs against FP32 wins (``max``, the default, winning exact ties). The
@@ -88,21 +88,28 @@ def _judge(fp32_onnx: Path, collector: RangeCollector, judge: Sequence[np.ndarra
            placement: str, keep_float) -> None:
     """Each method's Q/DQ model (ranges from ``collector``) against FP32 on the ``judge`` crops, into ``scores``."""
     from .qdq import quantize_onnx
+    from .runtimes import create_runtime
 
     with tempfile.TemporaryDirectory(prefix="ptq-auto-") as folder:
-        sessions = {}
-        for method in CANDIDATES:
-            candidate = Path(folder) / f"{method}.onnx"
-            quantize_onnx(fp32_onnx, candidate, collector.ranges(method), method=method, placement=placement,
-                          keep_float=keep_float)
-            sessions[method] = onnx_graph.cpu_session(candidate, memory_arena=False)
-        name = reference.get_inputs()[0].name
-        # One crop's outputs at a time: whole-volume networks give hundreds of MB per output.
-        for crop in judge:
-            batch = {name: np.asarray(crop, dtype=np.float32)[None]}
-            expected = reference.run(None, batch)[0][0]
-            for method, session in sessions.items():
-                scores[method].add(expected, session.run(None, batch)[0][0])
+        engines = {}
+        try:
+            for method in CANDIDATES:
+                candidate = Path(folder) / f"{method}.onnx"
+                quantize_onnx(fp32_onnx, candidate, collector.ranges(method), method=method, placement=placement,
+                              keep_float=keep_float)
+                # Judged where the INT8 model will run: OpenVINO's INT8 kernels (ONNX Runtime's
+                # differ, and ranked the methods otherwise than OpenVINO did on whole volumes).
+                engines[method] = create_runtime(candidate, "openvino")
+            name = reference.get_inputs()[0].name
+            # One crop's outputs at a time: whole-volume networks give hundreds of MB per output.
+            for crop in judge:
+                batch = np.asarray(crop, dtype=np.float32)[None]
+                expected = reference.run(None, {name: batch})[0][0]
+                for method, engine in engines.items():
+                    scores[method].add(expected, engine.predict(batch)[0])
+        finally:
+            for engine in engines.values():
+                engine.close()
 
 
 class _Score:
