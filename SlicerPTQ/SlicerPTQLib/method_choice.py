@@ -62,12 +62,10 @@ def choose_method(fp32_onnx: Path, tensors: Sequence[str], crops: Sequence[np.nd
     halves = [list(crops[0::2]), list(crops[1::2])] if len(crops) >= 2 else [list(crops)]
     scores = {method: _Score(label_rule) for method in CANDIDATES}
     reference = onnx_graph.cpu_session(fp32_onnx, memory_arena=False)
-    collectors = []
     for fold, fit in enumerate(halves):
         judge = halves[1 - fold] if len(halves) == 2 else fit
         collector = RangeCollector(fp32_onnx, tensors, CANDIDATES, memory_budget)
         collector.feed(fit, progress_callback)
-        collectors.append(collector)
         _judge(fp32_onnx, collector, judge, reference, scores, placement, keep_float)
     error = {method: scores[method].relative_rmse() for method in CANDIDATES}
     agreement = {method: scores[method].dice() for method in CANDIDATES}
@@ -76,9 +74,12 @@ def choose_method(fp32_onnx: Path, tensors: Sequence[str], crops: Sequence[np.nd
              else "the single calibration crop (none could be held back)")
     reason = (f"smallest output error against FP32 on {where}: relative RMSE {error[chosen]:.4f} "
               f"(Dice {agreement[chosen]:.4f})")
-    final = collectors[0]
+    final = collector  # with one crop: fitted on it already
     if len(halves) == 2:
-        final.feed(halves[1], progress_callback)  # the final ranges see every crop
+        # The winner's ranges from every crop at once, as --method CHOSEN would give them (a histogram
+        # fed in two halves can have grown and merged bins).
+        final = RangeCollector(fp32_onnx, tensors, [chosen], memory_budget)
+        final.feed(crops, progress_callback)
     return (MethodChoice(chosen=chosen, reason=reason, fit_crops=len(halves[0]),
                          held_out_crops=len(halves[1]) if len(halves) == 2 else 0,
                          agreement=agreement, relative_rmse=error), final.ranges(chosen))
