@@ -303,6 +303,7 @@ def test_worker_exits_when_its_driver_is_killed(tmp_path):
     """A real driver process runs a real worker (a CLI blocked opening a FIFO as its model), then dies by SIGKILL."""
     fifo = tmp_path / "model.onnx"
     os.mkfifo(fifo)
+    ModelSpec(name="model", roi_size=(16, 16, 16)).save(sidecar_path(fifo))  # metadata, or quantize refuses at once
     _volume(tmp_path / "c.nrrd")
     driver = textwrap.dedent(f"""
         import sys, time

@@ -85,7 +85,8 @@ def test_every_python_file_of_the_module_is_in_scripts():
 
 def test_every_resource_file_is_in_resources():
     listed = _cmake_list(MODULE_CMAKE.read_text(), "MODULE_PYTHON_RESOURCES")
-    on_disk = _files(MODULE / "Resources", "*")
+    # The core library's own data (the ModelSpec schema) installs beside its code.
+    on_disk = _files(MODULE / "Resources", "*") + _files(MODULE / "SlicerPTQLib" / "resources", "*")
     assert sorted(listed) == sorted(on_disk) and len(listed) == len(set(listed)), \
         _mismatch_message("MODULE_PYTHON_RESOURCES", listed, on_disk)
 
@@ -207,7 +208,7 @@ def test_combo_box_choices_come_from_the_logic():
 
     text = MODULE_SCRIPT.read_text()
     assert "Choice(list(METHODS))" in text and "Choice(list(PRECISIONS))" in text
-    assert set(METHODS) == {"max", "percentile", "entropy", "mse"}
+    assert set(METHODS) == {"max", "percentile", "entropy", "mse", "auto"}
     assert set(PRECISIONS) == {"int8", "w4a8", "w2a8", "fp16", "fp32"}
 
 

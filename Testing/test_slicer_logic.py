@@ -215,7 +215,7 @@ def test_bad_requests_name_the_problem(scene, built, input_node, shipped_model_p
         logic.segment("deepbet-brain-extraction", input_node, compareWithFP32=True)
     bare = tmp_path / "bare.onnx"
     shutil.copyfile(built.quantizedModel, bare)
-    with pytest.raises(PTQError, match="No metadata beside"):
+    with pytest.raises(PTQError, match="No model metadata for"):
         logic.segment(str(bare), input_node)
     if logic.availableRuntimes()["tensorrt"]:
         with pytest.raises(PTQError, match="Runtime 'tensorrt' cannot run here"):

@@ -17,9 +17,10 @@ from . import limits
 from .errors import PTQError
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-METHODS = ["max", "percentile", "entropy", "mse"]
+METHODS = ["max", "percentile", "entropy", "mse", "auto"]
 METHOD_HELP = ("how activation ranges are chosen from the calibration crops: 'max' (min/max), 'percentile', "
-               "'entropy' (KL) or 'mse' (default max)")
+               "'entropy' (KL), 'mse', or 'auto' (each tried on crops held back from its ranges, the one whose "
+               "outputs are closest to FP32 kept and recorded in quantization.json); default max")
 NUM_CROPS_HELP = f"calibration patches sampled from the volumes, 1 to {limits.MAX_NUM_CROPS} (default 20)"
 
 
@@ -73,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--arch", help="MONAI network name when MODEL is a state dict, e.g. UNet")
     q.add_argument("--arch-args", type=_json_object, default=None,
                    help='JSON constructor arguments for --arch, e.g. \'{"spatial_dims": 3, "in_channels": 1}\'')
+    q.add_argument("--spec", type=Path, help="model metadata JSON (default: found beside the model, see "
+                                              "docs/model-metadata.md)")
+    q.add_argument("--modality", help="input modality whose preprocessing to use (the metadata's "
+                                      "'intensity_by_modality'), e.g. CT")
     q.add_argument("--trust-bundle-code", action="store_true",
                    help="let MONAI evaluate the Python expressions ('$...') and objects ('_target_') in a bundle's "
                         "configs; only for bundles whose author you trust (default: configs are read as data)")
@@ -96,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", help="runtime precision, e.g. fp32 or bf16 for float models on OpenVINO")
     s.add_argument("--batch-size", type=int, default=1,
                    help=f"sliding-window patches per forward, 1 to {limits.MAX_BATCH_SIZE} (default 1)")
+    s.add_argument("--spec", type=Path, help="model metadata JSON (default: found beside the model)")
+    s.add_argument("--modality", help="input modality whose preprocessing to use, e.g. CT")
     s.add_argument("--no-self-check", action="store_true",
                    help="run a quantized model without first checking, once per machine and runtime, that its "
                         "INT8 labels agree with FP32's here")
@@ -109,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="reference label maps or binary masks (any type; > 0 is the label for one-label "
                         "models), in the order of --images")
     e.add_argument("--json", type=Path, help="also write the table as JSON here")
+    e.add_argument("--spec", type=Path, help="model metadata JSON (default: found beside the quantized model)")
 
     d = sub.add_parser("demo", help="the whole pipeline on the shipped real model and volumes")
     d.add_argument("--out", type=Path, default=Path("ptq-demo"),
@@ -227,9 +235,15 @@ def run(args) -> int:
                                    placement=args.placement, weight_bits=args.weight_bits,
                                    lowbit_solver=args.lowbit_solver, arch=args.arch, arch_args=args.arch_args,
                                    accuracy_budget=args.accuracy_budget, progress=_progress(args),
-                                   trust_bundle_code=args.trust_bundle_code)
+                                   trust_bundle_code=args.trust_bundle_code, spec_file=args.spec,
+                                   require_spec=True, modality=args.modality)
         sizes = result.report["size_mb"]
+        _warn(result.report.get("warnings", []))
         if not args.progress_json:
+            print(f"metadata   {result.report.get('spec_source', 'given')}")
+            chosen = result.report.get("calibration_method", {})
+            print(f"method     {chosen.get('chosen')} ({chosen.get('reason')}); "
+                  f"{result.report['crops']['distinct']} distinct crops of {result.report['crops']['requested']}")
             print(f"FP32 ONNX  {result.fp32_onnx}  {sizes['fp32_onnx']:.2f} MB")
             print(f"quantized  {result.quantized_onnx}  {sizes['quantized_onnx']:.2f} MB "
                   f"({sizes['quantized_onnx'] / sizes['fp32_onnx']:.2f}x)")
@@ -250,9 +264,12 @@ def run(args) -> int:
         args.image = args.image[0]
         labels, timings = pipeline.segment(args.model, args.image, runtime=args.runtime, precision=args.precision,
                                            batch_size=args.batch_size, progress=_progress(args),
-                                           self_check=not args.no_self_check)
-        pipeline.write_outputs(labels, pipeline.model_spec_for(args.model), args.out)
+                                           self_check=not args.no_self_check, spec_file=args.spec,
+                                           modality=args.modality)
+        _warn(timings.get("warnings", []))
+        pipeline.write_outputs(labels, pipeline.model_spec_for(args.model, args.spec, args.modality), args.out)
         if not args.progress_json:
+            print(f"metadata: {args.spec or pipeline.find_sidecar(args.model)}")
             print(timings["self_check"])
             print(f"labels written to {args.out} in {timings['total_s']:.2f} s")
         _emit_result(args, {"labels": args.out, "timings": timings})
@@ -260,7 +277,8 @@ def run(args) -> int:
         from .evaluation import evaluate_models, format_table
 
         rows = evaluate_models(args.fp32_model, args.quantized_model, expand_volumes(args.images),
-                               expand_volumes(args.labels) if args.labels else None, progress=_progress(args))
+                               expand_volumes(args.labels) if args.labels else None, progress=_progress(args),
+                               spec_file=args.spec)
         if not args.progress_json:
             print(format_table(rows))
         if args.json:
@@ -316,6 +334,12 @@ def _runtime_versions(reasons: dict) -> dict:
             module = __import__(name)
             shown[name] = str(getattr(module, "__version__", "installed"))
     return shown
+
+
+def _warn(lines: List[str]) -> None:
+    """Plausibility warnings: one line each on stderr, the run goes on."""
+    for line in lines:
+        print(f"slicer-ptq: warning: {line}", file=sys.stderr)
 
 
 def _roi(values: Optional[List[int]]):

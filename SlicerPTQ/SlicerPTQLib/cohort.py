@@ -199,14 +199,18 @@ def remote_source(server: str, model: str, timeout: float, retries: int):
 
 
 def local_source(model_path: Path, runtime: Optional[str], precision: Optional[str], batch_size: int,
-                 self_check: bool, first_image: Path):
-    """``(make_runtime, spec, model_id)`` for a model file run here (self-checked once, as ``segment`` does)."""
+                 self_check: bool, first_image: Path, spec_file: Optional[Path] = None,
+                 modality: Optional[str] = None):
+    """``(make_runtime, spec, model_id)`` for a model file run here (self-checked once, as ``segment`` does);
+    ``spec_file`` and ``modality`` as in :func:`pipeline.segment`."""
+    import hashlib
+
     from . import pipeline
     from .runtimes import create_runtime
     from .volumes import read_volume
 
     model_path = Path(model_path)
-    spec = pipeline.model_spec_for(model_path)
+    spec = pipeline.model_spec_for(model_path, spec_file, modality)
     backend = runtime or pipeline.default_backend(model_path)
     probe = create_runtime(model_path, backend, precision=precision, batch_size=batch_size)
     try:
@@ -214,8 +218,10 @@ def local_source(model_path: Path, runtime: Optional[str], precision: Optional[s
             pipeline.ensure_checked(model_path, backend, spec, read_volume(first_image))
     finally:
         probe.close()
+    # The spec is part of the identity: other preprocessing (another --spec or --modality) redoes the outputs.
+    spec_digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
     return (lambda: create_runtime(model_path, backend, precision=precision, batch_size=batch_size), spec,
-            f"{backend}:{probe.precision}:{sha256_of(model_path)}")
+            f"{backend}:{probe.precision}:{sha256_of(model_path)}:{spec_digest}")
 
 
 def segment_remote(server: str, model: str, volume, batch_size: int = 1, timeout: float = 120.0,
@@ -274,6 +280,9 @@ def check_options(args) -> None:
     if args.server and (args.runtime or args.precision):
         raise PTQError("--runtime/--precision and --server do not combine: with --server the model runs on the "
                        "server as exported. Drop one of them.")
+    if args.server and (args.spec or args.modality):
+        raise PTQError("--spec/--modality and --server do not combine: the server's model carries its metadata "
+                       "(export it again with the metadata you want). Drop one of them.")
     if args.out_dir is None:
         folders = [Path(path) for path in args.image if Path(path).is_dir()]
         if folders:
@@ -305,7 +314,7 @@ def run_cli(args, images: List[Path], progress: Optional[ProgressCallback]) -> D
                                                      args.retries)
     else:
         make_runtime, spec, model_id = local_source(args.model, args.runtime, args.precision, args.batch_size,
-                                                    not args.no_self_check, images[0])
+                                                    not args.no_self_check, images[0], args.spec, args.modality)
     jobs = args.jobs or (4 if args.server else 1)
     ended = [0]
 

@@ -62,11 +62,12 @@ def _mean_dice(a: np.ndarray, b: np.ndarray, labels) -> float:
 def evaluate_models(fp32_model: Path, quantized_model: Path, images: Sequence[VolumeSource],
                     references: Optional[Sequence[VolumeSource]] = None, fp32_runtime: Optional[str] = None,
                     quantized_runtime: str = "openvino", names: Optional[Sequence[str]] = None,
-                    progress: Optional[ProgressCallback] = None) -> List[Dict]:
+                    progress: Optional[ProgressCallback] = None, spec_file: Optional[Path] = None) -> List[Dict]:
     """One row per image: Dice of each model vs the reference and vs each other, and wall times.
 
     ``references`` are label maps on the images' grids (same order). Both
-    runtimes are created once and reused over the volumes.
+    runtimes are created once and reused over the volumes. ``spec_file``
+    names the metadata (default: beside ``quantized_model``).
     """
     from .inference import segment_volume
     from .runtimes import create_runtime
@@ -75,7 +76,7 @@ def evaluate_models(fp32_model: Path, quantized_model: Path, images: Sequence[Vo
         raise PTQError(f"Got {len(images)} images but {len(references)} label maps; give one label map per image.")
     # Every input is checked before a model is loaded: a bad mask is said in a second, not after the work.
     check_sources(images, "Image")
-    spec = model_spec_for(quantized_model)
+    spec = model_spec_for(quantized_model, spec_file)
     labels = sorted(spec.labels)
     if references is not None:
         check_sources(references, "Label map")

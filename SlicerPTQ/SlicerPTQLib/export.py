@@ -91,7 +91,7 @@ def onnx_input_spec(path: Path, expected_channels: Optional[int] = None) -> Onnx
 def export_onnx(module, path: Path, in_channels: int,
                 example_shape: Optional[Sequence[int]] = None,
                 dynamic_spatial: bool = True, opset: int = 17,
-                tolerance: float = 1e-3) -> Path:
+                tolerance: float = 1e-3, spatial_multiple: Optional[int] = None) -> Path:
     """Export ``module`` (``nn.Module`` or TorchScript) to an FP32 ONNX file.
 
     The input is named ``"input"`` with shape ``example_shape`` (default
@@ -100,7 +100,12 @@ def export_onnx(module, path: Path, in_channels: int,
     once in ONNX Runtime: the largest output difference to PyTorch must
     stay within ``tolerance * max(1, max|torch output|)``. With dynamic dims
     a second, wider input is compared too, which catches networks that
-    bake their shape in (SwinUNETR's window masks). Written atomically.
+    bake their shape in (SwinUNETR's window masks). The wider input adds
+    the smallest multiple of ``spatial_multiple`` (the spec's size rule)
+    of at least 32 voxels to the width, and a network that rejects it
+    breaks its own rule (PTQError); without ``spatial_multiple`` 32 voxels
+    are added and a size the network rejects skips that comparison.
+    Written atomically.
     """
     path = Path(path)
     shape = tuple(int(v) for v in (example_shape or (1, in_channels, 96, 96, 96)))
@@ -122,12 +127,17 @@ def export_onnx(module, path: Path, in_channels: int,
         _check(tmp)
         _compare(tmp, example, reference, tolerance, what=f"the example input {shape}")
         if dynamic_spatial:
-            wider = shape[:4] + (shape[4] + 32,)
+            step = 32 if not spatial_multiple else spatial_multiple * -(-32 // spatial_multiple)
+            wider = shape[:4] + (shape[4] + step,)
             wider_input = _example_input(wider)
             try:
                 wider_reference = _torch_outputs(module, wider_input)
-            except PTQError:
-                wider_reference = None  # the network itself rejects that size
+            except PTQError as exc:
+                if spatial_multiple:
+                    raise PTQError(f"The network rejects input size {wider} although its metadata says any "
+                                   f"multiple of spatial_multiple {spatial_multiple} fits ({exc}); fix "
+                                   "spatial_multiple, or set dynamic_spatial to false.") from exc
+                wider_reference = None  # no size rule given: the network itself rejects that size
             if wider_reference is not None:
                 _compare(tmp, wider_input, wider_reference, tolerance,
                          what=f"a second input size {wider}",

@@ -18,11 +18,10 @@ from . import preprocess
 from .errors import PTQError
 from .progress import ProgressCallback, track
 from .runtimes.base import Runtime
-from .spec import ModelSpec, spec_list
+from .spec import OUTPUT_KINDS, ModelSpec, spec_list
 from .volume import Volume
 
 STAGE = "segmenting"
-OUTPUT_KINDS = ("softmax", "probabilities", "sigmoid")
 
 
 def window_count(image_size: Sequence[int], roi: Sequence[int], overlap: float) -> int:
@@ -113,13 +112,17 @@ def load_blending():
     return sliding_window_inference
 
 
-def to_labels(output: np.ndarray, spec_output: str) -> np.ndarray:
+def to_labels(output: np.ndarray, spec_output: str, threshold: float = 0.0,
+              direction: str = "above") -> np.ndarray:
     """Network output (K, D, H, W) -> label map (D, H, W), uint8 (uint16 past 255 labels).
 
     ``"softmax"`` (logits) and ``"probabilities"``: argmax over channels.
     ``"sigmoid"`` (logits, one channel per label): voxels whose
     sigmoid(x) > 0.5, i.e. x > 0, get label channel + 1; a later channel
-    wins where they overlap.
+    wins where they overlap. ``"threshold"``: as sigmoid, where the value
+    is above (or, ``direction="below"``, below) ``threshold``, e.g. a
+    signed distance below 1.0 mm. ``"regression"`` maps are labelled the
+    same way where labels are needed (the self-check's agreement).
     """
     if output.ndim != 4:
         raise PTQError(f"to_labels takes a (K, D, H, W) output, got shape {output.shape}.")
@@ -135,11 +138,14 @@ def to_labels(output: np.ndarray, spec_output: str) -> np.ndarray:
             _set_where(labels, better, channel)
             np.maximum(best, output[channel], out=best)
         return labels
-    if spec_output == "sigmoid":
+    if spec_output in ("sigmoid", "threshold", "regression"):
+        if spec_output == "sigmoid":
+            threshold, direction = 0.0, "above"
+        compare = np.greater if direction == "above" else np.less
         labels = np.zeros(output.shape[1:], dtype=_label_dtype(channels))
         positive = np.empty(output.shape[1:], dtype=bool)
         for channel in range(channels):
-            _set_where(labels, np.greater(output[channel], 0, out=positive), channel + 1)
+            _set_where(labels, compare(output[channel], threshold, out=positive), channel + 1)
         return labels
     raise PTQError(f"Unknown model output kind '{spec_output}'. Set 'output' in the model's JSON "
                    f"to one of: {', '.join(OUTPUT_KINDS)}.")
@@ -164,8 +170,10 @@ def segment_volume(runtime: Runtime, volume: Volume, spec: ModelSpec, batch_size
 
     Returns the label volume (same shape and affine as ``volume``) and the
     seconds spent: ``preprocess_s``, ``network_s`` (windows and blending),
-    ``restore_s`` (labels and resampling back), ``total_s`` (their sum), and
-    ``import_s``, the one-off import of MONAI's blending, kept out of the others.
+    ``restore_s`` (labels, post-processing and resampling back), ``total_s``
+    (their sum), and ``import_s``, the one-off import of MONAI's blending, kept
+    out of the others. A ``"regression"`` model gives its float map instead,
+    resampled trilinearly onto the input grid.
     """
     start = time.perf_counter()
     image, grid = preprocess.prepare(volume, spec)
@@ -182,7 +190,15 @@ def segment_volume(runtime: Runtime, volume: Volume, spec: ModelSpec, batch_size
         raise PTQError(f"Model '{spec.name}' gave {output.shape[0]} output channels but its JSON says "
                        f"{spec.out_channels}. Fix 'out_channels' in the model's JSON.")
     segmented = time.perf_counter()
-    labels = preprocess.restore(to_labels(output, spec.output), grid)
+    if spec.output == "regression":
+        restored_map = preprocess.restore_probabilities(output, grid)[0]
+        labels = Volume(array=restored_map.astype(np.float32), affine=grid.input_affine.copy(), name=grid.name)
+    else:
+        from .postprocess import apply_steps
+
+        network_labels = to_labels(output, spec.output, spec.threshold, spec.threshold_direction)
+        network_labels = apply_steps(network_labels, spec.postprocess, preprocess.voxel_spacing(grid))
+        labels = preprocess.restore(network_labels, grid)
     restored = time.perf_counter()
     imported = started - prepared
     timings = {"preprocess_s": prepared - start, "network_s": segmented - started,

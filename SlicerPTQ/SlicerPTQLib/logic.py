@@ -41,11 +41,11 @@ from .atomic import owned_prefix, remove_stale, replacing, staging_folder
 from .errors import PTQError
 from .metrics import file_size_mb
 from .progress import ProgressCallback
-from .spec import ModelSpec, sidecar_path
+from .spec import ModelSpec, find_sidecar, sidecar_path
 from .volume import Volume
 from .worker_process import Launcher, LogCallback, WorkerProcess, worker_command, worker_environment
 
-METHODS = ("max", "percentile", "entropy", "mse")
+METHODS = ("max", "percentile", "entropy", "mse", "auto")
 REPORT_NAME = "quantization.json"
 GRID_TOLERANCE_MM = 1e-3
 INFO_TIMEOUT_S = 120.0
@@ -741,10 +741,10 @@ class PTQLogic:
                                "(build one with Apply or PTQLogic.quantize), not the original network.")
             if (fp32_path, "fp32") != (model_path, runs[0]["precision"]):  # else it already is the FP32 run
                 runs.append({"model": fp32_path, "precision": "fp32", "title": "FP32"})
-        spec = ModelSpec.load(sidecar_path(model_path)) if sidecar_path(model_path).is_file() else None
-        if spec is None:
-            raise PTQError(f"No metadata beside {model_path} (expected {sidecar_path(model_path)}). Quantize the "
-                           "model first, or write the metadata JSON (see README).")
+        spec = pipeline.model_spec_for(model_path)  # the CLI's lookup and refusal (docs/model-metadata.md)
+        if spec.output == "regression":
+            raise PTQError(f"Model {spec.name} gives a regression map (a float volume), not segments; run "
+                           f"slicer-ptq segment {model_path} IMAGE --out map.nii.gz and load the map as a volume.")
         return _SegmentRequest(volumeNode, volume, spec, backend, runs,
                                model if isinstance(model, BuiltModel) else None, notes)
 
@@ -847,8 +847,8 @@ def _check_accuracy_budget(budget: Optional[float], choice: Precision) -> None:
 
 def _build_folder(model_path: Path, volumes: Sequence["pipeline.VolumeSource"], settings: Dict) -> Path:
     """The shared build cache folder (see :func:`pipeline.build_folder`), prefixed for builds made here."""
-    spec_file = sidecar_path(model_path)
-    spec = ModelSpec.load(spec_file) if spec_file.is_file() else ModelSpec(name=Path(model_path).name)
+    spec_file = find_sidecar(model_path)
+    spec = ModelSpec.load(spec_file) if spec_file is not None else ModelSpec(name=Path(model_path).name)
     folder = pipeline.build_folder(model_path, spec, volumes, settings)
     return folder.with_name(f"slicer-{folder.name}")
 

@@ -3,8 +3,10 @@
 Sources: a TorchScript file, an ONNX file, a MONAI bundle folder
 (``configs/inference.json`` + ``models/model.pt``), or a MONAI architecture
 name with its constructor arguments plus a state-dict file (loaded with
-``weights_only=True``). The spec comes from the sidecar next to the model
-(:func:`spec.sidecar_path`), else from the bundle's metadata, else defaults.
+``weights_only=True``). The spec comes from a file the user names
+(``--spec``), else from the sidecar next to the model
+(:func:`spec.find_sidecar`), else from the bundle's metadata, else
+defaults, which a caller may refuse (``require_spec``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Dict, Optional
 
 from .errors import PTQError
 from .fetch import sha256_of
-from .spec import Intensity, ModelSpec, sidecar_path, spec_list
+from .spec import Intensity, ModelSpec, find_sidecar, sidecar_candidates, sidecar_path, spec_list
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ts", ".ckpt")
 
@@ -31,6 +33,8 @@ class LoadedModel:
     spec: ModelSpec
     module: Any = None  # torch.nn.Module or torch.jit.ScriptModule
     onnx_path: Optional[Path] = None
+    #: Where the spec came from, for the user: a file, "bundle metadata", "defaults".
+    spec_origin: str = "given"
 
     @property
     def kind(self) -> str:
@@ -50,7 +54,8 @@ def file_sha256(path: Path) -> str:
 
 
 def load_model(source, arch: Optional[str] = None, arch_args: Optional[Dict[str, Any]] = None,
-               spec: Optional[ModelSpec] = None, trust_bundle_code: bool = False) -> LoadedModel:
+               spec: Optional[ModelSpec] = None, trust_bundle_code: bool = False,
+               spec_file: Optional[Path] = None, require_spec: bool = False) -> LoadedModel:
     """Load ``source`` (path) into a :class:`LoadedModel`.
 
     ``arch`` + ``arch_args`` build a MONAI network (e.g. ``"UNet"``,
@@ -58,11 +63,45 @@ def load_model(source, arch: Optional[str] = None, arch_args: Optional[Dict[str,
     loaded. ``spec`` overrides the metadata found beside the model. A MONAI
     bundle's configs are read as data (:mod:`bundle_config`); only with
     ``trust_bundle_code`` may MONAI evaluate the Python expressions in them.
+    ``spec_file`` names the metadata JSON (checked before the model is
+    read); ``require_spec`` refuses a model with no metadata at all instead
+    of using defaults.
     """
     path = Path(source)
     if not path.exists():
         raise PTQError(f"Model not found: {path}. Give the path of a TorchScript (.pt), ONNX (.onnx) "
                        "file, a MONAI bundle folder, or a state dict with --arch.")
+    origin = "given"
+    if spec is None and spec_file is not None:
+        spec, origin = ModelSpec.load(Path(spec_file)), str(spec_file)
+    elif spec is None and not path.is_dir():
+        found = find_sidecar(path)
+        if found is None and require_spec:
+            raise PTQError(missing_spec_message(path))
+        if found is not None:
+            spec, origin = ModelSpec.load(found), str(found)
+        else:
+            origin = "defaults"
+    loaded = _load_any(path, arch, arch_args, spec, trust_bundle_code)
+    if loaded.spec_origin == "given":
+        loaded.spec_origin = origin
+    loaded.spec.check(loaded.spec_origin if loaded.spec_origin not in ("given", "defaults")
+                      else "the model metadata")
+    return loaded
+
+
+def missing_spec_message(path: Path) -> str:
+    """The refusal for a model with no metadata: where it was looked for and how to write one."""
+    looked = " or ".join(candidate.name for candidate in sidecar_candidates(path))
+    example = json.dumps({"name": path.name.split(".")[0], "out_channels": 2, "roi_size": [96, 96, 96],
+                          "modality": "MR", "intensity": {"kind": "zscore"}, "output": "softmax",
+                          "labels": {"1": "foreground"}})
+    return (f"No model metadata for {path} (looked for {looked} beside it); write a JSON file such as "
+            f"{example} (every field: docs/model-metadata.md) and pass it with --spec FILE or save it as "
+            f"{sidecar_candidates(path)[0].name}.")
+
+
+def _load_any(path: Path, arch, arch_args, spec: Optional[ModelSpec], trust_bundle_code: bool) -> LoadedModel:
     if path.is_dir():
         return _load_bundle(path, spec, trust_bundle_code)
     if arch is not None:
@@ -79,9 +118,6 @@ def load_model(source, arch: Optional[str] = None, arch_args: Optional[Dict[str,
 def _spec_beside(path: Path, override: Optional[ModelSpec]) -> ModelSpec:
     if override is not None:
         return override
-    candidate = sidecar_path(path)
-    if candidate.is_file():
-        return ModelSpec.load(candidate)
     return ModelSpec(name=path.name.split(".")[0])
 
 
@@ -213,10 +249,12 @@ def _load_bundle(folder: Path, spec: Optional[ModelSpec], trust_bundle_code: boo
         _load_weights_into(module, weights)
     else:
         raise PTQError(f"Bundle {folder} has no models/model.pt or models/model.ts.")
+    origin = "given"
     if spec is None:
         beside = sidecar_path(folder)
-        spec = ModelSpec.load(beside) if beside.is_file() else bundle_spec(config, folder.name)
-    return LoadedModel(source=folder, spec=spec, module=module)
+        spec, origin = (ModelSpec.load(beside), str(beside)) if beside.is_file() else \
+            (bundle_spec(config, folder.name), f"the bundle metadata of {folder}")
+    return LoadedModel(source=folder, spec=spec, module=module, spec_origin=origin)
 
 
 def bundle_spec(config, name: str) -> ModelSpec:

@@ -263,6 +263,18 @@ def make_observer(method: str) -> Observer:
                        f"{', '.join(METHODS)}.") from None
 
 
+def histogram_amax(histogram: HistogramObserver, method: str) -> float:
+    """The bound histogram ``method`` chooses from an already filled histogram.
+
+    One histogram per tensor then serves percentile, entropy and mse alike.
+    """
+    observer = make_observer(method)
+    if not isinstance(observer, HistogramObserver) or observer.num_bins != histogram.num_bins:
+        raise PTQError(f"Method {method!r} does not choose its bound from a {histogram.num_bins}-bin histogram.")
+    observer.counts, observer.range, observer.peak = histogram.counts, histogram.range, histogram.peak
+    return observer.amax()
+
+
 def fake_quantize(x: np.ndarray, amax: float) -> np.ndarray:
     """Symmetric INT8 quantize-dequantize of ``x`` with bound ``amax`` (for checks)."""
     scale = amax / INT8_MAX

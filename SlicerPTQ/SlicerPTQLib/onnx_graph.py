@@ -96,12 +96,17 @@ def with_extra_outputs(model, names: List[str]):
     return extended
 
 
-def cpu_session(model_or_path, threads: Optional[int] = None):
-    """An ONNX Runtime CPU session on a model proto or file."""
+def cpu_session(model_or_path, threads: Optional[int] = None, memory_arena: bool = True):
+    """An ONNX Runtime CPU session on a model proto or file.
+
+    ``memory_arena=False`` hands activation memory back after each run
+    (calibration keeps its peak low between forwards).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = memory_arena
     if threads:
         options.intra_op_num_threads = threads
     if isinstance(model_or_path, (str, Path)):

@@ -19,11 +19,11 @@ from .errors import PTQError
 from .metrics import file_size_mb
 from .models import LoadedModel, file_sha256, load_model
 from .progress import ProgressCallback
-from .spec import ModelSpec, sidecar_path
+from .spec import ModelSpec, find_sidecar, sidecar_path
 from .volume import Volume
 
 VolumeSource = Union[str, Path, Volume]
-METHODS = ("max", "percentile", "entropy", "mse")
+METHODS = ("max", "percentile", "entropy", "mse", "auto")
 WEIGHT_BITS = (8, 4, 3, 2)
 REPORT_NAME = "quantization.json"
 
@@ -116,16 +116,23 @@ def read_any(source: VolumeSource) -> Volume:
 
 
 def prepared_arrays(sources: Sequence[VolumeSource], spec: ModelSpec,
-                    progress: Optional[ProgressCallback] = None) -> List:
-    """Read and preprocess volumes to network arrays ``(C, D, H, W)``."""
+                    progress: Optional[ProgressCallback] = None, warnings: Optional[List[str]] = None) -> List:
+    """Read and preprocess volumes to network arrays ``(C, D, H, W)``; plausibility
+    warnings (:mod:`plausibility`) are appended to ``warnings`` when given."""
+    from . import plausibility
     from .preprocess import prepare
     from .progress import track
 
     if not sources:
         raise PTQError("No calibration volumes given. Pass a few unlabeled volumes of the kind the model "
                        "segments (--calib FILE... or a folder).")
-    return [prepare(read_any(source), spec)[0] for source in track(list(sources), "read volumes",
-                                                                     callback=progress)]
+    arrays = []
+    for source in track(list(sources), "read volumes", callback=progress):
+        volume = read_any(source)
+        if warnings is not None:
+            warnings.extend(plausibility.check(volume, spec))
+        arrays.append(prepare(volume, spec)[0])
+    return arrays
 
 
 def build_folder(model_source: Path, spec: ModelSpec, calibration: Sequence[VolumeSource], settings: Dict) -> Path:
@@ -169,7 +176,9 @@ def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_d
              placement: str = "cpu", weight_bits: int = 8, lowbit_solver: str = "admm",
              arch: Optional[str] = None, arch_args: Optional[Dict] = None, spec: Optional[ModelSpec] = None,
              keep_float: Sequence[str] = (), accuracy_budget: Optional[float] = None,
-             progress: Optional[ProgressCallback] = None, trust_bundle_code: bool = False) -> QuantizeResult:
+             progress: Optional[ProgressCallback] = None, trust_bundle_code: bool = False,
+             spec_file: Optional[Path] = None, require_spec: bool = False, modality: Optional[str] = None
+             ) -> QuantizeResult:
     """Calibrate ``model`` on unlabeled ``calibration`` volumes and write a QDQ ONNX model.
 
     ``accuracy_budget`` (e.g. 0.99): keep the layers INT8 hurts most in
@@ -186,6 +195,9 @@ def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_d
 
     A MONAI bundle ``model`` is read as data; ``trust_bundle_code`` lets
     MONAI evaluate the Python expressions in its configs (trusted authors only).
+    ``spec_file`` names the metadata (else it is looked for beside the
+    model; ``require_spec`` refuses defaults); ``modality`` picks the
+    preprocessing for that input modality (:meth:`ModelSpec.for_modality`).
 
     Example::
 
@@ -203,9 +215,12 @@ def quantize(model: Union[str, Path], calibration: Sequence[VolumeSource], out_d
         from .output_paths import check_output_folder
 
         check_output_folder(Path(out_dir))
-    loaded = load_model(model, arch=arch, arch_args=arch_args, spec=spec, trust_bundle_code=trust_bundle_code)
+    loaded = load_model(model, arch=arch, arch_args=arch_args, spec=spec, trust_bundle_code=trust_bundle_code,
+                        spec_file=spec_file, require_spec=require_spec)
+    loaded.spec = loaded.spec.for_modality(modality)
     if roi is not None:
         loaded.spec.roi_size = check_roi(roi, loaded.spec.spatial_multiple, loaded.source)
+        loaded.spec.check("--roi")
     settings = {"method": method, "num_crops": num_crops, "seed": seed, "placement": placement,
                 "weight_bits": weight_bits, "lowbit_solver": lowbit_solver if weight_bits < 8 else None,
                 "keep_float": sorted(keep_float), "roi": list(loaded.spec.roi_size),
@@ -262,7 +277,8 @@ def _export_fp32(loaded: LoadedModel, path: Path) -> None:
     else:
         spec = loaded.spec
         export_onnx(loaded.module, path, in_channels=spec.in_channels,
-                    example_shape=(1, spec.in_channels, *spec.roi_size), dynamic_spatial=spec.dynamic_spatial)
+                    example_shape=(1, spec.in_channels, *spec.roi_size), dynamic_spatial=spec.dynamic_spatial,
+                    spatial_multiple=spec.spatial_multiple)
     info = onnx_input_spec(path)
     if info.channels is not None and info.channels != loaded.spec.in_channels:
         raise PTQError(f"{loaded.source} takes {info.channels} input channel(s) but its metadata says "
@@ -279,7 +295,9 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
     fp32_onnx = folder / "model.fp32.onnx"
     _export_fp32(loaded, fp32_onnx)
     spec.out_channels = _onnx_out_channels(fp32_onnx, spec.out_channels)
-    arrays = prepared_arrays(calibration, spec, progress)
+    spec.check(f"the metadata of {loaded.source} ({loaded.spec_origin})")
+    warnings: List[str] = []
+    arrays = prepared_arrays(calibration, spec, progress, warnings)
     _check_channels(arrays, spec, calibration)
     crops = sample_crops(arrays, spec.roi_size, settings["num_crops"], settings["seed"])
     from .float_policy import float_policy_nodes
@@ -291,7 +309,16 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
     # QDQ writer, so both see the same activation scales.
     tensors = choose_activation_tensors(onnx_graph.load_model(fp32_onnx), PLACEMENTS[settings["placement"]],
                                         keep_float)
-    ranges = collect_ranges(fp32_onnx, tensors, crops, settings["method"], progress)
+    if settings["method"] == "auto":
+        from .method_choice import choose_method
+
+        choice, ranges = choose_method(fp32_onnx, tensors, crops, settings["placement"], keep_float,
+                                       spec.label_rule(), progress)
+        method, method_record = choice.chosen, choice.to_dict()
+    else:
+        ranges = collect_ranges(fp32_onnx, tensors, crops, settings["method"], progress)
+        method = settings["method"]
+        method_record = {"requested": method, "chosen": method, "reason": "given (--method)"}
     weight_quant = None
     packed = None
     lowbit_report = None
@@ -312,25 +339,31 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
         from .sensitivity import Budget, mixed_precision
 
         sensitivity = mixed_precision(fp32_onnx, quantized, crops, Budget("dice", settings["accuracy_budget"]),
-                                      method=settings["method"], placement=settings["placement"],
+                                      method=method, placement=settings["placement"],
                                       keep_policy_float=False, keep_float=keep_float, ranges=ranges,
                                       volumes=arrays, roi=spec.roi_size, overlap=spec.overlap,
-                                      output_kind=spec.output, progress_callback=progress)
+                                      output_kind=spec.label_rule(), progress_callback=progress)
         qdq_summary = sensitivity.report
         sensitivity_report = sensitivity_summary(sensitivity)
     else:
         qdq_summary = quantize_onnx(fp32_onnx, quantized, ranges, placement=settings["placement"],
                                     weight_quant=weight_quant, keep_float=keep_float).to_dict()
+    qdq_summary["method"] = method  # the ranges were handed over as a table: name the method that made them
     spec.save(sidecar_path(quantized))
     check = _check_build(fp32_onnx, quantized, arrays, spec, calibration, progress)
     report = {
         "model": str(loaded.source),
         "model_sha256": file_sha256(loaded.source),
+        "spec_source": loaded.spec_origin,
         "settings": settings,
         "calibration": [_source_name(source) for source in calibration],
+        "calibration_method": method_record,
+        # Patches already drawn (a volume no larger than the roi gives one) are not repeated.
+        "crops": {"requested": settings["num_crops"], "distinct": len(crops)},
         "size_mb": {"fp32_onnx": file_size_mb(fp32_onnx), "quantized_onnx": file_size_mb(quantized)},
         "qdq": qdq_summary,
         "self_check": check.to_dict(),
+        "warnings": warnings,
     }
     if sensitivity_report is not None:
         report["sensitivity"] = sensitivity_report
@@ -438,13 +471,16 @@ def _publish(result: QuantizeResult, staging: Path, out_dir: Path, whole_folder:
                           spec=result.spec, report=result.report, packed_weights=moved.get("packed_weights"))
 
 
-def model_spec_for(model_path: Path) -> ModelSpec:
-    """The spec beside a model file, or a clear error if there is none."""
-    candidate = sidecar_path(Path(model_path))
-    if not candidate.is_file():
-        raise PTQError(f"No metadata beside {model_path} (expected {candidate}). Quantize the model with "
-                       "slicer-ptq quantize, which writes it, or write it by hand (see README).")
-    return ModelSpec.load(candidate)
+def model_spec_for(model_path: Path, spec_file: Optional[Path] = None, modality: Optional[str] = None) -> ModelSpec:
+    """The spec of a model file (``spec_file``, else beside it), or a clear error if there is none."""
+    if spec_file is not None:
+        return ModelSpec.load(Path(spec_file)).for_modality(modality)
+    candidate = find_sidecar(Path(model_path))
+    if candidate is None:
+        from .models import missing_spec_message
+
+        raise PTQError(missing_spec_message(Path(model_path)))
+    return ModelSpec.load(candidate).for_modality(modality)
 
 
 def default_backend(model_path: Path) -> str:
@@ -454,20 +490,27 @@ def default_backend(model_path: Path) -> str:
 
 def segment(model_path: Union[str, Path], volume: VolumeSource, runtime: Optional[str] = None,
             precision: Optional[str] = None, batch_size: int = 1, threads: Optional[int] = None,
-            progress: Optional[ProgressCallback] = None, self_check: bool = True) -> Tuple[Volume, Dict]:
+            progress: Optional[ProgressCallback] = None, self_check: bool = True,
+            spec_file: Optional[Path] = None, modality: Optional[str] = None) -> Tuple[Volume, Dict]:
     """Segment one volume; returns the label map on the input grid and timings (s).
 
     A quantized model is first checked on this machine and runtime
     (:func:`ensure_checked`, cached); ``self_check=False`` skips that. The
-    timings dict carries the check's summary as ``"self_check"``.
+    timings dict carries the check's summary as ``"self_check"`` and the
+    plausibility warnings (:mod:`plausibility`) as ``"warnings"``.
+    ``spec_file`` and ``modality`` choose the metadata as in :func:`model_spec_for`.
+    A regression model returns a float volume instead of labels.
     """
     from .inference import segment_volume
     from .runtimes import create_runtime
 
+    from . import plausibility
+
     model_path = Path(model_path)
-    spec = model_spec_for(model_path)
+    spec = model_spec_for(model_path, spec_file, modality)
     runtime = runtime or default_backend(model_path)
     image = read_any(volume)
+    warnings = plausibility.check(image, spec)
     engine = create_runtime(model_path, runtime, precision=precision, threads=threads, batch_size=batch_size)
     try:
         check = ensure_checked(model_path, runtime, spec, image, threads, progress) \
@@ -478,6 +521,7 @@ def segment(model_path: Union[str, Path], volume: VolumeSource, runtime: Optiona
     finally:
         engine.close()
     timings["self_check"] = check
+    timings["warnings"] = warnings
     return labels, timings
 
 
@@ -526,6 +570,9 @@ def _build_report(model_path: Path) -> Dict:
 def write_outputs(labels: Volume, spec: ModelSpec, out: Path) -> List[Path]:
     """Write a label map (NIfTI/NRRD by extension); ``.seg.nrrd`` writes a Slicer segmentation."""
     out = Path(out)
+    if spec.output == "regression" and out.name.endswith(".seg.nrrd"):
+        raise PTQError(f"Model {spec.name} gives a regression map (a float volume), not segments; write it as "
+                       f".nii.gz or .nrrd instead of {out.name}.")
     if out.name.endswith(".seg.nrrd"):
         from .segmentation_io import write_seg_nrrd
 

@@ -142,6 +142,8 @@ def normalize_intensity(image: np.ndarray, intensity: Intensity, name: str = "")
     kind = intensity.kind
     if kind == "quantile":
         return _quantile_normalize(image, intensity, name)
+    if kind == "quantile_scale":
+        return _quantile_scale(image, intensity, name)
     image = np.asarray(image, dtype=np.float32)
     if kind == "none":
         return image
@@ -163,7 +165,7 @@ def normalize_intensity(image: np.ndarray, intensity: Intensity, name: str = "")
         out[selected] = (values - values.mean()) / std
         return out
     raise PTQError(f"Unknown intensity kind {kind!r} in the model metadata; use quantile, "
-                   "clip_scale, zscore or none.")
+                   "quantile_scale, clip_scale, zscore or none.")
 
 
 def _quantile_normalize(image: np.ndarray, intensity: Intensity, name: str) -> np.ndarray:
@@ -187,6 +189,28 @@ def _quantile_normalize(image: np.ndarray, intensity: Intensity, name: str) -> n
     table = _quantile_map(np.arange(offset, offset + counts.size, dtype=np.float32), counts, low, high,
                           intensity, name)
     return np.take(table, codes)
+
+
+def _quantile_scale(image: np.ndarray, intensity: Intensity, name: str) -> np.ndarray:
+    """The ``low``/``high`` quantiles of the image mapped to ``b_min``/``b_max``, clipped there."""
+    values = np.asarray(image, dtype=np.float32)
+    levels = _integer_levels(image)
+    if levels is None:
+        low, high = np.quantile(values, (intensity.low, intensity.high))
+    else:
+        offset, codes = levels
+        low, high = _histogram_quantiles(np.bincount(codes.ravel(order="K")), offset, (intensity.low, intensity.high))
+    if not high > low:
+        raise PTQError(f"Volume {name} has (nearly) constant intensity ({low:g}); there is nothing "
+                       "to segment. Check that the right image was given.")
+    scaled = (values - np.float32(low)) / np.float32(high - low)
+    np.clip(scaled, 0.0, 1.0, out=scaled)
+    return (scaled * np.float32(intensity.b_max - intensity.b_min) + np.float32(intensity.b_min)).astype(np.float32)
+
+
+def voxel_spacing(grid: Grid) -> Tuple[float, float, float]:
+    """Millimetres between network voxel centres along each array axis."""
+    return tuple(float(v) for v in np.sqrt((np.asarray(grid.network_affine)[:3, :3] ** 2).sum(axis=0)))
 
 
 def _quantile_map(values: np.ndarray, counts: Optional[np.ndarray], low: float, high: float,

@@ -164,11 +164,11 @@ def run_check(fp32_onnx: Path, quantized_onnx: Path, volumes: Sequence[np.ndarra
                 adaptation = getattr(engine, "int8_adaptation", "")
         finally:
             engine.close()
-    per_volume = [output_error([ref], [out], output_kind=spec.output).dice
+    per_volume = [output_error([ref], [out], output_kind=spec.label_rule()).dice
                   for ref, out in zip(outputs["fp32"], outputs["int8"])]
-    pooled = output_error(outputs["fp32"], outputs["int8"], output_kind=spec.output).dice
+    pooled = output_error(outputs["fp32"], outputs["int8"], output_kind=spec.label_rule()).dice
     reference = output_error(outputs["fp32"], outputs.get("reference", outputs["int8"]),
-                             output_kind=spec.output).dice
+                             output_kind=spec.label_rule()).dice
     return SelfCheck(runtime=runtime, machine=machine_description(runtime), agreement=float(pooled),
                      reference_agreement=float(reference), per_volume=[float(value) for value in per_volume],
                      adaptation=adaptation, seconds=time.perf_counter() - start, volumes=list(names),

@@ -132,8 +132,8 @@ def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
     Dice pools the voxels of all crops (one Dice per label over all of
     them), so a class with a few voxels in one crop does not swing it;
     ``min_fraction`` as in :func:`metrics.mean_dice`. ``output_kind``: the
-    model spec's ``output`` (labels as :func:`inference.to_labels` makes
-    them); ``None`` takes argmax, or ``> 0`` for one channel of logits.
+    model spec's ``output`` or ``label_rule()`` (labels as
+    :func:`inference.to_labels` makes them); ``None`` takes argmax, or ``> 0`` for one channel of logits.
     """
     from .metrics import mean_dice
 
@@ -150,11 +150,13 @@ def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
     return OutputError(relative_mse=squared / max(energy, 1e-30), dice=agreement)
 
 
-def _labels(output: np.ndarray, output_kind: Optional[str] = None) -> np.ndarray:
+def _labels(output: np.ndarray, output_kind=None) -> np.ndarray:
+    """Labels by ``output_kind``: a spec's ``output`` or its ``label_rule`` (kind, threshold, direction)."""
     if output_kind is not None:
         from .inference import to_labels
 
-        return to_labels(output, output_kind)
+        rule = (output_kind,) if isinstance(output_kind, str) else tuple(output_kind)
+        return to_labels(output, *rule)
     if output.shape[0] == 1:
         return (output[0] > 0).astype(np.uint8)
     return output.argmax(axis=0).astype(np.uint8)

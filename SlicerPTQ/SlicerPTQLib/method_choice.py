@@ -1,0 +1,154 @@
+"""``--method auto``: the calibration method chosen per network from its own calibration data.
+
+No fixed method suits every network: ``max`` keeps a GroupNorm + Mish
+network's outliers and doubles its logit error, ``percentile`` clips a
+ReLU U-Net's useful tail. So the crops are split in two halves; every
+method's ranges are fitted on one half (one histogram per tensor serves
+all of them, see :class:`calibration.RangeCollector`), a Q/DQ model is
+written with each, and each runs (OpenVINO INT8, CPU) on the other half;
+then the halves swap, so every crop judges once while held back from the
+ranges it judges. The method with the smallest relative RMSE of the
+outputs against FP32 wins (``max``, the default, winning exact ties). The
+output error, not the label Dice, decides: on a few crops Dice hangs on a
+handful of boundary voxels, while the error over every output value is
+stable; each method's pooled Dice is recorded too. The final ranges of
+the winner see every crop.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import onnx_graph
+from .calibration import MEMORY_BUDGET, RangeCollector
+from .errors import PTQError
+from .progress import ProgressCallback
+
+#: The methods tried, in order of preference when they do equally well.
+CANDIDATES = ("max", "percentile", "mse", "entropy")
+
+
+@dataclass
+class MethodChoice:
+    """What ``auto`` chose and why, as ``quantization.json`` records it."""
+
+    chosen: str
+    reason: str
+    fit_crops: int
+    held_out_crops: int
+    agreement: Dict[str, float] = field(default_factory=dict)
+    relative_rmse: Dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"requested": "auto", **asdict(self)}
+
+
+def choose_method(fp32_onnx: Path, tensors: Sequence[str], crops: Sequence[np.ndarray], placement: str = "cpu",
+                  keep_float: Iterable[str] = (), label_rule=None,
+                  progress_callback: Optional[ProgressCallback] = None,
+                  memory_budget: int = MEMORY_BUDGET) -> Tuple[MethodChoice, Dict[str, float]]:
+    """Pick the method for ``fp32_onnx`` from ``crops``; returns the choice and its ranges over all crops.
+
+    ``label_rule`` is the spec's :meth:`ModelSpec.label_rule` (how outputs
+    become labels for the recorded agreement).
+    """
+    if len(crops) == 0:
+        raise PTQError("No calibration crops to choose a method from; pass --calib with one or more volumes.")
+    halves = [list(crops[0::2]), list(crops[1::2])] if len(crops) >= 2 else [list(crops)]
+    scores = {method: _Score(label_rule) for method in CANDIDATES}
+    reference = onnx_graph.cpu_session(fp32_onnx, memory_arena=False)
+    for fold, fit in enumerate(halves):
+        judge = halves[1 - fold] if len(halves) == 2 else fit
+        collector = RangeCollector(fp32_onnx, tensors, CANDIDATES, memory_budget)
+        collector.feed(fit, progress_callback)
+        _judge(fp32_onnx, collector, judge, reference, scores, placement, keep_float)
+    error = {method: scores[method].relative_rmse() for method in CANDIDATES}
+    agreement = {method: scores[method].dice() for method in CANDIDATES}
+    chosen = min(CANDIDATES, key=lambda method: (error[method], CANDIDATES.index(method)))
+    where = (f"{len(crops)} crops, each held back from the ranges it judged" if len(halves) == 2
+             else "the single calibration crop (none could be held back)")
+    reason = (f"smallest output error against FP32 on {where}: relative RMSE {error[chosen]:.4f} "
+              f"(Dice {agreement[chosen]:.4f})")
+    final = collector  # with one crop: fitted on it already
+    if len(halves) == 2:
+        # The winner's ranges from every crop at once, as --method CHOSEN would give them (a histogram
+        # fed in two halves can have grown and merged bins).
+        final = RangeCollector(fp32_onnx, tensors, [chosen], memory_budget)
+        final.feed(crops, progress_callback)
+    return (MethodChoice(chosen=chosen, reason=reason, fit_crops=len(halves[0]),
+                         held_out_crops=len(halves[1]) if len(halves) == 2 else 0,
+                         agreement=agreement, relative_rmse=error), final.ranges(chosen))
+
+
+def _judge(fp32_onnx: Path, collector: RangeCollector, judge: Sequence[np.ndarray], reference, scores,
+           placement: str, keep_float) -> None:
+    """Each method's Q/DQ model (ranges from ``collector``) against FP32 on the ``judge`` crops, into ``scores``."""
+    from .qdq import quantize_onnx
+    from .runtimes import create_runtime
+
+    with tempfile.TemporaryDirectory(prefix="ptq-auto-") as folder:
+        engines = {}
+        try:
+            for method in CANDIDATES:
+                candidate = Path(folder) / f"{method}.onnx"
+                quantize_onnx(fp32_onnx, candidate, collector.ranges(method), method=method, placement=placement,
+                              keep_float=keep_float)
+                # Judged where the INT8 model will run: OpenVINO's INT8 kernels (ONNX Runtime's
+                # differ, and ranked the methods otherwise than OpenVINO did on whole volumes).
+                engines[method] = create_runtime(candidate, "openvino")
+            name = reference.get_inputs()[0].name
+            # One crop's outputs at a time: whole-volume networks give hundreds of MB per output.
+            for crop in judge:
+                batch = np.asarray(crop, dtype=np.float32)[None]
+                expected = reference.run(None, {name: batch})[0][0]
+                for method, engine in engines.items():
+                    scores[method].add(expected, engine.predict(batch)[0])
+        finally:
+            for engine in engines.values():
+                engine.close()
+
+
+class _Score:
+    """Agreement of one method's outputs with FP32 over all crops: relative RMSE and pooled label Dice.
+
+    The relative squared error is averaged per crop, so one crop with an
+    extreme value (whose clipping every method pays for) cannot drown the
+    differences on all the others.
+    """
+
+    def __init__(self, label_rule) -> None:
+        self.label_rule = label_rule
+        self.relative_mse = []
+        self.counts: Dict[int, np.ndarray] = {}  # label -> [both, reference, candidate] voxel counts
+
+    def add(self, expected: np.ndarray, got: np.ndarray) -> None:
+        expected64, got64 = expected.astype(np.float64), got.astype(np.float64)
+        self.relative_mse.append(float(np.sum((got64 - expected64) ** 2)) / max(float(np.sum(expected64 ** 2)), 1e-30))
+        ref_labels, out_labels = _labels(expected, self.label_rule), _labels(got, self.label_rule)
+        for label in set(np.unique(ref_labels).tolist()) | set(np.unique(out_labels).tolist()):
+            if label == 0:
+                continue
+            in_ref, in_out = ref_labels == label, out_labels == label
+            counts = self.counts.setdefault(int(label), np.zeros(3))
+            counts += [np.count_nonzero(in_ref & in_out), np.count_nonzero(in_ref), np.count_nonzero(in_out)]
+
+    def relative_rmse(self) -> float:
+        return float(np.sqrt(np.mean(self.relative_mse)))
+
+    def dice(self) -> float:
+        scores = [2 * both / (ref + out) for both, ref, out in self.counts.values() if ref + out > 0]
+        return float(np.mean(scores)) if scores else 1.0
+
+
+def _labels(output: np.ndarray, label_rule) -> np.ndarray:
+    """Labels of one output ``(K, D, H, W)`` as the spec makes them (argmax, or > 0 for one channel, without one)."""
+    from .inference import to_labels
+
+    if label_rule is not None:
+        return to_labels(output, *label_rule)
+    return (output[0] > 0).astype(np.uint8) if output.shape[0] == 1 else output.argmax(axis=0).astype(np.uint8)
