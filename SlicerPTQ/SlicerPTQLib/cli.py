@@ -121,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole pipeline on the shipped real model and volumes")
     d.add_argument("--out", type=Path, default=Path("ptq-demo"),
                    help="folder for the models and demo.json (default ./ptq-demo)")
-    d.add_argument("--method", default="max", choices=METHODS, help=METHOD_HELP)
+    d.add_argument("--method", default="mse", choices=METHODS,
+                   help=METHOD_HELP.replace("default max", "default mse for the shipped model"))
     d.add_argument("--num-crops", type=int, default=20, help=NUM_CROPS_HELP)
     d.add_argument("--repeats", type=int, default=5,
                    help=f"timed forwards per latency figure, 1 to {limits.MAX_REPEATS} (default 5)")
