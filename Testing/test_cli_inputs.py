@@ -578,5 +578,8 @@ def test_empty_onnx_and_junk_zip_are_named_for_what_they_are(tiny_volume, tmp_pa
     torch.save({"w": torch.zeros(2)}, weights)
     with pytest.raises(PTQError, match="holds weights only \\(a state dict\\)"):
         load_model(weights)
+    from SlicerPTQLib.spec import ModelSpec
+
+    ModelSpec(name="empty").save(tmp_path / "empty.json")  # the CLI refuses a model without metadata before reading it
     done = _cli("quantize", str(empty), "--calib", str(tiny_volume), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert ".partial" not in _refused(done, "empty.onnx holds no ONNX graph")
