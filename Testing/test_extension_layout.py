@@ -412,3 +412,37 @@ def test_install_runs_torch_first_then_pip_and_reports_failures():
 
     with pytest.raises(PTQError, match=r"slicer\.util\.pip_install\(\['nibabel'\]\)"):
         dependencies.install(plan, pip_install=failing_pip, install_torch=lambda: True)
+
+
+# --- Widget calls vs the Logic ---------------------------------------------------------------------
+
+def test_every_logic_call_of_the_widget_matches_ptqlogic():
+    """The Widget cannot run here (no Qt), but each ``self.logic.X(...)`` it makes must name a PTQLogic
+    method (or the Slicer logic base's parameter node) with arguments that method accepts."""
+    import inspect
+
+    from SlicerPTQLib.logic import PTQLogic
+
+    slicer_base = {"getParameterNode"}  # ScriptedLoadableModuleLogic's, not PTQLogic's
+    calls = [node for node in ast.walk(ast.parse(MODULE_SCRIPT.read_text()))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+             and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "logic"]
+    assert calls
+    problems = []
+    for call in calls:
+        name = call.func.attr
+        if name in slicer_base:
+            continue
+        method = getattr(PTQLogic, name, None)
+        if method is None:
+            problems.append(f"line {call.lineno}: PTQLogic has no {name}")
+            continue
+        parameters = list(inspect.signature(method).parameters.values())[1:]  # without self
+        names = {parameter.name for parameter in parameters}
+        takes_kwargs = any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters)
+        unknown = [kw.arg for kw in call.keywords if kw.arg and kw.arg not in names and not takes_kwargs]
+        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if unknown or (len(call.args) > len(positional)
+                       and not any(p.kind is p.VAR_POSITIONAL for p in parameters)):
+            problems.append(f"line {call.lineno}: {name}() takes no {unknown or 'that many positional arguments'}")
+    assert not problems, problems
