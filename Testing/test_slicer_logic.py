@@ -21,7 +21,7 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
 vtk = pytest.importorskip("vtk")
 
-from SlicerPTQLib import shipped, slicer_nodes  # noqa: E402
+from SlicerPTQLib import build_cache, shipped, slicer_nodes  # noqa: E402
 from SlicerPTQLib.errors import PTQError  # noqa: E402
 from SlicerPTQLib.volume import Volume  # noqa: E402
 from SlicerPTQLib.volumes import read_volume  # noqa: E402
@@ -237,8 +237,7 @@ def test_gui_apply_builds_and_segments_through_workers(scene, shipped_model_path
                                           progress=lambda stage, done, total: stages.append(stage))
     segmentation_node, table = job.wait()
     assert "calibrate" in stages
-    # The builds root holds build folders and the self-check records ("selfchecks").
-    builds = [path for path in (tmp_path / "cache" / "builds").iterdir() if path.name != "selfchecks"]
+    builds = build_cache.build_entries(tmp_path / "cache" / "builds")
     assert len(builds) == 1 and not builds[0].name.startswith(".")
     assert {"model.fp32.onnx", "model.int8.onnx", "model.json", "quantization.json"} <= {p.name for p in builds[0].iterdir()}
     assert not any(path.exists() for path in job.cleanupPaths)

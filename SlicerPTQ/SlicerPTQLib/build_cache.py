@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from .atomic import make_public, owned_prefix, remove_stale
 from .errors import PTQError
@@ -29,12 +29,22 @@ from .fetch import cache_dir, sha256_of
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.sha256.json"
+#: Records kept in the builds root beside the builds: self-checks per machine (:mod:`selfcheck`) and the
+#: Slicer module's index of the build each model last used (:mod:`logic`).
+SELFCHECKS_DIR = "selfchecks"
+LAST_BUILDS_NAME = "slicer-last-builds.json"
 
 
 def builds_dir() -> Path:
     """Root of the build cache: ``$SLICER_PTQ_BUILDS``, else ``<cache>/builds`` (:func:`fetch.cache_dir`)."""
     env = os.environ.get("SLICER_PTQ_BUILDS")
     return Path(env).expanduser() if env else cache_dir() / "builds"
+
+
+def build_entries(root: Optional[Path] = None) -> List[Path]:
+    """What the builds root holds besides its records: builds, and partials if any were left."""
+    root = builds_dir() if root is None else Path(root)
+    return sorted(path for path in root.iterdir() if path.name not in (SELFCHECKS_DIR, LAST_BUILDS_NAME))
 
 
 def seal(folder: Path) -> Path:

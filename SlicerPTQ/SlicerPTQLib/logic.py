@@ -54,8 +54,6 @@ PACKAGE_INFO = ("torch", "onnx", "onnxruntime", "openvino", "tensorrt", "monai",
 
 #: What a worker's ``slicer-ptq info`` said (runtimes, CPU), asked once per run of this process.
 _RUNTIME_INFO: Dict[str, Any] = {}
-#: In the build cache: model and settings -> the build they last used (see ``PTQLogic._buildPlan``).
-LAST_BUILDS_NAME = "slicer-last-builds.json"
 
 
 @dataclass(frozen=True)
@@ -895,7 +893,7 @@ def _remember_runtime_info(result: dict) -> None:
 
 def _last_builds() -> Dict[str, str]:
     try:
-        known = json.loads((build_cache.builds_dir() / LAST_BUILDS_NAME).read_text())
+        known = json.loads((build_cache.builds_dir() / build_cache.LAST_BUILDS_NAME).read_text())
     except (OSError, ValueError):
         return {}
     return known if isinstance(known, dict) else {}
@@ -909,7 +907,7 @@ def _remember_build(key: str, folder: Path) -> None:
         return
     known[key] = Path(folder).name
     try:
-        with replacing(build_cache.builds_dir() / LAST_BUILDS_NAME, suffix=".json") as tmp:
+        with replacing(build_cache.builds_dir() / build_cache.LAST_BUILDS_NAME, suffix=".json") as tmp:
             Path(tmp).write_text(json.dumps(known, indent=2))
     except PTQError:
         pass

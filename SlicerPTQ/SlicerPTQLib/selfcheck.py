@@ -176,13 +176,13 @@ def run_check(fp32_onnx: Path, quantized_onnx: Path, volumes: Sequence[np.ndarra
 
 
 def _record_path(quantized_onnx: Path, runtime: str) -> Path:
-    from .build_cache import builds_dir
+    from .build_cache import SELFCHECKS_DIR, builds_dir
     from .fetch import sha256_of
 
     machine = machine_description(runtime)
     key = hashlib.sha256(f"{sha256_of(quantized_onnx)}|{machine}".encode()).hexdigest()[:24]
     # Beside the builds it vouches for, so SLICER_PTQ_BUILDS moves (and tests isolate) both.
-    return builds_dir() / "selfchecks" / f"{key}.json"
+    return builds_dir() / SELFCHECKS_DIR / f"{key}.json"
 
 
 def recorded(quantized_onnx: Path, runtime: str) -> Optional[SelfCheck]:
