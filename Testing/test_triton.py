@@ -237,6 +237,43 @@ def test_segment_options_that_do_not_combine(tmp_path):
         assert "Traceback" not in completed.stderr
 
 
+def test_inputs_and_limits_are_checked_before_any_work(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from SlicerPTQLib.cohort import check_cohort
+    from SlicerPTQLib.errors import PTQError
+
+    image = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(image))
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PTQError, match="overwritten by its own labels"):
+        check_cohort([image], tmp_path, ".nii.gz")
+    model, server = str(tmp_path / "m.onnx"), "http://127.0.0.1:1"
+    for args, message in [([model, str(image), "--out", str(image)], "is the image itself"),
+                          ([model, str(image), "--out", "x.nii.gz", "--jobs", "2"], "--jobs sets the volumes"),
+                          ([model, str(image), "--out-dir", "d", "--jobs", "0"], "--jobs must be from 1"),
+                          ([model, str(image), "--out-dir", "d", "--retries", "-1"], "--retries must be from 0"),
+                          ([model, str(image), "--out-dir", str(tmp_path / "file")], "--out-dir"),
+                          # one volume through a server: its --out is checked before the server is asked
+                          (["m", str(image), "--server", server, "--out", str(tmp_path / "x.txt")],
+                           "write a label map as")]:
+        completed = _cli("segment", *args)
+        assert completed.returncode == 1 and message in completed.stderr, (args, completed.stderr)
+        assert "Traceback" not in completed.stderr and "did not answer" not in completed.stderr
+
+
+def test_the_logic_says_where_the_triton_runtime_runs():
+    from SlicerPTQLib.errors import PTQError
+    from SlicerPTQLib.logic import PTQLogic
+
+    with pytest.raises(PTQError, match="runs from the Python console"):
+        PTQLogic().startSegment("model", None, runtime="triton")
+    with pytest.raises(PTQError, match="do not apply to the 'triton' runtime"):
+        PTQLogic().segment("model", None, runtime="triton", serverUrl="http://127.0.0.1:1", compareWithFP32=True)
+
+
 def test_resume_skips_only_verified_outputs(build, volumes, local_cohort, tmp_path):
     """A finished output whose bytes changed (or whose sidecar is gone) is segmented again; the rest is kept."""
     from SlicerPTQLib.cohort import local_source

@@ -168,7 +168,11 @@ def _check_input_file(path: Path, what: str, example: str) -> None:
 
 def _is_cohort(args) -> bool:
     """``segment`` over many volumes, a folder, or through a server (:mod:`cohort`)."""
-    return bool(args.out_dir or args.server or len(args.image) > 1 or args.image[0].is_dir())
+    return bool(args.out_dir or args.server or _many_volumes(args))
+
+
+def _many_volumes(args) -> bool:
+    return bool(args.out_dir or len(args.image) > 1 or args.image[0].is_dir())
 
 
 def check_args(args) -> None:
@@ -188,9 +192,8 @@ def check_args(args) -> None:
         check_options(args)
         if not args.server:  # with --server the model is a name on the server
             _check_input_file(args.model, "Model", "model.int8.onnx")
-        if _is_cohort(args):  # each volume is checked by the cohort: one bad volume must not stop the rest
-            if args.out_dir is not None:
-                check_output_folder(args.out_dir)
+        if _many_volumes(args):  # each volume is checked by the cohort: one bad volume must not stop the rest
+            check_output_folder(args.out_dir, "--out-dir")
             return
         check_volume_path(args.image[0], "Image")
         if not (args.out.name.lower().endswith(".seg.nrrd") or volume_suffix(args.out) in WRITE_SUFFIXES):

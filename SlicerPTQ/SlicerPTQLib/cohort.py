@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from . import limits
 from .atomic import replacing
 from .errors import PTQError
 from .fetch import sha256_of
@@ -88,6 +89,9 @@ def check_cohort(images: Sequence[Path], out_dir: Path, suffix: str) -> None:
     seen: Dict[Path, Path] = {}
     for image in images:
         output = output_path(image, out_dir, suffix)
+        if output.resolve() == Path(image).resolve():
+            raise PTQError(f"{image} would be overwritten by its own labels. Give an --out-dir other than the "
+                           "folder of the volumes, or another --format.")
         if output in seen:
             raise PTQError(f"{image} and {seen[output]} would both be written to {output}. Rename one, or "
                            "segment them into different --out-dir folders.")
@@ -294,11 +298,20 @@ def check_options(args) -> None:
             raise PTQError("Give --out FILE for the label map (or --out-dir DIR for a cohort).")
     elif args.out is not None:
         raise PTQError("--out and --out-dir do not combine. Give --out FILE for one volume or --out-dir DIR.")
+    if args.out_dir is None and args.jobs is not None:
+        raise PTQError("--jobs sets the volumes in flight of a cohort: give --out-dir DIR, or drop --jobs.")
+    if args.jobs is not None:
+        limits.check_jobs(args.jobs)
+    limits.check_server_settings(args.server_timeout, args.retries)
+    if args.out is not None and any(Path(args.out).resolve() == Path(path).resolve() for path in args.image):
+        raise PTQError(f"--out {args.out} is the image itself: its labels would overwrite it. Give another file.")
 
 
 def run_cli(args, images: List[Path], progress: Optional[ProgressCallback]) -> Dict:
     """``slicer-ptq segment`` with ``--out-dir``, ``--server`` or several volumes (options checked by
     :func:`check_options`); returns the CLI result."""
+    if args.out_dir is not None:
+        check_cohort(images, args.out_dir, args.format)  # before any model is loaded or server asked
     if args.out_dir is None:
         if args.server:
             labels, timings, spec = segment_remote(args.server, str(args.model), images[0], args.batch_size,

@@ -22,6 +22,10 @@ MAX_SEED = 2 ** 32 - 1
 MAX_BATCH_SIZE = 256
 #: Timed forwards per latency figure.
 MAX_REPEATS = 1_000
+#: Volumes in flight in a cohort: each holds its own runtime and volume in memory.
+MAX_JOBS = 64
+#: Tries again of a failed server request.
+MAX_RETRIES = 20
 
 
 def check_range(option: str, value: int, low: int, high: int, hint: str = "") -> int:
@@ -46,6 +50,18 @@ def check_seed(value: int) -> int:
 def check_batch_size(value: int) -> int:
     """Sliding-window batch: 1 .. :data:`MAX_BATCH_SIZE`."""
     return check_range("--batch-size", value, 1, MAX_BATCH_SIZE)
+
+
+def check_jobs(value: int) -> int:
+    """Cohort volumes in flight: 1 .. :data:`MAX_JOBS`."""
+    return check_range("--jobs", value, 1, MAX_JOBS)
+
+
+def check_server_settings(timeout: float, retries: int) -> None:
+    """``--server-timeout`` positive (at most a day), ``--retries`` 0 .. :data:`MAX_RETRIES`."""
+    if not 0 < timeout <= 86_400:
+        raise PTQError(f"--server-timeout must be more than 0 and at most 86400 seconds, got {timeout}.")
+    check_range("--retries", retries, 0, MAX_RETRIES)
 
 
 def check_repeats(value: int) -> int:

@@ -490,6 +490,9 @@ class PTQLogic:
         export-triton``); the network runs there, the rest here.
         """
         if runtime == "triton":
+            if compareWithFP32 or precision:
+                raise PTQError("compareWithFP32 and precision do not apply to the 'triton' runtime: the server "
+                               "runs its model as exported. Drop them, or segment here with another runtime.")
             return self._segmentRemote(model, volumeNode, segmentationNode, serverUrl, progress, showIn3D)
         if not self.inProcess:
             return self.startSegment(model, volumeNode, segmentationNode, runtime, compareWithFP32, precision,
@@ -511,6 +514,9 @@ class PTQLogic:
             raise PTQError("The 'triton' runtime needs the server's URL, e.g. http://127.0.0.1:8000.")
         volume = slicer_nodes.volume_from_node(volumeNode)
         labels, timings, spec = segment_remote(serverUrl, str(model), volume, progress=progress)
+        if spec.output == "regression":
+            raise PTQError(f"Model {model} on {serverUrl} gives a regression map, not segments; run slicer-ptq "
+                           f"segment {model} IMAGE --server {serverUrl} --out map.nii.gz and load it as a volume.")
         node = slicer_nodes.labels_to_segmentation(_on_input_grid(labels, volume), spec, volumeNode,
                                                    segmentationNode, catalog.terminologies_for(spec, self.models))
         if showIn3D:
@@ -523,6 +529,7 @@ class PTQLogic:
     def startSegment(self, model, volumeNode, segmentationNode=None, runtime=None, compareWithFP32=False,
                      precision=None, progress=None, log=None, showIn3D=False) -> PTQJob:
         """:meth:`segment` as a job running in a worker process."""
+        _refuse_remote_job(runtime)
         slicer_nodes.volume_from_node(volumeNode)
 
         def plan():
@@ -561,6 +568,7 @@ class PTQLogic:
                     runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode, showIn3D,
                     single=False) -> PTQJob:
         """:meth:`startBatch`; ``single``: the job's result is the one input's ``(segmentationNode, table)``."""
+        _refuse_remote_job(runtime)
         volumeNodes = list(volumeNodes)
         if not volumeNodes:
             raise PTQError("Select at least one input volume to segment.")
@@ -932,6 +940,12 @@ def _int8_slower_note(model: BuiltModel, backend: str) -> str:
         return SelfCheck.from_dict(check).speed_note()
     except TypeError:
         return ""
+
+
+def _refuse_remote_job(runtime: Optional[str]) -> None:
+    if runtime == "triton":  # a server needs no worker: the blocking console call is the way to it
+        raise PTQError("The 'triton' runtime runs from the Python console: logic.segment(modelName, volumeNode, "
+                       "runtime='triton', serverUrl='http://HOST:8000'), not as a background job.")
 
 
 def _log_notes(request: "_SegmentRequest", log: Optional[LogCallback]) -> None:

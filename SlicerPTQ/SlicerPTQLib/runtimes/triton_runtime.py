@@ -156,9 +156,11 @@ class TritonRuntime(Runtime):
             except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, closed
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 self.close()
+        advice = ("or raise --server-timeout" if "timed out" in problem.lower() or "Timeout" in problem
+                  else "and that it listens on that port")
         raise PTQError(f"The Triton server at {self.url} did not answer {method} {path} after "
                        f"{self.retries + 1} tries ({problem}). Check that the server runs and the URL, "
-                       "or raise --server-timeout.")
+                       f"{advice}.")
 
     def _ready(self) -> bool:
         status, _ = self._request("GET", self._path + "/ready")
