@@ -204,10 +204,12 @@ def remote_source(server: str, model: str, timeout: float, retries: int):
 
 def local_source(model_path: Path, runtime: Optional[str], precision: Optional[str], batch_size: int,
                  self_check: bool, first_image: Path, spec_file: Optional[Path] = None,
-                 modality: Optional[str] = None):
+                 modality: Optional[str] = None, jobs: int = 1):
     """``(make_runtime, spec, model_id)`` for a model file run here (self-checked once, as ``segment`` does);
-    ``spec_file`` and ``modality`` as in :func:`pipeline.segment`."""
+    ``spec_file`` and ``modality`` as in :func:`pipeline.segment`. With ``jobs`` volumes in flight, each
+    runtime takes its share of the cores instead of all of them."""
     import hashlib
+    import os
 
     from . import pipeline
     from .runtimes import create_runtime
@@ -224,7 +226,9 @@ def local_source(model_path: Path, runtime: Optional[str], precision: Optional[s
         probe.close()
     # The spec is part of the identity: other preprocessing (another --spec or --modality) redoes the outputs.
     spec_digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return (lambda: create_runtime(model_path, backend, precision=precision, batch_size=batch_size), spec,
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    return (lambda: create_runtime(model_path, backend, precision=precision, threads=threads,
+                                   batch_size=batch_size), spec,
             f"{backend}:{probe.precision}:{sha256_of(model_path)}:{spec_digest}")
 
 
@@ -327,7 +331,8 @@ def run_cli(args, images: List[Path], progress: Optional[ProgressCallback]) -> D
                                                      args.retries)
     else:
         make_runtime, spec, model_id = local_source(args.model, args.runtime, args.precision, args.batch_size,
-                                                    not args.no_self_check, images[0], args.spec, args.modality)
+                                                    not args.no_self_check, images[0], args.spec, args.modality,
+                                                    jobs=args.jobs or 1)
     jobs = args.jobs or (4 if args.server else 1)
     ended = [0]
 

@@ -112,7 +112,8 @@ class SelfCheck:
         if self.reference_agreement >= MIN_AGREEMENT:
             return ""
         return (f"INT8 agrees with FP32 at only Dice {self.reference_agreement:.4f} on the check volumes "
-                f"({', '.join(self.volumes) or 'the input'}), by the reference math itself: if these "
+                f"({', '.join(Path(name).name for name in self.volumes) or 'the input'}), by the reference "
+                f"math itself: if these "
                 f"volumes are what the network segments, quantize again with --accuracy-budget "
                 f"{MIN_AGREEMENT}.")
 
