@@ -294,6 +294,22 @@ def test_resume_skips_only_verified_outputs(build, volumes, local_cohort, tmp_pa
     assert np.array_equal(read_volume(tampered).array, read_volume(local_cohort / tampered.name).array)
 
 
+def test_a_volume_unlike_the_models_data_is_flagged_in_the_summary(build, volumes, tmp_path):
+    """Plausibility warnings reach every cohort row and the CSV (the run goes on)."""
+    from SlicerPTQLib.cohort import local_source, write_summary
+    from SlicerPTQLib.volume import Volume
+    from SlicerPTQLib.volumes import write_volume
+
+    assert build.spec.modality == "MR"
+    mr = read_volume(sorted(volumes.iterdir())[0])
+    ct_like = write_volume(Volume(array=mr.array - 1000.0, affine=mr.affine, name="ct"), tmp_path / "ct.nii.gz")
+    make_runtime, spec, model_id = local_source(build.quantized_onnx, "openvino", None, 1, False, ct_like)
+    [result] = segment_cohort([ct_like], tmp_path / "out", make_runtime, spec, model_id)
+    assert result.status == "done" and any("looks like CT" in line for line in result.warnings), result
+    csv_text = write_summary([result], tmp_path / "out")["csv"].read_text()
+    assert "looks like CT" in csv_text
+
+
 def test_engine_is_exported_as_a_tensorrt_plan(build, tmp_path):
     """The export copies the engine and writes its GPU config; the bytes are not read (no TensorRT here)."""
     engine = tmp_path / "net.plan"

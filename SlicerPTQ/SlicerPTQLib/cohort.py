@@ -48,6 +48,8 @@ class VolumeResult:
     seconds: float = 0.0
     voxels: Dict[str, int] = field(default_factory=dict)
     error: str = ""
+    #: plausibility warnings (:mod:`plausibility`): the volume may not be what the model segments
+    warnings: List[str] = field(default_factory=list)
 
 
 def output_path(image: Path, out_dir: Path, suffix: str) -> Path:
@@ -165,12 +167,15 @@ def segment_cohort(images: Sequence[Path], out_dir: Path, make_runtime: Callable
 
 def _segment_one(image: Path, output: Path, runtime: Runtime, spec: ModelSpec, model_id: str,
                  batch_size: int, start: float) -> VolumeResult:
+    from . import plausibility
     from .inference import segment_volume
     from .pipeline import write_outputs
     from .volumes import read_volume
 
     input_sha = sha256_of(image)
-    labels, _ = segment_volume(runtime, read_volume(image), spec, batch_size=batch_size)
+    volume = read_volume(image)
+    warnings = plausibility.check(volume, spec)
+    labels, _ = segment_volume(runtime, volume, spec, batch_size=batch_size)
     write_outputs(labels, spec, output)
     seconds = time.perf_counter() - start
     voxels = voxels_per_label(labels.array, spec)
@@ -178,7 +183,7 @@ def _segment_one(image: Path, output: Path, runtime: Runtime, spec: ModelSpec, m
               "output_sha256": sha256_of(output), "seconds": seconds, "voxels": voxels}
     with replacing(sidecar(output)) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
-    return VolumeResult(str(image), str(output), "done", seconds, voxels)
+    return VolumeResult(str(image), str(output), "done", seconds, voxels, warnings=warnings)
 
 
 def remote_source(server: str, model: str, timeout: float, retries: int):
@@ -259,10 +264,12 @@ def write_summary(results: Sequence[VolumeResult], out_dir: Path) -> Dict[str, P
                                    "counts": counts(results)}, indent=2))
     text = io.StringIO()
     writer = csv.writer(text)
-    writer.writerow(["volume", "output", "status", "seconds", *[f"voxels {name}" for name in labels], "error"])
+    writer.writerow(["volume", "output", "status", "seconds", *[f"voxels {name}" for name in labels], "error",
+                     "warnings"])
     for result in results:
         writer.writerow([result.volume, result.output, result.status, f"{result.seconds:.3f}",
-                         *[result.voxels.get(name, "") for name in labels], result.error])
+                         *[result.voxels.get(name, "") for name in labels], result.error,
+                         " | ".join(result.warnings)])
     with replacing(paths["csv"]) as tmp:
         tmp.write_text(text.getvalue())
     return paths
@@ -280,7 +287,8 @@ def describe(result: VolumeResult) -> str:
     """One line per volume for the CLI."""
     if result.status == "error":
         return f"{result.volume}: error: {result.error}"
-    return f"{result.volume}: {result.status} ({result.seconds:.2f} s) -> {result.output}"
+    warned = "".join(f"\n  warning: {line}" for line in result.warnings)
+    return f"{result.volume}: {result.status} ({result.seconds:.2f} s) -> {result.output}{warned}"
 
 
 def check_options(args) -> None:
