@@ -395,3 +395,15 @@ def test_batch_segments_each_volume_with_one_build_one_progress(scene, built, sh
     first_labels = slicer_nodes.labels_from_segmentation(results[0][0], input_node, built.spec)
     second_labels = slicer_nodes.labels_from_segmentation(results[1][0], second, built.spec)
     assert np.array_equal(first_labels.array, second_labels.array) and first_labels.array.sum() > 100_000
+
+
+def test_a_volume_unlike_the_models_data_is_flagged_by_its_node_name(scene, built, head):
+    """The worker reads a temporary file; its plausibility warning still names the user's node."""
+    from SlicerPTQLib.logic import PTQLogic
+
+    ct_like = Volume(array=head[0].array - 1000.0, affine=head[0].affine, name="chest CT")
+    node = slicer_nodes.add_volume_node(scene, ct_like, "chest CT")
+    _, table = PTQLogic().segment(built, node, precision="int8")
+    warned = [note for note in table["notes"] if note.startswith("Warning:")]
+    assert warned and all("input" not in note for note in warned), table["notes"]
+    assert any("Volume 'chest CT' looks like CT" in note for note in warned), warned

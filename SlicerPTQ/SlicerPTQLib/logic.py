@@ -804,8 +804,12 @@ class PTQLogic:
                 row["Dice vs FP32"] = round(float(np.mean(list(scores.values()))), 4)
                 row.update({f"Dice {request.spec.labels[k]}": round(v, 4) for k, v in scores.items()})
             rows.append(row)
+        # Plausibility warnings; a worker read the volume from its temporary "input" file: say the node instead.
+        warnings = [f"Warning: Volume '{request.volumeNode.GetName()}'{line[len('input'):]}"
+                    if line.startswith("input ") else f"Warning: {line}"
+                    for line in (outputs[0][1] or {}).get("warnings", [])]
         return node, {"rows": rows, "reference": "FP32" if len(labels) > 1 else None, "build": request.build,
-                      "notes": list(request.notes)}
+                      "notes": list(request.notes) + warnings}
 
 
 @dataclass
