@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +27,9 @@ from SlicerPTQLib import atomic, build_cache, pipeline
 from SlicerPTQLib.errors import PTQError
 from SlicerPTQLib.models import build_monai_network, load_model
 from SlicerPTQLib.spec import ModelSpec, sidecar_path
-from SlicerPTQLib.volume import Volume
 from SlicerPTQLib.volumes import write_volume
+from tiny_models import UNET_ARGS, random_volume, save_tiny_unet
 
-UNET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2],
-             "num_res_units": 1}
 PAYLOAD = "$__import__('os').system('touch MARKER') or [16, 16, 16]"
 HOUR = 3600.0
 
@@ -65,29 +62,15 @@ def _bundle(folder: Path, **changes) -> Path:
     return folder
 
 
-def _volume(path: Path, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    array = rng.normal(100, 20, (20, 20, 20)).astype(np.float32)
-    return write_volume(Volume(array=array, affine=np.diag([2.0, 2.0, 2.0, 1.0]), name="v"), path)
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A small TorchScript UNet with its spec beside it: a build takes seconds."""
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    network = build_monai_network("UNet", UNET_ARGS).eval()
-    path = folder / "tiny.pt"
-    with warnings.catch_warnings():  # tracing's deprecation and shape warnings say nothing about this case
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.trace(network, torch.zeros(1, 1, 16, 16, 16)), str(path))
-    ModelSpec(name="tiny", roi_size=(16, 16, 16), labels={1: "tissue"}).save(sidecar_path(path))
-    return path
+    return save_tiny_unet(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
 def tiny_volume(tmp_path_factory) -> Path:
-    return _volume(tmp_path_factory.mktemp("volumes") / "calib.nrrd")
+    return random_volume(tmp_path_factory.mktemp("volumes") / "calib.nrrd")
 
 
 @pytest.fixture
@@ -124,7 +107,7 @@ def test_bundle_expression_is_refused_and_never_runs(tmp_path, monkeypatch):
 def test_bundle_expression_is_refused_by_the_cli_without_a_traceback(tmp_path):
     bundle = _bundle(tmp_path / "bundle", roi=PAYLOAD)
     done = subprocess.run([sys.executable, "-m", "SlicerPTQLib.cli", "quantize", str(bundle),
-                           "--calib", str(_volume(tmp_path / "calib.nrrd")), "--out", str(tmp_path / "out")],
+                           "--calib", str(random_volume(tmp_path / "calib.nrrd")), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     assert "key 'roi' is a Python expression" in done.stderr and "Traceback" not in done.stderr
@@ -180,7 +163,7 @@ def test_plain_bundle_quantizes_and_segments_end_to_end(tmp_path):
     loaded = load_model(bundle)
     assert loaded.spec.roi_size == (16, 16, 16) and loaded.spec.overlap == 0.25
     assert loaded.spec.intensity.kind == "zscore" and loaded.spec.intensity.nonzero
-    image = _volume(tmp_path / "image.nii.gz", seed=1)
+    image = random_volume(tmp_path / "image.nii.gz", seed=1)
     result = pipeline.quantize(bundle, [image], tmp_path / "out", num_crops=2)
     labels, _ = pipeline.segment(result.quantized_onnx, image, runtime="onnxruntime")
     assert labels.array.shape == (20, 20, 20)
@@ -304,7 +287,7 @@ def test_worker_exits_when_its_driver_is_killed(tmp_path):
     fifo = tmp_path / "model.onnx"
     os.mkfifo(fifo)
     ModelSpec(name="model", roi_size=(16, 16, 16)).save(sidecar_path(fifo))  # metadata, or quantize refuses at once
-    _volume(tmp_path / "c.nrrd")
+    random_volume(tmp_path / "c.nrrd")
     driver = textwrap.dedent(f"""
         import sys, time
         from SlicerPTQLib.worker_process import WorkerProcess, worker_command, worker_environment
@@ -376,7 +359,7 @@ def test_stale_atomic_temp_files_are_removed_on_the_next_write(tmp_path):
         path.write_bytes(b"half")
     _age(stale, 2 * HOUR)
     _age(legacy, 48 * HOUR)
-    _volume(tmp_path / "labels.nii.gz")
+    random_volume(tmp_path / "labels.nii.gz")
     assert not stale.exists() and not legacy.exists() and fresh.exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([fresh.name, "labels.nii.gz"])
 

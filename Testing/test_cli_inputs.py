@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,41 +24,23 @@ import torch
 
 from SlicerPTQLib import cli, pipeline
 from SlicerPTQLib.errors import PTQError
-from SlicerPTQLib.models import build_monai_network
-from SlicerPTQLib.spec import ModelSpec, sidecar_path
 from SlicerPTQLib.volume import Volume
 from SlicerPTQLib.volumes import read_volume, write_volume
-
-UNET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2],
-             "num_res_units": 1}
+from tiny_models import random_volume, save_tiny_unet
 
 
 # --- fixtures -----------------------------------------------------------------------------------
 
 
-def _volume(path: Path, seed: int = 0, shape=(20, 20, 20)) -> Path:
-    rng = np.random.default_rng(seed)
-    array = rng.normal(100, 20, shape).astype(np.float32)
-    return write_volume(Volume(array=array, affine=np.diag([2.0, 2.0, 2.0, 1.0]), name="v"), path)
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A small TorchScript UNet (one stride-2 level) with its spec: a build takes seconds."""
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    network = build_monai_network("UNet", UNET_ARGS).eval()
-    path = folder / "tiny.pt"
-    with warnings.catch_warnings():  # tracing's warnings say nothing about this case
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.trace(network, torch.zeros(1, 1, 16, 16, 16)), str(path))
-    ModelSpec(name="tiny", roi_size=(16, 16, 16), labels={1: "tissue"}, spatial_multiple=2).save(sidecar_path(path))
-    return path
+    return save_tiny_unet(tmp_path_factory.mktemp("tiny"), spatial_multiple=2)
 
 
 @pytest.fixture(scope="module")
 def tiny_volume(tmp_path_factory) -> Path:
-    return _volume(tmp_path_factory.mktemp("volumes") / "calib.nrrd")
+    return random_volume(tmp_path_factory.mktemp("volumes") / "calib.nrrd")
 
 
 @pytest.fixture(scope="module")
@@ -360,7 +341,7 @@ def test_report_reads_evaluates_json(tiny_model, tiny_build, tiny_volume, tmp_pa
 
 
 def test_segment_of_a_one_window_volume_never_imports_monai(tiny_build, tmp_path):
-    image = _volume(tmp_path / "small.nii.gz", seed=3, shape=(12, 14, 10))
+    image = random_volume(tmp_path / "small.nii.gz", seed=3, shape=(12, 14, 10))
     code = ("import sys; from SlicerPTQLib import pipeline; "
             f"labels, timings = pipeline.segment({str(tiny_build.quantized_onnx)!r}, {str(image)!r}, "
             "runtime='onnxruntime', self_check=False); "
@@ -372,7 +353,7 @@ def test_segment_of_a_one_window_volume_never_imports_monai(tiny_build, tmp_path
 
 
 def test_monai_import_is_not_timed_as_network(tiny_build, tmp_path):
-    image = _volume(tmp_path / "big.nii.gz", seed=4, shape=(40, 40, 40))
+    image = random_volume(tmp_path / "big.nii.gz", seed=4, shape=(40, 40, 40))
     code = ("import json, sys; from SlicerPTQLib import pipeline; "
             f"labels, timings = pipeline.segment({str(tiny_build.quantized_onnx)!r}, {str(image)!r}, "
             "runtime='onnxruntime', self_check=False); "
