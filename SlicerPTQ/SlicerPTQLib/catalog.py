@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import PTQError
 from .fetch import Source, fetch
+from .schema import resolve_ref
 from .spec import ModelSpec, sidecar_path
 
 RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
@@ -176,10 +177,7 @@ def validate(value, schema: dict, where: str = "catalog", root: Optional[dict] =
     """
     root = schema if root is None else root
     if "$ref" in schema:
-        target = root
-        for part in schema["$ref"].lstrip("#/").split("/"):
-            target = target[part]
-        return validate(value, target, where, root)
+        return validate(value, resolve_ref(schema["$ref"], root), where, root)
     expected = schema.get("type")
     if expected and not _is_type(value, expected):
         raise PTQError(f"{where}: expected {expected}, got {json.dumps(value)[:60]}. Fix the catalog entry.")

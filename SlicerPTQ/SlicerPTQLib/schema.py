@@ -92,15 +92,20 @@ def _shown(value: Any) -> str:
     return json.dumps(value)[:60]
 
 
+def resolve_ref(ref: str, root: dict) -> dict:
+    """The part of ``root`` a local ``"$ref"`` such as ``"#/definitions/label"`` points to."""
+    target = root
+    for part in ref.lstrip("#/").split("/"):
+        target = target[part]
+    return target
+
+
 def first_problem(value: Any, schema: dict, path: Tuple = (), root: Optional[dict] = None
                   ) -> Optional[Tuple[str, str]]:
     """``(field, problem)`` for the first place ``value`` breaks ``schema``, else None."""
     root = schema if root is None else root
     if "$ref" in schema:
-        target = root
-        for part in schema["$ref"].lstrip("#/").split("/"):
-            target = target[part]
-        return first_problem(value, target, path, root)
+        return first_problem(value, resolve_ref(schema["$ref"], root), path, root)
     where = _path_text(path)
     expected = schema.get("type")
     if expected is not None:
