@@ -183,21 +183,35 @@ def test_killed_server_fails_each_remaining_volume_and_the_cohort_resumes(server
         assert np.array_equal(array, local[name]), name
 
 
-def test_server_and_model_errors_are_one_sentence(server, python_model):
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_server_and_model_errors_are_one_sentence(server, python_model, protocol):
     from SlicerPTQLib.runtimes.triton_runtime import TritonRuntime
 
+    url = server.url if protocol == "http" else server.grpc_url
     with pytest.raises(PTQError, match="has no model 'missing' ready.*Models there: .*" + python_model):
-        TritonRuntime(server.url, "missing")
-    with pytest.raises(PTQError, match="did not answer GET /v2/health/live after 1 tries.*Connection"):
-        TritonRuntime(f"http://127.0.0.1:{triton_server.free_port()}", python_model, retries=0)
-    with pytest.raises(PTQError, match="gRPC"):
-        TritonRuntime("grpc://127.0.0.1:8001", python_model)
-    runtime = TritonRuntime(server.url, python_model)
+        TritonRuntime(url, "missing")
+    with pytest.raises(PTQError, match=r"did not answer \(to check that the server is live\) after 1 tries"
+                                       r".*[Cc]onnect.*Check that the server runs"):
+        TritonRuntime(f"{protocol}://127.0.0.1:{triton_server.free_port()}", python_model, retries=0)
+    runtime = TritonRuntime(url, python_model)
     try:
+        assert runtime.spec().labels == {1: "brain"} and python_model in runtime.models()
         with pytest.raises(PTQError, match=r"takes patches \[1, 128, 128, 128\].*got \[1, 64, 64, 64\]"):
             runtime.predict(np.zeros((1, 1, 64, 64, 64), np.float32))
     finally:
         runtime.close()
+
+
+def test_server_addresses_are_checked_before_any_request():
+    from SlicerPTQLib.runtimes.triton_runtime import parse_url
+
+    assert parse_url("127.0.0.1") == ("http://127.0.0.1:8000", "http", "127.0.0.1:8000")
+    assert parse_url("grpc://host") == ("grpc://host:8001", "grpc", "host:8001")
+    assert parse_url("https://host/")[0] == "https://host:443"
+    for url, message in [("ftp://host", "not a Triton server address"), ("http://host/v2", "not a Triton server"),
+                         ("http://host:99999", "bad port")]:
+        with pytest.raises(PTQError, match=message):
+            parse_url(url)
 
 
 def test_export_refuses_what_it_cannot_write(build, tmp_path):
@@ -334,7 +348,7 @@ def test_a_server_that_stops_answering_times_out_after_the_retries(server, pytho
     os.killpg(server.process.pid, signal.SIGSTOP)
     try:
         start = time.monotonic()
-        with pytest.raises(PTQError, match=r"did not answer POST .*/infer after 2 tries \(.*timed out"):
+        with pytest.raises(PTQError, match=r"did not answer \(to run the model\) after 2 tries \(.*timed out"):
             runtime.predict(patch)
         assert time.monotonic() - start >= 2.0
     finally:

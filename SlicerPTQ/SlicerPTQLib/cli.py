@@ -91,8 +91,9 @@ def _parser() -> argparse.ArgumentParser:
                                                 "volumes finished by an earlier run are skipped")
     s.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd", ".seg.nrrd"],
                    help="label map format in --out-dir")
-    s.add_argument("--server", help="Triton server's HTTP endpoint, e.g. http://127.0.0.1:8000: the network runs "
-                                    "there, preprocessing and blending here")
+    s.add_argument("--server", help="Triton server's HTTP or gRPC endpoint, e.g. http://127.0.0.1:8000 or "
+                                    "grpc://127.0.0.1:8001: the network runs there, preprocessing and blending "
+                                    "here (needs tritonclient)")
     s.add_argument("--server-timeout", type=float, default=120.0, help="seconds to wait for one server request")
     s.add_argument("--retries", type=int, default=3, help="tries again of a failed server request")
     s.add_argument("--jobs", type=int, help="volumes in flight at once (default: 4 with --server, else 1)")

@@ -293,6 +293,10 @@ def describe(result: VolumeResult) -> str:
 
 def check_options(args) -> None:
     """``segment``'s option combinations, refused before any file is read (they need none)."""
+    if args.server:
+        from .runtimes.triton_runtime import check_server_url
+
+        check_server_url(args.server)
     if args.server and (args.runtime or args.precision):
         raise PTQError("--runtime/--precision and --server do not combine: with --server the model runs on the "
                        "server as exported. Drop one of them.")
@@ -333,7 +337,7 @@ def run_cli(args, images: List[Path], progress: Optional[ProgressCallback]) -> D
             write_outputs(labels, spec, args.out)
             if not args.progress_json:
                 print(f"labels written to {args.out} in {timings['total_s']:.2f} s")
-            return {"labels": args.out, "timings": timings}
+            return {"labels": args.out, "timings": timings, "spec": spec.to_dict()}  # the caller's segment names
     if args.server:
         make_runtime, spec, model_id = remote_source(args.server, str(args.model), args.server_timeout,
                                                      args.retries)

@@ -152,19 +152,21 @@ def free_port() -> int:
 class TritonServer:
     """``tritonserver`` over a model repository on 127.0.0.1, as a context manager.
 
-    ``with TritonServer(repo) as server: server.url`` -> ``http://127.0.0.1:<port>``.
+    ``with TritonServer(repo) as server: server.url`` -> ``http://127.0.0.1:<port>``, and
+    ``server.grpc_url`` -> ``grpc://127.0.0.1:<port>`` (both protocols are served).
     ``models``: load only these (explicit model control); by default every
     model of the repository loads. The server's log goes to ``log_path``
     (a temporary file by default).
     """
 
     def __init__(self, repository: Path, models: Optional[List[str]] = None, home: Optional[Path] = None,
-                 http_port: Optional[int] = None, log_path: Optional[Path] = None,
+                 http_port: Optional[int] = None, grpc_port: Optional[int] = None, log_path: Optional[Path] = None,
                  extra_args: Optional[List[str]] = None):
         self.repository = Path(repository)
         self.models = list(models or [])
         self.home = home or triton_home()
         self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or next(port for port in iter(free_port, None) if port != self.http_port)
         self._own_log = log_path is None  # a temporary log goes when the server stops
         if log_path is None:
             handle, log_path = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
@@ -177,11 +179,16 @@ class TritonServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://127.0.0.1:{self.grpc_port}"
+
     def command(self) -> List[str]:
         folder = server_folder(self.home)
         return [str(folder / "bin" / "tritonserver"), f"--model-repository={self.repository}",
                 f"--backend-directory={folder / 'backends'}", "--http-address=127.0.0.1",
-                f"--http-port={self.http_port}", "--allow-grpc=false", "--allow-metrics=false",
+                f"--http-port={self.http_port}", "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+                "--allow-metrics=false",
                 "--exit-timeout-secs=5", *self._model_args(), *self.extra_args]
 
     def _model_args(self) -> List[str]:
