@@ -24,7 +24,9 @@ from SlicerPTQLib import catalog, dependencies, slicer_nodes
 from SlicerPTQLib.errors import PTQError
 from SlicerPTQLib.logic import METHODS, PRECISIONS, PTQLogic
 
-RUNTIMES = ["auto", "openvino", "tensorrt", "onnxruntime"]
+RUNTIMES = ["auto", "openvino", "tensorrt", "onnxruntime", "triton"]
+#: What the runtime list shows instead of the logic's name.
+RUNTIME_LABELS = {"triton": _("Remote Triton server")}
 DEFAULT_MODEL = "deepbet-brain-extraction"
 #: Lines the log box keeps (the whole output also goes to Slicer's application log).
 LOG_LINES = 2000
@@ -82,6 +84,8 @@ class SlicerPTQParameterNode:
     keepAccuracy: bool = False  # int8 only: keep the worst layers float until accuracyBudget is met
     accuracyBudget: Annotated[float, WithinRange(0.9, 1.0)] = 0.99
     runtime: Annotated[str, Choice(RUNTIMES)] = "auto"
+    serverUrl: str = ""  # runtime "triton": the server's HTTP or gRPC endpoint
+    serverModel: str = ""  # runtime "triton": the model's name on the server
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     batchVolumes: list[vtkMRMLScalarVolumeNode]  # segmented in the same run as inputVolume
@@ -167,6 +171,9 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # The connection fills the list with the logic's names and keeps choices by index: relabel them.
+            for index, runtime in enumerate(RUNTIMES):
+                self.ui.runtimeComboBox.setItemText(index, RUNTIME_LABELS.get(runtime, runtime))
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
             self.updateGui()
 
@@ -189,7 +196,16 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.outputSegmentationSelector.baseName = (f"{inputVolume.GetName()} segmentation" if inputVolume
                                                            else _("Segmentation"))
             self.ui.resultsTableView.setMRMLTableNode(self._parameterNode.resultsTable)
-            budgetable = PRECISIONS[self._parameterNode.precision].takes_accuracy_budget
+            # A served model runs as exported: the server fields replace the model, calibration and build choices.
+            remote = self._parameterNode.runtime == "triton"
+            for widget in (self.ui.serverUrlLabel, self.ui.serverUrlLineEdit, self.ui.serverModelLabel,
+                           self.ui.serverModelLineEdit):
+                widget.visible = remote
+            for widget in (self.ui.modelSearchLineEdit, self.ui.modelListWidget, self.ui.loadModelFileButton,
+                           self.ui.calibrationVolumesComboBox, self.ui.numCropsSpinBox, self.ui.methodComboBox,
+                           self.ui.precisionComboBox, self.ui.compareCheckBox):
+                widget.enabled = not remote
+            budgetable = PRECISIONS[self._parameterNode.precision].takes_accuracy_budget and not remote
             self.ui.keepAccuracyCheckBox.enabled = budgetable
             self.ui.accuracyBudgetSpinBox.enabled = budgetable and self._parameterNode.keepAccuracy
             self.ui.applyButton.enabled = self._job is not None or self._parameterNode.inputVolume is not None
@@ -256,15 +272,17 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.buildInfoLabel.text = ""
             volumes = [parameters.inputVolume] + [node for node in parameters.batchVolumes
                                                   if node is not parameters.inputVolume]
-            # The check box is greyed out, not cleared, for other precisions: its state is kept for int8.
+            # Greyed-out check boxes keep their state (for int8, for local runtimes) but do not apply.
+            remote = parameters.runtime == "triton"
             keepAccuracy = parameters.keepAccuracy and PRECISIONS[parameters.precision].takes_accuracy_budget
             self._job = self.logic.startBatch(
-                parameters.model, list(parameters.calibrationVolumes), volumes,
-                parameters.outputSegmentation if len(volumes) == 1 else None, method=parameters.method,
+                parameters.serverModel if remote else parameters.model, list(parameters.calibrationVolumes),
+                volumes, parameters.outputSegmentation if len(volumes) == 1 else None, method=parameters.method,
                 numCrops=parameters.numCrops, precision=parameters.precision, runtime=parameters.runtime,
-                compareWithFP32=parameters.compareWithFP32,
-                accuracyBudget=parameters.accuracyBudget if keepAccuracy else None, progress=self.onProgress,
-                log=self.appendLog, showIn3D=parameters.showIn3D)
+                compareWithFP32=parameters.compareWithFP32 and not remote,
+                accuracyBudget=parameters.accuracyBudget if keepAccuracy and not remote else None,
+                progress=self.onProgress, log=self.appendLog, showIn3D=parameters.showIn3D,
+                serverUrl=parameters.serverUrl if remote else None)
             self.setRunning(True)
             self._pollTimer.start()
 

@@ -31,6 +31,9 @@ from SlicerPTQLib.volumes import read_volume
 
 @pytest.fixture(scope="module")
 def server_home() -> Path:
+    for module in ("tritonclient.http", "tritonclient.grpc"):
+        pytest.importorskip(module, reason="the Triton client is not installed: pip install '.[test]' (or "
+                                           "'tritonclient[grpc,http]')")
     try:
         triton_server.install()
     except PTQError as exc:
@@ -120,8 +123,9 @@ def test_server_loads_the_cpu_model_and_parses_the_openvino_config(server, pytho
 
 
 def test_cohort_through_the_server_equals_the_local_run(server, python_model, volumes, local_cohort, tmp_path):
+    """Over gRPC, two volumes in flight; the run again (HTTP) skips every finished volume."""
     out = tmp_path / "remote"
-    completed = _cli("segment", python_model, str(volumes), "--out-dir", str(out), "--server", server.url,
+    completed = _cli("segment", python_model, str(volumes), "--out-dir", str(out), "--server", server.grpc_url,
                      "--jobs", "2")
     assert completed.returncode == 0, completed.stderr
     local, remote = _labels(local_cohort), _labels(out)
@@ -137,20 +141,70 @@ def test_cohort_through_the_server_equals_the_local_run(server, python_model, vo
     assert json.loads((out / "cohort_summary.json").read_text())["counts"]["skipped"] == len(local)
 
 
-def test_logic_segments_through_the_server_like_locally(server, python_model, build, evaluation_cases,
-                                                        mrml_scene):
+def test_one_volume_over_http_equals_the_local_run(server, python_model, volumes, local_cohort, tmp_path):
+    image = sorted(volumes.iterdir())[0]
+    out = tmp_path / "one.nii.gz"
+    completed = _cli("segment", python_model, str(image), "--out", str(out), "--server", server.url)
+    assert completed.returncode == 0, completed.stderr
+    assert np.array_equal(read_volume(out).array, read_volume(local_cohort / out.name.replace("one", _stem(image)))
+                          .array)
+
+
+def _stem(image: Path) -> str:
+    from SlicerPTQLib.volumes import volume_stem
+
+    return volume_stem(image)
+
+
+def _recording(commands):
+    def launch(command, **kwargs):
+        commands.append(command)
+        return subprocess.Popen(command, **kwargs)
+
+    return launch
+
+
+def test_logic_segments_through_the_server_in_a_worker_like_locally(server, python_model, build, volumes,
+                                                                     local_cohort, mrml_scene):
+    """The GUI's job (gRPC) and the console call (HTTP) both run a worker; the segmentation sits on the volume
+    (under its parent transform) with the local run's labels."""
     pytest.importorskip("slicer", reason="needs the slicer-core wheel")
     from SlicerPTQLib import slicer_nodes
     from SlicerPTQLib.logic import PTQLogic
 
-    node = slicer_nodes.add_volume_node(mrml_scene, read_volume(evaluation_cases[0][1]), "head")
-    logic = PTQLogic(inProcess=True)
-    remote_node, table = logic.segment(python_model, node, runtime="triton", serverUrl=server.url)
-    local_node, _ = logic.segment(str(build.quantized_onnx), node, runtime="openvino")
-    remote = slicer_nodes.labels_from_segmentation(remote_node, node, build.spec).array
-    local = slicer_nodes.labels_from_segmentation(local_node, node, build.spec).array
-    assert table["rows"][0]["runtime"] == "triton"
-    assert remote.sum() > 100_000 and np.array_equal(remote, local)
+    image = sorted(volumes.iterdir())[0]
+    node = slicer_nodes.add_volume_node(mrml_scene, read_volume(image), "head")
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    local = read_volume(local_cohort / f"{_stem(image)}.nii.gz").array
+    commands = []
+    logic = PTQLogic(launcher=_recording(commands))
+    job = logic.startBatch(python_model, [], [node], runtime="triton", serverUrl=server.grpc_url, precision="int8")
+    assert not job.finished  # in the background: Slicer's process only polls
+    [(from_job, table)] = job.wait()
+    from_console, _ = logic.segment(python_model, node, runtime="triton", serverUrl=server.url)
+    assert [command[command.index("--server") + 1] for command in commands] == [server.grpc_url, server.url]
+    assert all("segment" in command for command in commands)  # no runtime probe, no build
+    for segmentation in (from_job, from_console):
+        labels = slicer_nodes.labels_from_segmentation(segmentation, node, build.spec).array
+        assert labels.sum() > 100_000 and np.array_equal(labels, local)
+        assert segmentation.GetTransformNodeID() == transform.GetID()
+    assert table["rows"][0]["runtime"] == "triton" and table["rows"][0]["file"] == server.grpc_url
+    assert "Triton server at " + server.grpc_url in table["notes"][0]
+
+
+def test_logic_says_when_the_server_is_unreachable_or_lacks_the_model(server, python_model, volumes, mrml_scene):
+    pytest.importorskip("slicer", reason="needs the slicer-core wheel")
+    from SlicerPTQLib import slicer_nodes
+    from SlicerPTQLib.logic import PTQLogic
+
+    node = slicer_nodes.add_volume_node(mrml_scene, read_volume(sorted(volumes.iterdir())[0]), "head")
+    gone = f"grpc://127.0.0.1:{triton_server.free_port()}"
+    with pytest.raises(PTQError, match=f"The Triton server at {gone} did not answer .* Check that the server runs"):
+        PTQLogic().segment(python_model, node, runtime="triton", serverUrl=gone)
+    with pytest.raises(PTQError, match=f"has no model 'missing' ready.*Models there: .*{python_model}"):
+        PTQLogic().startSegment("missing", node, runtime="triton", serverUrl=server.url).wait()
+    assert mrml_scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
 
 
 def test_killed_server_fails_each_remaining_volume_and_the_cohort_resumes(server, repository, python_model,
@@ -278,14 +332,27 @@ def test_inputs_and_limits_are_checked_before_any_work(tmp_path):
         assert "Traceback" not in completed.stderr and "did not answer" not in completed.stderr
 
 
-def test_the_logic_says_where_the_triton_runtime_runs():
-    from SlicerPTQLib.errors import PTQError
+def test_the_logic_refuses_bad_triton_requests_before_any_worker(mrml_scene):
+    pytest.importorskip("slicer", reason="needs the slicer-core wheel")
+    from SlicerPTQLib import slicer_nodes
     from SlicerPTQLib.logic import PTQLogic
+    from SlicerPTQLib.volume import Volume
 
-    with pytest.raises(PTQError, match="runs from the Python console"):
-        PTQLogic().startSegment("model", None, runtime="triton")
-    with pytest.raises(PTQError, match="do not apply to the 'triton' runtime"):
-        PTQLogic().segment("model", None, runtime="triton", serverUrl="http://127.0.0.1:1", compareWithFP32=True)
+    node = slicer_nodes.add_volume_node(mrml_scene, Volume(np.zeros((8, 8, 8), np.float32), np.eye(4), "v"), "v")
+
+    def no_worker(command, **kwargs):
+        raise AssertionError(f"a worker was started: {command}")
+
+    logic = PTQLogic(launcher=no_worker)
+    for kwargs, message in [({"serverUrl": "http://127.0.0.1:1", "compareWithFP32": True}, "do not apply to the"),
+                            ({"serverUrl": "http://127.0.0.1:1", "precision": "int8"}, "do not apply to the"),
+                            ({}, "needs the server's URL"), ({"serverUrl": "ftp://host"}, "not a Triton server"),
+                            ({"serverUrl": "http://127.0.0.1:1", "model": " "}, "Give the name of the model")]:
+        model = kwargs.pop("model", "model")
+        with pytest.raises(PTQError, match=message):
+            logic.startSegment(model, node, runtime="triton", **kwargs)
+    with pytest.raises(PTQError, match="needs the server's URL"):
+        logic.startBatch("model", [], [node], runtime="triton")
 
 
 def test_resume_skips_only_verified_outputs(build, volumes, local_cohort, tmp_path):

@@ -485,64 +485,50 @@ class PTQLogic:
         on this CPU runs its FP32 model. ``showIn3D`` also builds the
         surfaces that show the segments in the 3D views.
 
-        ``runtime="triton"`` with ``serverUrl`` (e.g. ``http://host:8000``):
-        ``model`` is a model's name on that Triton server (``slicer-ptq
-        export-triton``); the network runs there, the rest here.
+        ``runtime="triton"`` with ``serverUrl`` (``http://host:8000`` or
+        ``grpc://host:8001``): ``model`` is a model's name on that Triton
+        server (``slicer-ptq export-triton``); the network runs there, the
+        rest in the worker, and nothing is built here.
         """
-        if runtime == "triton":
-            if compareWithFP32 or precision:
-                raise PTQError("compareWithFP32 and precision do not apply to the 'triton' runtime: the server "
-                               "runs its model as exported. Drop them, or segment here with another runtime.")
-            return self._segmentRemote(model, volumeNode, segmentationNode, serverUrl, progress, showIn3D)
         if not self.inProcess:
             return self.startSegment(model, volumeNode, segmentationNode, runtime, compareWithFP32, precision,
-                                     progress, log, showIn3D).wait()
-        request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision)
+                                     progress, log, showIn3D, serverUrl).wait()
+        request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision, serverUrl)
         _log_notes(request, log)
         outputs = []
         for run in request.runs:
-            labels, timings = pipeline.segment(run["model"], request.volume, runtime=request.runtime,
-                                               precision=run["precision"], progress=progress)
+            if request.server:
+                from .cohort import segment_remote
+
+                labels, timings, spec = segment_remote(request.server, run["model"], request.volume,
+                                                       progress=progress)
+                request.spec = _segments_only(spec, run["model"], ["--server", request.server])
+            else:
+                labels, timings = pipeline.segment(run["model"], request.volume, runtime=request.runtime,
+                                                   precision=run["precision"], progress=progress)
             outputs.append((labels, timings))
         return self._showResult(request, outputs, segmentationNode, showIn3D)
 
-    def _segmentRemote(self, model, volumeNode, segmentationNode, serverUrl, progress, showIn3D=False):
-        # In this process: the network runs on the server, so no worker is needed to keep Slicer safe.
-        from .cohort import segment_remote
-
-        if not serverUrl:
-            raise PTQError("The 'triton' runtime needs the server's URL, e.g. http://127.0.0.1:8000.")
-        volume = slicer_nodes.volume_from_node(volumeNode)
-        labels, timings, spec = segment_remote(serverUrl, str(model), volume, progress=progress)
-        if spec.output == "regression":
-            raise PTQError(f"Model {model} on {serverUrl} gives a regression map, not segments; run slicer-ptq "
-                           f"segment {model} IMAGE --server {serverUrl} --out map.nii.gz and load it as a volume.")
-        node = slicer_nodes.labels_to_segmentation(_on_input_grid(labels, volume), spec, volumeNode,
-                                                   segmentationNode, catalog.terminologies_for(spec, self.models))
-        if showIn3D:
-            node.CreateClosedSurfaceRepresentation()
-        row = {"model": str(model), "file": serverUrl, "runtime": "triton",
-               "time (s)": round(float(timings["total_s"]), 3)}
-        return node, {"rows": [row], "reference": None, "build": None,
-                      "notes": [f"Segmented by the Triton server at {serverUrl}"]}
-
     def startSegment(self, model, volumeNode, segmentationNode=None, runtime=None, compareWithFP32=False,
-                     precision=None, progress=None, log=None, showIn3D=False) -> PTQJob:
+                     precision=None, progress=None, log=None, showIn3D=False, serverUrl=None) -> PTQJob:
         """:meth:`segment` as a job running in a worker process."""
-        _refuse_remote_job(runtime)
         slicer_nodes.volume_from_node(volumeNode)
+        remote = runtime == "triton"
+        if remote:
+            _check_remote(model, serverUrl, compareWithFP32, precision)
 
         def plan():
-            request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision)
+            request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision, serverUrl)
             _log_notes(request, log)
             return self._segmentSteps(lambda: request, segmentationNode, showIn3D)
 
-        return self._startJob(plan, progress, log, _scene_of([volumeNode]), model)
+        return self._startJob(plan, progress, log, _scene_of([volumeNode]), None if remote else model,
+                              askRuntimes=not remote)
 
     def startBuildAndSegment(self, model, calibrationVolumeNodes, volumeNode, segmentationNode=None,
                              method="max", numCrops=20, precision="int8", runtime=None, compareWithFP32=False,
                              accuracyBudget=None, progress=None, log=None, trustBundleCode=False,
-                             showIn3D=False) -> PTQJob:
+                             showIn3D=False, serverUrl=None) -> PTQJob:
         """What the GUI's Apply does: build (or reuse) the model, then segment; one job.
 
         Calibration without checked volumes: see :meth:`quantize`. The
@@ -550,40 +536,51 @@ class PTQLogic:
         """
         return self._startBatch(model, calibrationVolumeNodes, [volumeNode], segmentationNode, method, numCrops,
                                 precision, runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode,
-                                showIn3D, single=True)
+                                showIn3D, serverUrl, single=True)
 
     def startBatch(self, model, calibrationVolumeNodes, volumeNodes, segmentationNode=None, method="max",
                    numCrops=20, precision="int8", runtime=None, compareWithFP32=False, accuracyBudget=None,
-                   progress=None, log=None, trustBundleCode=False, showIn3D=False) -> PTQJob:
+                   progress=None, log=None, trustBundleCode=False, showIn3D=False, serverUrl=None) -> PTQJob:
         """Build (or reuse) the model once and segment every volume of ``volumeNodes``: one job, one
         progress (stages prefixed with the volume), one Cancel. Its result is a list of
-        ``(segmentationNode, table)``, one segmentation per input, named after it."""
+        ``(segmentationNode, table)``, one segmentation per input, named after it.
+
+        ``runtime="triton"``: ``model`` is the name of a model on the Triton
+        server at ``serverUrl``; nothing is built (calibration, method,
+        precision and accuracy budget do not apply), each volume is
+        segmented by a worker through the server."""
         return self._startBatch(model, calibrationVolumeNodes, volumeNodes, segmentationNode, method, numCrops,
                                 precision, runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode,
-                                showIn3D)
+                                showIn3D, serverUrl)
 
     # --- internals ------------------------------------------------------------------------------
 
     def _startBatch(self, model, calibrationVolumeNodes, volumeNodes, segmentationNode, method, numCrops, precision,
                     runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode, showIn3D,
-                    single=False) -> PTQJob:
+                    serverUrl=None, single=False) -> PTQJob:
         """:meth:`startBatch`; ``single``: the job's result is the one input's ``(segmentationNode, table)``."""
-        _refuse_remote_job(runtime)
         volumeNodes = list(volumeNodes)
         if not volumeNodes:
             raise PTQError("Select at least one input volume to segment.")
         if segmentationNode is not None and len(volumeNodes) > 1:
             raise PTQError("An output segmentation can take one input's result only; clear the output "
                            "segmentation so each input gets its own.")
-        self._checkRequest(method, precision, accuracyBudget, calibrationVolumeNodes)
+        remote = runtime == "triton"
+        if remote:  # the server's model runs as exported: no build settings
+            _check_remote(model, serverUrl, compareWithFP32, None)
+        else:
+            self._checkRequest(method, precision, accuracyBudget, calibrationVolumeNodes)
         for node in volumeNodes:
             slicer_nodes.volume_from_node(node)
         autoRuntime = runtime in (None, "", "auto")
 
         def plan():
-            buildPlan = self._buildPlan(model, calibrationVolumeNodes, None, method, numCrops, precision, runtime,
-                                        accuracyBudget, trustBundleCode)
-            steps, buildFinish, cleanup = self._quantizeSteps(buildPlan, log)
+            if remote:
+                steps, buildFinish, cleanup = [], lambda: model, []
+            else:
+                buildPlan = self._buildPlan(model, calibrationVolumeNodes, None, method, numCrops, precision,
+                                            runtime, accuracyBudget, trustBundleCode)
+                steps, buildFinish, cleanup = self._quantizeSteps(buildPlan, log)
             finishers = []
             for index, node in enumerate(volumeNodes):
                 requests: Dict[int, _SegmentRequest] = {}
@@ -592,7 +589,7 @@ class PTQLogic:
                     if not requests:
                         # auto runtime: no precision asked, so a build slower in INT8 here may run float
                         requests[0] = self._segmentRequest(buildFinish(), node, runtime, compareWithFP32,
-                                                           None if autoRuntime else precision)
+                                                           None if autoRuntime or remote else precision, serverUrl)
                         _log_notes(requests[0], log)
                     return requests[0]
 
@@ -606,20 +603,21 @@ class PTQLogic:
                 return steps, finishers[0], cleanup
             return steps, lambda: [finish() for finish in finishers], cleanup
 
-        return self._startJob(plan, progress, log, _scene_of(volumeNodes), model,
-                              defaultCalibration=not calibrationVolumeNodes)
+        return self._startJob(plan, progress, log, _scene_of(volumeNodes), None if remote else model,
+                              defaultCalibration=not calibrationVolumeNodes, askRuntimes=not remote)
 
     def _startJob(self, plan: Callable[[], tuple], progress, log, scene, model=None,
-                  defaultCalibration: bool = False) -> PTQJob:
+                  defaultCalibration: bool = False, askRuntimes: bool = True) -> PTQJob:
         """A job running ``plan()``'s ``(steps, finish, cleanup)``.
 
         What Slicer's process must not do is done by workers first, and the
         plan made when they are through: ask the runtimes here (once per
-        run), and download a catalog ``model``'s weights (and its default
+        run, unless ``askRuntimes`` is False: a remote server's job needs
+        none), and download a catalog ``model``'s weights (and its default
         calibration volumes with ``defaultCalibration``) when not cached.
         """
         first = []
-        if not self.inProcess and not _RUNTIME_INFO:
+        if askRuntimes and not self.inProcess and not _RUNTIME_INFO:
             first.append(WorkerStep(lambda: ["info"], _remember_runtime_info))
         entry = self.catalogModel(model)
         if not self.inProcess and entry is not None and entry.downloads_pending(defaultCalibration):
@@ -720,8 +718,16 @@ class PTQLogic:
 
         return [WorkerStep(arguments, lambda result: None)], finish, [staging]
 
-    def _segmentRequest(self, model, volumeNode, runtime, compareWithFP32, precision) -> "_SegmentRequest":
+    def _segmentRequest(self, model, volumeNode, runtime, compareWithFP32, precision,
+                        serverUrl: Optional[str] = None) -> "_SegmentRequest":
         volume = slicer_nodes.volume_from_node(volumeNode)
+        if runtime == "triton":
+            # The spec comes from the server with the labels (set when the run is back).
+            name, server = _check_remote(model, serverUrl, compareWithFP32, precision)
+            return _SegmentRequest(volumeNode, volume, None, "triton", [{"model": name, "precision": None,
+                                                                          "title": name}], None,
+                                   [f"Segmenting {volumeNode.GetName()} with model '{name}' on the Triton server "
+                                    f"at {server}"], server=server)
         notes = []
         if isinstance(model, BuiltModel):
             choice = _precision(precision or model.precision)
@@ -747,10 +753,8 @@ class PTQLogic:
                                "(build one with Apply or PTQLogic.quantize), not the original network.")
             if (fp32_path, "fp32") != (model_path, runs[0]["precision"]):  # else it already is the FP32 run
                 runs.append({"model": fp32_path, "precision": "fp32", "title": "FP32"})
-        spec = pipeline.model_spec_for(model_path)  # the CLI's lookup and refusal (docs/model-metadata.md)
-        if spec.output == "regression":
-            raise PTQError(f"Model {spec.name} gives a regression map (a float volume), not segments; run "
-                           f"slicer-ptq segment {model_path} IMAGE --out map.nii.gz and load the map as a volume.")
+        # the CLI's lookup and refusal (docs/model-metadata.md)
+        spec = _segments_only(pipeline.model_spec_for(model_path), model_path)
         return _SegmentRequest(volumeNode, volume, spec, backend, runs,
                                model if isinstance(model, BuiltModel) else None, notes)
 
@@ -771,8 +775,21 @@ class PTQLogic:
                 check_finite(current.volume.array, f"Volume '{current.volume.name}'")
                 write_volume(current.volume, work / "input.nrrd")
             run = current.runs[index]
-            return (["segment", str(run["model"]), str(work / "input.nrrd"), "--out", str(work / f"labels_{index}.nrrd"),
-                     "--runtime", current.runtime] + (["--precision", run["precision"]] if run["precision"] else []))
+            options = (["--server", current.server] if current.server else
+                       ["--runtime", current.runtime] + (["--precision", run["precision"]] if run["precision"] else []))
+            return ["segment", str(run["model"]), str(work / "input.nrrd"), "--out",
+                    str(work / f"labels_{index}.nrrd")] + options
+
+        def done(result: dict) -> None:
+            timings.append(result.get("timings", {}))
+            current = request()
+            if current.server:  # the server's model names the segments
+                try:
+                    spec = ModelSpec.from_dict(result["spec"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise PTQError(f"The worker gave no readable model metadata for '{current.runs[0]['model']}' "
+                                   f"({exc}); update SlicerPTQ and see the log.") from exc
+                current.spec = _segments_only(spec, current.runs[0]["model"], ["--server", current.server])
 
         def finish():
             from .volumes import read_volume
@@ -782,8 +799,7 @@ class PTQLogic:
                        for index in range(len(current.runs))]
             return self._showResult(current, outputs, segmentationNode, showIn3D)
 
-        steps = [WorkerStep(lambda i=index: arguments(i), lambda result: timings.append(result.get("timings", {})),
-                            label) for index in range(2)]
+        steps = [WorkerStep(lambda i=index: arguments(i), done, label) for index in range(2)]
         return steps, finish, [work]
 
     def _showResult(self, request: "_SegmentRequest", outputs, segmentationNode, showIn3D=False):
@@ -796,9 +812,11 @@ class PTQLogic:
             node.CreateClosedSurfaceRepresentation()
         rows = []
         for run, label_map, (_, timing) in zip(request.runs, labels, outputs):
-            row = {"model": run["title"], "file": Path(run["model"]).name, "runtime": request.runtime,
-                   "size (MB)": round(file_size_mb(run["model"]), 2),
-                   "time (s)": round(float(timing.get("total_s", float("nan"))), 3)}
+            row = {"model": run["title"], "file": request.server or Path(run["model"]).name,
+                   "runtime": request.runtime}
+            if not request.server:  # a served model's file is on the server
+                row["size (MB)"] = round(file_size_mb(run["model"]), 2)
+            row["time (s)"] = round(float(timing.get("total_s", float("nan"))), 3)
             if len(labels) > 1:
                 scores = dice(label_map.array, labels[-1].array, sorted(request.spec.labels))
                 row["Dice vs FP32"] = round(float(np.mean(list(scores.values()))), 4)
@@ -831,11 +849,13 @@ class _BuildPlan:
 class _SegmentRequest:
     volumeNode: Any
     volume: Volume
-    spec: ModelSpec
+    spec: Optional[ModelSpec]  # None for a served model until its run is back
     runtime: str
     runs: List[Dict]
     build: Optional[BuiltModel]
     notes: List[str] = field(default_factory=list)
+    #: the Triton server's URL when the model runs there
+    server: Optional[str] = None
 
 
 def _precision(key: Optional[str]) -> Precision:
@@ -946,10 +966,28 @@ def _int8_slower_note(model: BuiltModel, backend: str) -> str:
         return ""
 
 
-def _refuse_remote_job(runtime: Optional[str]) -> None:
-    if runtime == "triton":  # a server needs no worker: the blocking console call is the way to it
-        raise PTQError("The 'triton' runtime runs from the Python console: logic.segment(modelName, volumeNode, "
-                       "runtime='triton', serverUrl='http://HOST:8000'), not as a background job.")
+def _check_remote(model, serverUrl: Optional[str], compareWithFP32: bool, precision: Optional[str]) -> Tuple[str, str]:
+    """``(model name, normalised URL)`` of a request to a Triton server; PTQError for what it cannot do."""
+    from .runtimes.triton_runtime import check_server_url
+
+    if compareWithFP32 or precision:
+        raise PTQError("Compare with FP32 and precision do not apply to the 'triton' runtime: the server runs its "
+                       "model as exported. Drop them, or segment here with another runtime.")
+    server = check_server_url(serverUrl)
+    name = model.strip() if isinstance(model, str) else ""
+    if not name:
+        raise PTQError(f"Give the name of the model on the Triton server at {server} (as slicer-ptq export-triton "
+                       "named it, e.g. from the server's model list), not a file or a build.")
+    return name, server
+
+
+def _segments_only(spec: ModelSpec, model, options: Sequence[str] = ()) -> ModelSpec:
+    """``spec``, refused when its model gives a regression map (a float volume) instead of segments."""
+    if spec.output == "regression":
+        extra = "".join(f" {option}" for option in options)
+        raise PTQError(f"Model {spec.name} gives a regression map (a float volume), not segments; run "
+                       f"slicer-ptq segment {model} IMAGE{extra} --out map.nii.gz and load the map as a volume.")
+    return spec
 
 
 def _log_notes(request: "_SegmentRequest", log: Optional[LogCallback]) -> None:
