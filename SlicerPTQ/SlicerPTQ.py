@@ -264,7 +264,7 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Could not start."), waitCursor=True):
-            if not self.ensureDependencies():
+            if not self.ensureDependencies(remote=self._parameterNode.runtime == "triton"):
                 return
             parameters = self._parameterNode
             self.ui.logTextEdit.clear()
@@ -356,9 +356,10 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         self.ui.buildCollapsibleButton, self.ui.segmentCollapsibleButton):
             section.enabled = not running
 
-    def ensureDependencies(self):
-        """Install what the core needs on first use, after asking. False if the user declined."""
-        plan = dependencies.install_plan()
+    def ensureDependencies(self, remote=False):
+        """Install what the core (and with ``remote`` the Triton client) needs on first use, after asking.
+        False if the user declined."""
+        plan = dependencies.install_plan(remote=remote)
         if plan.empty:
             return True
         if not slicer.util.confirmOkCancelDisplay(plan.question(), _("SlicerPTQ needs Python packages"),

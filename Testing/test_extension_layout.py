@@ -334,6 +334,19 @@ def test_core_requirements_match_pyproject_dependencies():
         "keep dependencies.CORE_REQUIREMENTS equal to pyproject's [project] dependencies"
 
 
+def test_the_triton_client_is_planned_for_the_remote_runtime_and_is_the_pyproject_extra():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["triton"] == [dependencies.TRITON_CLIENT.pip] and dependencies.TRITON_CLIENT.pip in extras["test"]
+    everything_but_triton = lambda name: None if name == "tritonclient" else object()  # noqa: E731
+    local = dependencies.install_plan(find_spec=everything_but_triton, version_of=lambda name: "9999", cuda_gpu=False)
+    remote = dependencies.install_plan(find_spec=everything_but_triton, version_of=lambda name: "9999",
+                                       cuda_gpu=False, remote=True)
+    assert local.empty and remote.pip_arguments() == ["tritonclient[grpc,http]"]
+    assert "tritonclient" in remote.question()
+
+
 def test_install_plan_lists_missing_and_outdated_packages_only():
     installed = {"monai": "1.6.1", "onnx": "1.15.0", "openvino": "2026.4.0", "nibabel": "5.0", "pynrrd": "1.0",
                  "tqdm": "4.0", "numpy": "2.0", "scipy": "1.0", "onnxscript": "0.1", "einops": "0.8"}

@@ -75,6 +75,8 @@ CORE_REQUIREMENTS: Tuple[Requirement, ...] = (
     Requirement("einops", "einops", "MONAI SwinUNETR / UNETR blocks", 1),
     Requirement("yaml", "pyyaml", "MONAI bundle configs in YAML, read as data", 1),
 )
+#: The client of the "Remote Triton server" runtime (pyproject's ``triton`` extra), planned when that runtime runs.
+TRITON_CLIENT = Requirement("tritonclient", "tritonclient[grpc,http]", "client of a remote Triton server", 12)
 #: The oldest torch that monai and the ONNX exporter work with; the PyTorch extension installs at least this.
 TORCH_REQUIREMENT = ">=2.4"
 #: Download of torch by the PyTorch extension, roughly (MB): the CPU build, and the CUDA build with its libraries.
@@ -240,10 +242,11 @@ def gpu_requirements(major: Optional[int] = None) -> List[Requirement]:
 
 
 def install_plan(find_spec: FindSpec = importlib.util.find_spec, version_of: VersionOf = installed_version,
-                 cuda_gpu: Optional[bool] = None) -> InstallPlan:
-    """What must be installed before the core can run here (nothing is installed)."""
+                 cuda_gpu: Optional[bool] = None, remote: bool = False) -> InstallPlan:
+    """What must be installed before the core can run here (nothing is installed); ``remote``: also the
+    Triton client, for segmenting through a server."""
     cuda_gpu = cuda_gpu_present() if cuda_gpu is None else cuda_gpu
-    wanted = list(CORE_REQUIREMENTS) + (gpu_requirements() if cuda_gpu else [])
+    wanted = list(CORE_REQUIREMENTS) + (gpu_requirements() if cuda_gpu else []) + ([TRITON_CLIENT] if remote else [])
     torch = Requirement("torch", f"torch{TORCH_REQUIREMENT}", "networks and ONNX export")
     return InstallPlan(torch=not is_satisfied(torch, find_spec, version_of),
                        packages=[r for r in wanted if not is_satisfied(r, find_spec, version_of)],
