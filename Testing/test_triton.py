@@ -204,6 +204,9 @@ def test_logic_says_when_the_server_is_unreachable_or_lacks_the_model(server, py
         PTQLogic().segment(python_model, node, runtime="triton", serverUrl=gone)
     with pytest.raises(PTQError, match=f"has no model 'missing' ready.*Models there: .*{python_model}"):
         PTQLogic().startSegment("missing", node, runtime="triton", serverUrl=server.url).wait()
+    job = PTQLogic().startSegment(python_model, node, runtime="triton", serverUrl=server.url)
+    job.cancel()  # Cancel in the module
+    assert job.cancelled and job.worker.process.returncode is not None
     assert mrml_scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
 
 

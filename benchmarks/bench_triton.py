@@ -6,8 +6,8 @@ on and off), starts NVIDIA's ``tritonserver`` from the ``nvidia-pytriton``
 wheel on 127.0.0.1 (Python backend running this project's OpenVINO
 runtime, one instance), and segments a cohort of the shipped evaluation
 volumes (repeated up to ``--volumes``) with ``SlicerPTQLib.cohort`` at each
-client count: each client is a worker thread with its own connection, at
-most that many volumes in flight. The same cohort also runs in one local
+client count, over gRPC and HTTP (``tritonclient``): each client is a
+worker thread with its own connection, at most that many volumes in flight. The same cohort also runs in one local
 process (OpenVINO, no server) for reference.
 
 Reports volumes per minute and the p50/p99 of one volume's wall time
@@ -17,7 +17,7 @@ network.
 
 Run (about 5-8 minutes on 2 shared cores)::
 
-    python benchmarks/bench_triton.py [--volumes 8] [--clients 1 2 4 8]
+    python benchmarks/bench_triton.py [--volumes 8] [--clients 1 2 4 8] [--protocols grpc http]
         [--out benchmarks/results/triton.json]
 """
 
@@ -42,6 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "SlicerPTQ"))
 from SlicerPTQLib import pipeline, shipped, triton_server  # noqa: E402
 from SlicerPTQLib.cohort import local_source, remote_source, segment_cohort  # noqa: E402
 from SlicerPTQLib.triton_export import export_repository, model_name  # noqa: E402
+
+
+PROTOCOL_NAMES = {"grpc": "gRPC", "http": "HTTP"}
 
 
 def cohort_inputs(folder: Path, count: int) -> List[Path]:
@@ -86,6 +89,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--volumes", type=int, default=8)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--protocols", nargs="+", choices=["grpc", "http"], default=["grpc", "http"],
+                        help="the client's protocols to the server (tritonclient)")
     parser.add_argument("--out", type=Path, default=RESULTS / "triton.json")
     args = parser.parse_args()
     triton_server.install()
@@ -106,12 +111,14 @@ def main() -> int:
             repo = work / f"repo-{batching}"
             export_repository(build.out_dir, repo, backends=["python"], dynamic_batching=batching)
             with triton_server.TritonServer(repo, models=[name]) as server:
-                source = remote_source(server.url, name, timeout=600, retries=1)
-                measure(images[:1], work / "warm", source, 1)
-                label = f"Triton, dynamic batching {'on' if batching else 'off'}"
-                for clients in args.clients:
-                    rows.append({"setup": label, **measure(images, work / "out", source, clients)})
-                    print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+                for protocol in args.protocols:
+                    url = server.grpc_url if protocol == "grpc" else server.url
+                    source = remote_source(url, name, timeout=600, retries=1)
+                    measure(images[:1], work / "warm", source, 1)
+                    label = f"Triton {PROTOCOL_NAMES[protocol]}, dynamic batching {'on' if batching else 'off'}"
+                    for clients in args.clients:
+                        rows.append({"setup": label, **measure(images, work / "out", source, clients)})
+                        print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

@@ -239,7 +239,9 @@ def local_source(model_path: Path, runtime: Optional[str], precision: Optional[s
 
 def segment_remote(server: str, model: str, volume, batch_size: int = 1, timeout: float = 120.0,
                    retries: int = 3, progress: Optional[ProgressCallback] = None):
-    """One volume through model ``model`` on a Triton server: ``(labels, timings, spec)``."""
+    """One volume through model ``model`` on a Triton server: ``(labels, timings, spec)``; ``timings`` has
+    the plausibility ``"warnings"`` as a local ``pipeline.segment`` gives them."""
+    from . import plausibility
     from .inference import segment_volume
     from .pipeline import read_any
     from .runtimes.triton_runtime import TritonRuntime
@@ -247,11 +249,13 @@ def segment_remote(server: str, model: str, volume, batch_size: int = 1, timeout
     engine = TritonRuntime(server, model, timeout=timeout, retries=retries)
     try:
         spec = engine.spec()
-        labels, timings = segment_volume(engine, read_any(volume), spec, batch_size=batch_size,
-                                         progress_callback=progress)
+        image = read_any(volume)
+        warnings = plausibility.check(image, spec)
+        labels, timings = segment_volume(engine, image, spec, batch_size=batch_size, progress_callback=progress)
     finally:
         engine.close()
     timings["self_check"] = f"not self-checked: runs on the Triton server at {engine.url}"
+    timings["warnings"] = warnings
     return labels, timings, spec
 
 

@@ -19,6 +19,9 @@ Console example (inside 3D Slicer)::
     job = logic.startBatch("deepbet-brain-extraction", [], [volume, other])  # default calibration, one build
     for segmentation, table in job.wait():
         print(segmentation.GetName(), table["build"].describe())
+    # a model served by Triton (slicer-ptq export-triton): a worker segments through the server
+    served, table = logic.segment("deepbet-brain-extraction_python", volume, runtime="triton",
+                                  serverUrl="grpc://triton.example.org:8001")
 """
 
 from __future__ import annotations
