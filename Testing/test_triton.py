@@ -259,6 +259,42 @@ def test_server_and_model_errors_are_one_sentence(server, python_model, protocol
         runtime.close()
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("peer", ["silent", "hangs up"])
+def test_a_peer_that_is_no_triton_server_fails_in_one_sentence(protocol, peer):
+    """Transport failures of either client (a timeout, a closed connection) are retried, then one PTQError."""
+    import socket
+    import threading
+
+    pytest.importorskip(f"tritonclient.{protocol}", reason="the Triton client is not installed")
+    from SlicerPTQLib.runtimes.triton_runtime import TritonRuntime
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed at the end of the test
+                return
+            accepted.append(connection)
+            if peer == "hangs up":
+                connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"{protocol}://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with pytest.raises(PTQError, match=rf"The Triton server at {url} did not answer \(to check that the server "
+                                           rf"is live\) after 2 tries .*Check that the server runs") as failed:
+            TritonRuntime(url, "model", timeout=1.0, retries=1)
+    finally:
+        listener.close()
+        for connection in accepted:
+            connection.close()
+    assert accepted and ("raise --server-timeout" in str(failed.value)) == (peer == "silent")
+
+
 def test_server_addresses_are_checked_before_any_request():
     from SlicerPTQLib.runtimes.triton_runtime import parse_url
 

@@ -15,6 +15,7 @@ model) is not.
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.parse
@@ -158,12 +159,8 @@ class TritonRuntime(Runtime):
                                    f"'{self.model}': {message}. Check the model's config and the server's log.",
                                    message) from exc
                 problem = f"{status.replace('StatusCode.', '')}: {message}".strip(": ")
-            except (OSError, EOFError) as exc:  # refused, reset, timed out, closed (HTTP)
+            except (OSError, http.client.HTTPException) as exc:  # HTTP: refused, reset, timed out, closed early
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            except Exception as exc:  # gevent's own Timeout is no OSError
-                if type(exc).__name__ != "Timeout":
-                    raise
-                problem = "timed out"
             self.close()  # a new connection for the next try
         timed_out = "timed out" in problem.lower() or "DEADLINE_EXCEEDED" in problem
         advice = "or raise --server-timeout" if timed_out else "and that it listens on that port"
