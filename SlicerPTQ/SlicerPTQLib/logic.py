@@ -41,7 +41,7 @@ from .atomic import owned_prefix, remove_stale, replacing, staging_folder
 from .errors import PTQError
 from .metrics import file_size_mb
 from .progress import ProgressCallback
-from .spec import ModelSpec, find_sidecar, sidecar_path
+from .spec import ModelSpec, sidecar_path
 from .volume import Volume
 from .worker_process import Launcher, LogCallback, WorkerProcess, worker_command, worker_environment
 
@@ -420,7 +420,8 @@ class PTQLogic:
     def quantize(self, modelPath: Union[str, Path], calibrationVolumeNodes: Sequence, outDir: Optional[Path] = None,
                  method: str = "max", numCrops: int = 20, precision: str = "int8", runtime: Optional[str] = None,
                  accuracyBudget: Optional[float] = None, progress: Optional[ProgressCallback] = None,
-                 log: Optional[LogCallback] = None, trustBundleCode: bool = False) -> BuiltModel:
+                 log: Optional[LogCallback] = None, trustBundleCode: bool = False,
+                 specFile: Optional[Union[str, Path]] = None, modality: Optional[str] = None) -> BuiltModel:
         """Calibrate on volume nodes and build FP32 + quantized ONNX models (blocking).
 
         ``modelPath``: catalog id, TorchScript/ONNX file or MONAI bundle
@@ -435,18 +436,24 @@ class PTQLogic:
         calibration volumes; see :meth:`BuiltModel.sensitivitySummary`.
         ``trustBundleCode``: let MONAI evaluate the Python expressions in a
         bundle's configs (ask the user first); by default they are refused.
+        ``specFile``: the model's metadata JSON (default: found beside the
+        model, docs/model-metadata.md); ``modality`` (e.g. "CT"): use the
+        metadata's preprocessing for that input modality. Both are checked
+        before any work; the build keeps the spec it was made with.
         """
         if not self.inProcess:
             return self.startQuantize(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision,
-                                      runtime, accuracyBudget, progress, log, trustBundleCode).wait()
+                                      runtime, accuracyBudget, progress, log, trustBundleCode, specFile,
+                                      modality).wait()
         plan = self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime,
-                               accuracyBudget, trustBundleCode)
+                               accuracyBudget, trustBundleCode, specFile, modality)
         if plan.cached is not None:
             return plan.cached
         result = pipeline.quantize(plan.modelPath, plan.volumes, plan.destination, method=method,
                                    num_crops=numCrops, weight_bits=plan.precision.weight_bits,
                                    placement=plan.placement, accuracy_budget=accuracyBudget, progress=progress,
-                                   trust_bundle_code=trustBundleCode)
+                                   trust_bundle_code=trustBundleCode, spec_file=plan.settings.get("spec_file"),
+                                   modality=plan.settings.get("modality"))
         built = BuiltModel(folder=result.out_dir, fp32Model=result.fp32_onnx, quantizedModel=result.quantized_onnx,
                            spec=result.spec, precision=precision, report=result.report)
         if plan.inCache:
@@ -455,13 +462,15 @@ class PTQLogic:
 
     def startQuantize(self, modelPath, calibrationVolumeNodes, outDir=None, method="max", numCrops=20,
                       precision="int8", runtime=None, accuracyBudget=None, progress=None, log=None,
-                      trustBundleCode=False) -> PTQJob:
+                      trustBundleCode=False, specFile=None, modality=None) -> PTQJob:
         """:meth:`quantize` as a job running in a worker process; its result is a :class:`BuiltModel`."""
         self._checkRequest(method, precision, accuracyBudget, calibrationVolumeNodes)
+        self._checkSpec(modelPath, specFile, modality)
 
         def plan():
             return self._quantizeSteps(self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops,
-                                                       precision, runtime, accuracyBudget, trustBundleCode), log)
+                                                       precision, runtime, accuracyBudget, trustBundleCode,
+                                                       specFile, modality), log)
 
         return self._startJob(plan, progress, log, _scene_of(calibrationVolumeNodes), modelPath,
                               defaultCalibration=not calibrationVolumeNodes)
@@ -471,7 +480,8 @@ class PTQLogic:
     def segment(self, model, volumeNode, segmentationNode=None, runtime: Optional[str] = None,
                 compareWithFP32: bool = False, precision: Optional[str] = None,
                 progress: Optional[ProgressCallback] = None, log: Optional[LogCallback] = None,
-                showIn3D: bool = False, serverUrl: Optional[str] = None):
+                showIn3D: bool = False, serverUrl: Optional[str] = None,
+                specFile: Optional[Union[str, Path]] = None, modality: Optional[str] = None):
         """Segment ``volumeNode``; returns ``(segmentationNode, table)`` (blocking).
 
         ``model``: a :class:`BuiltModel` (runs its quantized or FP32 file per
@@ -488,6 +498,12 @@ class PTQLogic:
         ``runtime="triton"`` with ``serverUrl`` (e.g. ``http://host:8000``):
         ``model`` is a model's name on that Triton server (``slicer-ptq
         export-triton``); the network runs there, the rest here.
+
+        ``specFile`` and ``modality`` as in :meth:`quantize`, for a model
+        file (a :class:`BuiltModel` carries the spec it was built with). A
+        model whose spec says ``"output": "regression"`` gives a float map:
+        it comes back as a new scalar volume node in place of the
+        segmentation node (``table["map"]`` is True).
         """
         if runtime == "triton":
             if compareWithFP32 or precision:
@@ -496,13 +512,14 @@ class PTQLogic:
             return self._segmentRemote(model, volumeNode, segmentationNode, serverUrl, progress, showIn3D)
         if not self.inProcess:
             return self.startSegment(model, volumeNode, segmentationNode, runtime, compareWithFP32, precision,
-                                     progress, log, showIn3D).wait()
-        request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision)
+                                     progress, log, showIn3D, specFile, modality).wait()
+        request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision, specFile, modality)
         _log_notes(request, log)
         outputs = []
         for run in request.runs:
             labels, timings = pipeline.segment(run["model"], request.volume, runtime=request.runtime,
-                                               precision=run["precision"], progress=progress)
+                                               precision=run["precision"], progress=progress,
+                                               spec_file=request.specFile, modality=request.modality)
             outputs.append((labels, timings))
         return self._showResult(request, outputs, segmentationNode, showIn3D)
 
@@ -527,13 +544,15 @@ class PTQLogic:
                       "notes": [f"Segmented by the Triton server at {serverUrl}"]}
 
     def startSegment(self, model, volumeNode, segmentationNode=None, runtime=None, compareWithFP32=False,
-                     precision=None, progress=None, log=None, showIn3D=False) -> PTQJob:
+                     precision=None, progress=None, log=None, showIn3D=False, specFile=None, modality=None) -> PTQJob:
         """:meth:`segment` as a job running in a worker process."""
         _refuse_remote_job(runtime)
         slicer_nodes.volume_from_node(volumeNode)
+        self._checkSpec(model, specFile, modality)
 
         def plan():
-            request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision)
+            request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision, specFile,
+                                           modality)
             _log_notes(request, log)
             return self._segmentSteps(lambda: request, segmentationNode, showIn3D)
 
@@ -542,7 +561,7 @@ class PTQLogic:
     def startBuildAndSegment(self, model, calibrationVolumeNodes, volumeNode, segmentationNode=None,
                              method="max", numCrops=20, precision="int8", runtime=None, compareWithFP32=False,
                              accuracyBudget=None, progress=None, log=None, trustBundleCode=False,
-                             showIn3D=False) -> PTQJob:
+                             showIn3D=False, specFile=None, modality=None) -> PTQJob:
         """What the GUI's Apply does: build (or reuse) the model, then segment; one job.
 
         Calibration without checked volumes: see :meth:`quantize`. The
@@ -550,23 +569,24 @@ class PTQLogic:
         """
         return self._startBatch(model, calibrationVolumeNodes, [volumeNode], segmentationNode, method, numCrops,
                                 precision, runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode,
-                                showIn3D, single=True)
+                                showIn3D, specFile, modality, single=True)
 
     def startBatch(self, model, calibrationVolumeNodes, volumeNodes, segmentationNode=None, method="max",
                    numCrops=20, precision="int8", runtime=None, compareWithFP32=False, accuracyBudget=None,
-                   progress=None, log=None, trustBundleCode=False, showIn3D=False) -> PTQJob:
+                   progress=None, log=None, trustBundleCode=False, showIn3D=False, specFile=None,
+                   modality=None) -> PTQJob:
         """Build (or reuse) the model once and segment every volume of ``volumeNodes``: one job, one
         progress (stages prefixed with the volume), one Cancel. Its result is a list of
         ``(segmentationNode, table)``, one segmentation per input, named after it."""
         return self._startBatch(model, calibrationVolumeNodes, volumeNodes, segmentationNode, method, numCrops,
                                 precision, runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode,
-                                showIn3D)
+                                showIn3D, specFile, modality)
 
     # --- internals ------------------------------------------------------------------------------
 
     def _startBatch(self, model, calibrationVolumeNodes, volumeNodes, segmentationNode, method, numCrops, precision,
                     runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode, showIn3D,
-                    single=False) -> PTQJob:
+                    specFile=None, modality=None, single=False) -> PTQJob:
         """:meth:`startBatch`; ``single``: the job's result is the one input's ``(segmentationNode, table)``."""
         _refuse_remote_job(runtime)
         volumeNodes = list(volumeNodes)
@@ -576,13 +596,14 @@ class PTQLogic:
             raise PTQError("An output segmentation can take one input's result only; clear the output "
                            "segmentation so each input gets its own.")
         self._checkRequest(method, precision, accuracyBudget, calibrationVolumeNodes)
+        self._checkSpec(model, specFile, modality)
         for node in volumeNodes:
             slicer_nodes.volume_from_node(node)
         autoRuntime = runtime in (None, "", "auto")
 
         def plan():
             buildPlan = self._buildPlan(model, calibrationVolumeNodes, None, method, numCrops, precision, runtime,
-                                        accuracyBudget, trustBundleCode)
+                                        accuracyBudget, trustBundleCode, specFile, modality)
             steps, buildFinish, cleanup = self._quantizeSteps(buildPlan, log)
             finishers = []
             for index, node in enumerate(volumeNodes):
@@ -648,11 +669,25 @@ class PTQLogic:
         for node in calibrationVolumeNodes:
             slicer_nodes.volume_from_node(node)
 
+    def _checkSpec(self, model, specFile, modality) -> None:
+        """Refuse bad model metadata before any worker starts: a missing or invalid ``specFile``, a model
+        file with none, a ``modality`` it has no preprocessing for. (A catalog model's own metadata is
+        checked in :meth:`_buildPlan`, once its weights are fetched and still before any work.)"""
+        if isinstance(model, BuiltModel):
+            if specFile or modality:
+                raise PTQError(f"The {model.describe()} keeps the metadata it was built with; segment it without "
+                               "a spec file or modality, or build again with them.")
+            return
+        entry = self.catalogModel(model)
+        if entry is None or specFile:
+            _model_spec(self.resolveModel(model) if entry is None else None, specFile, modality)
+
     def _buildPlan(self, model, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime,
-                   accuracyBudget, trustBundleCode=False) -> "_BuildPlan":
+                   accuracyBudget, trustBundleCode=False, specFile=None, modality=None) -> "_BuildPlan":
         self._checkRequest(method, precision, accuracyBudget, ())
         choice = _precision(precision)
         model_path = self.resolveModel(model)
+        spec = _model_spec(model_path, specFile, modality)
         volumes: List[pipeline.VolumeSource] = [slicer_nodes.volume_from_node(node)
                                                 for node in calibrationVolumeNodes]
         backend = self.resolveRuntime(runtime)
@@ -661,6 +696,10 @@ class PTQLogic:
                     "placement": placement}
         if accuracyBudget is not None:  # only when set, so budget-free builds keep their cache folders
             settings["accuracy_budget"] = float(accuracyBudget)
+        if specFile:  # likewise; the build folder's key also covers the spec's content
+            settings["spec_file"] = str(Path(specFile).resolve())
+        if modality:
+            settings["modality"] = modality
         memory_key = json.dumps([str(Path(model_path).resolve()), settings], sort_keys=True)
         if not volumes:
             entry = self.catalogModel(model)
@@ -675,7 +714,7 @@ class PTQLogic:
                 raise PTQError(f"Check at least one calibration volume (a few unlabeled scans like the ones to "
                                f"segment) for the first build of {Path(model_path).name}; later runs reuse "
                                "that build.")
-        destination = Path(outDir) if outDir is not None else _build_folder(model_path, volumes, settings)
+        destination = Path(outDir) if outDir is not None else _build_folder(model_path, spec, volumes, settings)
         cached = BuiltModel.fromFolder(destination, choice.key) if outDir is None else None
         if cached is not None:
             _remember_build(memory_key, cached.folder)
@@ -706,6 +745,8 @@ class PTQLogic:
                      "--method", settings["method"], "--num-crops", str(settings["num_crops"]),
                      "--weight-bits", str(settings["weight_bits"]), "--placement", settings["placement"]]
                     + (["--accuracy-budget", str(budget)] if budget is not None else [])
+                    + (["--spec", settings["spec_file"]] if "spec_file" in settings else [])
+                    + (["--modality", settings["modality"]] if "modality" in settings else [])
                     + (["--trust-bundle-code"] if plan.trustBundleCode else []))
 
         def finish() -> BuiltModel:
@@ -720,8 +761,10 @@ class PTQLogic:
 
         return [WorkerStep(arguments, lambda result: None)], finish, [staging]
 
-    def _segmentRequest(self, model, volumeNode, runtime, compareWithFP32, precision) -> "_SegmentRequest":
+    def _segmentRequest(self, model, volumeNode, runtime, compareWithFP32, precision, specFile=None,
+                        modality=None) -> "_SegmentRequest":
         volume = slicer_nodes.volume_from_node(volumeNode)
+        self._checkSpec(model, specFile, modality)
         notes = []
         if isinstance(model, BuiltModel):
             choice = _precision(precision or model.precision)
@@ -747,12 +790,11 @@ class PTQLogic:
                                "(build one with Apply or PTQLogic.quantize), not the original network.")
             if (fp32_path, "fp32") != (model_path, runs[0]["precision"]):  # else it already is the FP32 run
                 runs.append({"model": fp32_path, "precision": "fp32", "title": "FP32"})
-        spec = pipeline.model_spec_for(model_path)  # the CLI's lookup and refusal (docs/model-metadata.md)
-        if spec.output == "regression":
-            raise PTQError(f"Model {spec.name} gives a regression map (a float volume), not segments; run "
-                           f"slicer-ptq segment {model_path} IMAGE --out map.nii.gz and load the map as a volume.")
+        # the CLI's lookup and refusal (docs/model-metadata.md)
+        spec = pipeline.model_spec_for(model_path, specFile, modality)
         return _SegmentRequest(volumeNode, volume, spec, backend, runs,
-                               model if isinstance(model, BuiltModel) else None, notes)
+                               model if isinstance(model, BuiltModel) else None, notes,
+                               str(Path(specFile).resolve()) if specFile else None, modality)
 
     def _segmentSteps(self, request: Callable[[], "_SegmentRequest"], segmentationNode, showIn3D=False,
                       label: str = ""):
@@ -772,7 +814,9 @@ class PTQLogic:
                 write_volume(current.volume, work / "input.nrrd")
             run = current.runs[index]
             return (["segment", str(run["model"]), str(work / "input.nrrd"), "--out", str(work / f"labels_{index}.nrrd"),
-                     "--runtime", current.runtime] + (["--precision", run["precision"]] if run["precision"] else []))
+                     "--runtime", current.runtime] + (["--precision", run["precision"]] if run["precision"] else [])
+                    + (["--spec", current.specFile] if current.specFile else [])
+                    + (["--modality", current.modality] if current.modality else []))
 
         def finish():
             from .volumes import read_volume
@@ -790,16 +834,26 @@ class PTQLogic:
         from .metrics import dice
 
         labels = [_on_input_grid(label_map, request.volume) for label_map, _ in outputs]
-        node = slicer_nodes.labels_to_segmentation(labels[0], request.spec, request.volumeNode, segmentationNode,
-                                                   catalog.terminologies_for(request.spec, self.models))
-        if showIn3D:
-            node.CreateClosedSurfaceRepresentation()
+        regression = request.spec.output == "regression"
+        if regression:
+            # A float map (a distance, a probability...): Slicer shows those as a scalar volume, not segments.
+            node = slicer_nodes.add_volume_node(request.volumeNode.GetScene(), labels[0],
+                                                f"{request.volumeNode.GetName()} {request.spec.name}")
+        else:
+            node = slicer_nodes.labels_to_segmentation(labels[0], request.spec, request.volumeNode,
+                                                       segmentationNode,
+                                                       catalog.terminologies_for(request.spec, self.models))
+            if showIn3D:
+                node.CreateClosedSurfaceRepresentation()
         rows = []
         for run, label_map, (_, timing) in zip(request.runs, labels, outputs):
             row = {"model": run["title"], "file": Path(run["model"]).name, "runtime": request.runtime,
                    "size (MB)": round(file_size_mb(run["model"]), 2),
                    "time (s)": round(float(timing.get("total_s", float("nan"))), 3)}
-            if len(labels) > 1:
+            if len(labels) > 1 and regression:
+                difference = label_map.array.astype(np.float64) - labels[-1].array
+                row["RMSE vs FP32"] = round(float(np.sqrt(np.mean(difference ** 2))), 6)
+            elif len(labels) > 1:
                 scores = dice(label_map.array, labels[-1].array, sorted(request.spec.labels))
                 row["Dice vs FP32"] = round(float(np.mean(list(scores.values()))), 4)
                 row.update({f"Dice {request.spec.labels[k]}": round(v, 4) for k, v in scores.items()})
@@ -809,7 +863,7 @@ class PTQLogic:
                     if line.startswith("input ") else f"Warning: {line}"
                     for line in (outputs[0][1] or {}).get("warnings", [])]
         return node, {"rows": rows, "reference": "FP32" if len(labels) > 1 else None, "build": request.build,
-                      "notes": list(request.notes) + warnings}
+                      "notes": list(request.notes) + warnings, "map": regression}
 
 
 @dataclass
@@ -836,6 +890,9 @@ class _SegmentRequest:
     runs: List[Dict]
     build: Optional[BuiltModel]
     notes: List[str] = field(default_factory=list)
+    #: the metadata and modality the worker is told (None: the model's own)
+    specFile: Optional[str] = None
+    modality: Optional[str] = None
 
 
 def _precision(key: Optional[str]) -> Precision:
@@ -855,10 +912,21 @@ def _check_accuracy_budget(budget: Optional[float], choice: Precision) -> None:
                        f"not '{choice.key}' ({kind}). Choose precision int8, or turn the accuracy budget off.")
 
 
-def _build_folder(model_path: Path, volumes: Sequence["pipeline.VolumeSource"], settings: Dict) -> Path:
+def _model_spec(model_path: Optional[Path], spec_file, modality: Optional[str]) -> Optional[ModelSpec]:
+    """The metadata a worker will use: ``spec_file``, else the one beside ``model_path`` (None for a MONAI
+    bundle folder, which carries its own), for ``modality``; PTQError, as the CLI says it, when unusable."""
+    if spec_file and not Path(spec_file).is_file():
+        raise PTQError(f"Model metadata file {spec_file} does not exist; choose the model's metadata JSON "
+                       "(docs/model-metadata.md) or clear the field to use the one beside the model.")
+    if not spec_file and Path(model_path).is_dir():
+        return None
+    return pipeline.model_spec_for(model_path, spec_file, modality)
+
+
+def _build_folder(model_path: Path, spec: Optional[ModelSpec], volumes: Sequence["pipeline.VolumeSource"],
+                  settings: Dict) -> Path:
     """The shared build cache folder (see :func:`pipeline.build_folder`), prefixed for builds made here."""
-    spec_file = find_sidecar(model_path)
-    spec = ModelSpec.load(spec_file) if spec_file is not None else ModelSpec(name=Path(model_path).name)
+    spec = spec or ModelSpec(name=Path(model_path).name)
     folder = pipeline.build_folder(model_path, spec, volumes, settings)
     return folder.with_name(f"slicer-{folder.name}")
 

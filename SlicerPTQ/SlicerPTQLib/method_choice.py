@@ -43,6 +43,8 @@ class MethodChoice:
     held_out_crops: int
     agreement: Dict[str, float] = field(default_factory=dict)
     relative_rmse: Dict[str, float] = field(default_factory=dict)
+    label_changes: Dict[str, float] = field(default_factory=dict)
+    dice_major: Dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"requested": "auto", **asdict(self)}
@@ -82,7 +84,9 @@ def choose_method(fp32_onnx: Path, tensors: Sequence[str], crops: Sequence[np.nd
         final.feed(crops, progress_callback)
     return (MethodChoice(chosen=chosen, reason=reason, fit_crops=len(halves[0]),
                          held_out_crops=len(halves[1]) if len(halves) == 2 else 0,
-                         agreement=agreement, relative_rmse=error), final.ranges(chosen))
+                         agreement=agreement, relative_rmse=error,
+                         label_changes={m: scores[m].changed / max(scores[m].voxels, 1) for m in CANDIDATES},
+                         dice_major={m: scores[m].dice(1e-3) for m in CANDIDATES}), final.ranges(chosen))
 
 
 def _judge(fp32_onnx: Path, collector: RangeCollector, judge: Sequence[np.ndarray], reference, scores,
@@ -125,11 +129,15 @@ class _Score:
         self.label_rule = label_rule
         self.relative_mse = []
         self.counts: Dict[int, np.ndarray] = {}  # label -> [both, reference, candidate] voxel counts
+        self.changed = 0
+        self.voxels = 0
 
     def add(self, expected: np.ndarray, got: np.ndarray) -> None:
         expected64, got64 = expected.astype(np.float64), got.astype(np.float64)
         self.relative_mse.append(float(np.sum((got64 - expected64) ** 2)) / max(float(np.sum(expected64 ** 2)), 1e-30))
         ref_labels, out_labels = _labels(expected, self.label_rule), _labels(got, self.label_rule)
+        self.changed += int(np.count_nonzero(ref_labels != out_labels))
+        self.voxels += ref_labels.size
         for label in set(np.unique(ref_labels).tolist()) | set(np.unique(out_labels).tolist()):
             if label == 0:
                 continue
@@ -140,8 +148,9 @@ class _Score:
     def relative_rmse(self) -> float:
         return float(np.sqrt(np.mean(self.relative_mse)))
 
-    def dice(self) -> float:
-        scores = [2 * both / (ref + out) for both, ref, out in self.counts.values() if ref + out > 0]
+    def dice(self, min_fraction: float = 0.0) -> float:
+        scores = [2 * both / (ref + out) for both, ref, out in self.counts.values()
+                  if ref + out > 0 and max(ref, out) >= min_fraction * self.voxels]
         return float(np.mean(scores)) if scores else 1.0
 
 
