@@ -420,7 +420,7 @@ def test_module_refuses_bad_metadata_before_any_worker(tmp_path, mrml_scene, cas
                       r"bad\.json.*'overlap'"),
         "missing file": ({"specFile": str(tmp_path / "nowhere.json")}, r"nowhere\.json does not exist"),
         "modality not offered": ({"specFile": str(spec_file), "modality": "CT"}, "no preprocessing for modality 'CT'"),
-        "no metadata": ({}, "No model metadata"),
+        "no metadata": ({}, r"No model metadata .*Model metadata \(spec\) file"),
     }[case]
 
     def launcher(command, **kwargs):

@@ -41,7 +41,7 @@ from .atomic import owned_prefix, remove_stale, replacing, staging_folder
 from .errors import PTQError
 from .metrics import file_size_mb
 from .progress import ProgressCallback
-from .spec import ModelSpec, sidecar_path
+from .spec import ModelSpec, find_sidecar, sidecar_path
 from .volume import Volume
 from .worker_process import Launcher, LogCallback, WorkerProcess, worker_command, worker_environment
 
@@ -920,6 +920,10 @@ def _model_spec(model_path: Optional[Path], spec_file, modality: Optional[str]) 
                        "(docs/model-metadata.md) or clear the field to use the one beside the model.")
     if not spec_file and Path(model_path).is_dir():
         return None
+    if not spec_file and find_sidecar(Path(model_path)) is None:
+        from .models import missing_spec_message
+
+        raise PTQError(missing_spec_message(Path(model_path), "the module's 'Model metadata (spec) file' field"))
     return pipeline.model_spec_for(model_path, spec_file, modality)
 
 
