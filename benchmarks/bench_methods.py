@@ -17,6 +17,10 @@ deepbet's shipped, trained model when it can be fetched. SegResNetDS is
 built with GroupNorm + Mish, the layout issue 18 found ``max`` wrong for.
 
     python benchmarks/bench_methods.py --out benchmarks/results
+
+Rows of networks not run this time stay from an earlier run into the same
+``--out`` (each row says when it was measured), so networks can be added as
+their training finishes: ``--networks SegResNet --trained-only``.
 """
 
 from __future__ import annotations
@@ -92,7 +96,8 @@ def bench_one(name: str, module, spec, weights: str, num_crops: int, folder: Pat
     from SlicerPTQLib.qdq import PLACEMENTS, choose_activation_tensors, quantize_onnx
     from SlicerPTQLib.runtimes import create_runtime
 
-    row = {"network": name, "weights": weights, "roi": list(spec.roi_size)}
+    row = {"network": name, "weights": weights, "roi": list(spec.roi_size),
+           "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     fp32 = export_onnx(module, folder / f"{name}.fp32.onnx", spec.in_channels,
                        (1, spec.in_channels, *spec.roi_size), dynamic_spatial=spec.dynamic_spatial)
     calibration = [image for _, image in bench.volumes(spec, "calibration")]
@@ -145,6 +150,14 @@ def markdown(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def earlier_rows(out: Path, networks: List[str]) -> List[Dict]:
+    """The rows of an earlier run into ``out`` for the networks not run now."""
+    previous = out / "methods.json"
+    if not previous.is_file():
+        return []
+    return [row for row in json.loads(previous.read_text())["rows"] if row["network"] not in networks]
+
+
 def write(out: Path, rows: List[Dict], skipped: List[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
@@ -163,7 +176,7 @@ def main() -> int:
     parser.add_argument("--trained-only", action="store_true",
                         help="skip registry networks whose trained weights are not in the cache")
     args = parser.parse_args()
-    rows, skipped = [], []
+    rows, skipped = earlier_rows(args.out, args.networks), []
     with tempfile.TemporaryDirectory(prefix="bench-methods-") as folder:
         for name in args.networks:
             if args.trained_only and name != "deepbet" and bench.cached_record(name, None) is None:
