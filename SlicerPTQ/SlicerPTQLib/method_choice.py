@@ -13,8 +13,8 @@ classes covering at least 0.1% of them (so a class a network predicts in
 a handful of voxels cannot swing it), as the benchmark measures agreement;
 the relative RMSE of the outputs breaks ties (then ``max``, the default).
 The output error alone ranked otherwise than the labels on whole held-out
-volumes (benchmarks/measured/methods-amd-epyc-avx2.md: DynUNet). The final
-ranges of the winner see every crop.
+volumes (benchmarks/measured/methods-amd-epyc-avx2.md: SegResNet and a
+random DynUNet). The final ranges of the winner see every crop.
 """
 
 from __future__ import annotations
