@@ -27,6 +27,8 @@ from SlicerPTQLib.logic import METHODS, PRECISIONS, PTQLogic
 RUNTIMES = ["auto", "openvino", "tensorrt", "onnxruntime", "triton"]
 #: What the runtime list shows instead of the logic's name.
 RUNTIME_LABELS = {"triton": _("Remote Triton server")}
+#: Input modality override: "auto" uses the metadata's own preprocessing.
+MODALITIES = ["auto", "CT", "MR"]
 DEFAULT_MODEL = "deepbet-brain-extraction"
 #: Lines the log box keeps (the whole output also goes to Slicer's application log).
 LOG_LINES = 2000
@@ -77,6 +79,8 @@ class ShippedVolumeLoader:
 @parameterNodeWrapper
 class SlicerPTQParameterNode:
     model: str = DEFAULT_MODEL  # catalog id or path of a model file / bundle folder
+    specFile: str = ""  # the model's metadata JSON; empty: the one beside the model
+    modality: Annotated[str, Choice(MODALITIES)] = "auto"
     calibrationVolumes: list[vtkMRMLScalarVolumeNode]
     numCrops: Annotated[int, WithinRange(1, 500)] = 20
     method: Annotated[str, Choice(list(METHODS))] = "max"
@@ -119,6 +123,7 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelSearchLineEdit.textChanged.connect(self.onModelSearchChanged)
         self.ui.modelListWidget.currentItemChanged.connect(self.onModelSelected)
         self.ui.loadModelFileButton.clicked.connect(self.onLoadModelFile)
+        self.ui.specFilePathLineEdit.currentPathChanged.connect(self.onSpecFileChanged)
         self.ui.calibrationVolumesComboBox.checkedNodesChanged.connect(self.onCalibrationVolumesChanged)
         self.ui.batchVolumesComboBox.checkedNodesChanged.connect(self.onBatchVolumesChanged)
         self.ui.addFolderButton.clicked.connect(self.onAddFolder)
@@ -191,6 +196,8 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
                 self.ui.calibrationVolumesComboBox.setCheckState(node, qt.Qt.Checked if node in checked else qt.Qt.Unchecked)
                 self.ui.batchVolumesComboBox.setCheckState(node, qt.Qt.Checked if node in batch else qt.Qt.Unchecked)
+            if self.ui.specFilePathLineEdit.currentPath != self._parameterNode.specFile:
+                self.ui.specFilePathLineEdit.currentPath = self._parameterNode.specFile
             inputVolume = self._parameterNode.inputVolume
             # A new output segmentation is named after the input, like the results the logic creates.
             self.ui.outputSegmentationSelector.baseName = (f"{inputVolume.GetName()} segmentation" if inputVolume
@@ -244,6 +251,10 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             bundle = os.path.basename(path) == "metadata.json"
             self._parameterNode.model = os.path.dirname(os.path.dirname(path)) if bundle else path
 
+    def onSpecFileChanged(self, path):
+        if not self._updatingGui and self._parameterNode is not None:
+            self._parameterNode.specFile = path
+
     def onCalibrationVolumesChanged(self):
         if not self._updatingGui and self._parameterNode is not None:
             self._parameterNode.calibrationVolumes = list(self.ui.calibrationVolumesComboBox.checkedNodes())
@@ -282,7 +293,9 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 compareWithFP32=parameters.compareWithFP32 and not remote,
                 accuracyBudget=parameters.accuracyBudget if keepAccuracy and not remote else None,
                 progress=self.onProgress, log=self.appendLog, showIn3D=parameters.showIn3D,
-                serverUrl=parameters.serverUrl if remote else None)
+                serverUrl=parameters.serverUrl if remote else None,
+                specFile=(parameters.specFile or None) if not remote else None,
+                modality=None if remote or parameters.modality == "auto" else parameters.modality)
             self.setRunning(True)
             self._pollTimer.start()
 
@@ -304,7 +317,9 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(job.error)
         else:
             results = job.result
-            if len(results) == 1:  # a batch leaves the selector alone: the next Apply must not overwrite one
+            # A batch leaves the selector alone: the next Apply must not overwrite one. A regression model's
+            # result is a scalar volume node, not a segmentation.
+            if len(results) == 1 and not results[0][1].get("map"):
                 parameters.outputSegmentation = results[0][0]
             if not parameters.resultsTable:
                 parameters.resultsTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", _("PTQ results"))

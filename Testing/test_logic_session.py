@@ -25,6 +25,7 @@ from SlicerPTQLib import logic as logic_module  # noqa: E402
 from SlicerPTQLib import slicer_nodes  # noqa: E402
 from SlicerPTQLib.errors import PTQError  # noqa: E402
 from SlicerPTQLib.logic import PTQJob, PTQLogic, WorkerStep  # noqa: E402
+from SlicerPTQLib.spec import ModelSpec  # noqa: E402
 from SlicerPTQLib.volume import Volume  # noqa: E402
 from SlicerPTQLib.worker_process import worker_environment  # noqa: E402
 
@@ -157,6 +158,7 @@ def test_catalog_model_builds_once_on_its_default_calibration_for_any_input(scen
 def test_user_model_without_calibration_volumes_is_asked_for_them(scene, runtimes_known, tmp_path):
     model = tmp_path / "mine.onnx"
     model.write_bytes(b"not built yet")
+    ModelSpec(name="mine").save(tmp_path / "mine.json")  # its metadata is checked first
     with pytest.raises(PTQError, match="Check at least one calibration volume .* first build of mine.onnx; "
                                        "later runs reuse that build"):
         PTQLogic().startBuildAndSegment(str(model), [], _node(scene), runtime="openvino")

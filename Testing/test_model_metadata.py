@@ -334,3 +334,118 @@ def test_signed_distance_network_through_the_slicer_module(tmp_path, mrml_scene)
                                                                                  node)
     inside = slicer.util.arrayFromVolume(exported) > 0
     assert np.array_equal(inside, slicer.util.arrayFromVolume(node) > 0.5)
+
+
+# The module given the metadata by path (a file not named like the model) and a modality, as its
+# "Model metadata (spec) file" field and modality menu pass them.
+
+SDF_SPEC = {"name": "sdf", "out_channels": 1, "roi_size": [16, 16, 16], "labels": {"1": "inside"},
+            "intensity": {"kind": "none"}, "output": "threshold", "threshold": 1.0, "threshold_direction": "below"}
+
+
+def _inside(slicer, vtk, scene, segmentation_node, reference_node) -> np.ndarray:
+    """The first segment as a boolean array on the reference node's grid."""
+    segmentation = segmentation_node.GetSegmentation()
+    exported = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "exported")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segmentation.GetNthSegmentID(0))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, exported,
+                                                                                 reference_node)
+    return slicer.util.arrayFromVolume(exported) > 0
+
+
+def _module_setup(tmp_path, scene, module, spec, offset=0.0):
+    """A scripted ``module``, its metadata in another folder under another name, a ball volume node."""
+    from SlicerPTQLib import slicer_nodes
+
+    model = _script(module, tmp_path / "net.pt")
+    (tmp_path / "specs").mkdir()
+    spec_file = _write(tmp_path / "specs" / "described by hand.json", spec)
+    ball = read_volume(_ball(tmp_path / "ball.nii.gz"))
+    node = slicer_nodes.add_volume_node(scene, ball.with_array(ball.array + offset), "ball")
+    return model, spec_file, node, ball.array > 0.5
+
+
+def test_softmax_network_with_spec_file_and_modality_through_the_module(tmp_path, mrml_scene):
+    """In process: the CT preprocessing the metadata offers maps the ball to [0, 1]; its own (none) would not."""
+    slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
+    vtk = pytest.importorskip("vtk")
+    from SlicerPTQLib.logic import PTQLogic
+
+    spec = {**VALID, "roi_size": [16, 16, 16], "intensity": {"kind": "none"}, "modality": "MR",
+            "intensity_by_modality": {"CT": {"kind": "clip_scale", "a_min": 0.6, "a_max": 1.6}}}
+    model, spec_file, node, ball = _module_setup(tmp_path, mrml_scene, _Scores(), spec, offset=0.6)
+    logic = PTQLogic(inProcess=True)
+    built = logic.quantize(str(model), [node], numCrops=2, specFile=str(spec_file), modality="CT")
+    assert built.spec.modality == "CT" and built.report["spec_source"] == str(spec_file)
+    segmentation_node, _ = logic.segment(built, node)
+    assert np.array_equal(_inside(slicer, vtk, mrml_scene, segmentation_node, node), ball)
+    # The spec's own preprocessing (none): every voxel, inside and out, scores above 0.5.
+    fp32_node, _ = logic.segment(str(built.fp32Model), node, specFile=str(spec_file))
+    assert _inside(slicer, vtk, mrml_scene, fp32_node, node).all()
+
+
+def test_signed_distance_network_with_spec_file_through_module_workers(tmp_path, mrml_scene):
+    """What Apply runs: one job, real worker processes told --spec; the segment is the ball."""
+    slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
+    vtk = pytest.importorskip("vtk")
+    import subprocess
+
+    from SlicerPTQLib.logic import PTQLogic
+
+    model, spec_file, node, ball = _module_setup(tmp_path, mrml_scene, _Distance(), SDF_SPEC)
+    commands = []
+
+    def launcher(command, **kwargs):
+        commands.append(command)
+        return subprocess.Popen(command, **kwargs)
+
+    job = PTQLogic(launcher=launcher).startBuildAndSegment(str(model), [node], node, numCrops=2,
+                                                            runtime="openvino", specFile=str(spec_file))
+    segmentation_node, table = job.wait()
+    quantize = next(command for command in commands if "quantize" in command)
+    assert quantize[quantize.index("--spec") + 1] == str(spec_file.resolve())
+    assert table["build"].spec.output == "threshold"
+    assert np.array_equal(_inside(slicer, vtk, mrml_scene, segmentation_node, node), ball)
+
+
+@pytest.mark.parametrize("case", ["bad field", "missing file", "modality not offered", "no metadata"])
+def test_module_refuses_bad_metadata_before_any_worker(tmp_path, mrml_scene, case):
+    pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
+    from SlicerPTQLib.logic import PTQLogic
+
+    model, spec_file, node, _ = _module_setup(tmp_path, mrml_scene, _Distance(), SDF_SPEC)
+    settings, expected = {
+        "bad field": ({"specFile": str(_write(tmp_path / "bad.json", {**SDF_SPEC, "overlap": 2.0}))},
+                      r"bad\.json.*'overlap'"),
+        "missing file": ({"specFile": str(tmp_path / "nowhere.json")}, r"nowhere\.json does not exist"),
+        "modality not offered": ({"specFile": str(spec_file), "modality": "CT"}, "no preprocessing for modality 'CT'"),
+        "no metadata": ({}, r"No model metadata .*Model metadata \(spec\) file"),
+    }[case]
+
+    def launcher(command, **kwargs):
+        raise AssertionError(f"a worker started: {command}")
+
+    logic = PTQLogic(launcher=launcher)
+    for start in (lambda: logic.startBatch(str(model), [node], [node], **settings),
+                  lambda: logic.startSegment(str(model), node, **settings)):
+        with pytest.raises(PTQError, match=expected) as error:
+            start()
+        assert "Traceback" not in str(error.value) and str(error.value).count(". ") == 0
+
+
+def test_regression_model_gives_a_scalar_volume_node_in_the_module(tmp_path, mrml_scene):
+    slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
+    from SlicerPTQLib.logic import PTQLogic
+
+    spec = {**SDF_SPEC, "output": "regression", "labels": {}}
+    del spec["threshold"], spec["threshold_direction"]
+    model, spec_file, node, ball = _module_setup(tmp_path, mrml_scene, _Distance(), spec)
+    logic = PTQLogic(inProcess=True)
+    built = logic.quantize(str(model), [node], numCrops=2, specFile=str(spec_file))
+    volume_node, table = logic.segment(built, node, compareWithFP32=True, precision="int8")
+    assert volume_node.IsA("vtkMRMLScalarVolumeNode") and table["map"]
+    assert volume_node.GetName() == "ball sdf"
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(volume_node), 1.5 - slicer.util.arrayFromVolume(node),
+                               atol=0.02)
+    assert table["rows"][0]["RMSE vs FP32"] < 0.02

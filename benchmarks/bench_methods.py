@@ -17,6 +17,10 @@ deepbet's shipped, trained model when it can be fetched. SegResNetDS is
 built with GroupNorm + Mish, the layout issue 18 found ``max`` wrong for.
 
     python benchmarks/bench_methods.py --out benchmarks/results
+
+Rows of networks not run this time stay from an earlier run into the same
+``--out`` (each row says when it was measured), so networks can be added as
+their training finishes: ``--networks SegResNet --trained-only``.
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ from SlicerPTQLib import architectures  # noqa: E402
 from SlicerPTQLib.atomic import replacing  # noqa: E402
 
 FIXED = ("max", "percentile", "mse", "entropy")
-NETWORKS = {"UNet": {}, "SegResNet": {}, "DynUNet": {},
-            "SegResNetDS": {"norm": ("group", {"num_groups": 4}), "act": "mish"}}
+#: Registry networks; extra arguments for the random-weight build (trained weights carry their own).
+NETWORKS = {name: {} for name in architectures.REGISTRY}
+NETWORKS["SegResNetDS"] = {"norm": ("group", {"num_groups": 4}), "act": "mish"}
 
 
 def network(name: str):
@@ -91,7 +96,8 @@ def bench_one(name: str, module, spec, weights: str, num_crops: int, folder: Pat
     from SlicerPTQLib.qdq import PLACEMENTS, choose_activation_tensors, quantize_onnx
     from SlicerPTQLib.runtimes import create_runtime
 
-    row = {"network": name, "weights": weights, "roi": list(spec.roi_size)}
+    row = {"network": name, "weights": weights, "roi": list(spec.roi_size),
+           "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     fp32 = export_onnx(module, folder / f"{name}.fp32.onnx", spec.in_channels,
                        (1, spec.in_channels, *spec.roi_size), dynamic_spatial=spec.dynamic_spatial)
     calibration = [image for _, image in bench.volumes(spec, "calibration")]
@@ -144,15 +150,39 @@ def markdown(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def earlier_rows(out: Path, networks: List[str]) -> List[Dict]:
+    """The rows of an earlier run into ``out`` for the networks not run now."""
+    previous = out / "methods.json"
+    if not previous.is_file():
+        return []
+    return [row for row in json.loads(previous.read_text())["rows"] if row["network"] not in networks]
+
+
+def write(out: Path, rows: List[Dict], skipped: List[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+              "rows": rows, "skipped_untrained": skipped}
+    with replacing(out / "methods.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
+    with replacing(out / "methods.md") as tmp:
+        tmp.write_text(markdown(rows) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS) + ["deepbet"])
     parser.add_argument("--num-crops", type=int, default=8)
+    parser.add_argument("--trained-only", action="store_true",
+                        help="skip registry networks whose trained weights are not in the cache")
     args = parser.parse_args()
-    rows = []
+    rows, skipped = earlier_rows(args.out, args.networks), []
     with tempfile.TemporaryDirectory(prefix="bench-methods-") as folder:
         for name in args.networks:
+            if args.trained_only and name != "deepbet" and bench.cached_record(name, None) is None:
+                print(f"{name}: no trained weights in the cache, skipped", flush=True)
+                skipped.append(name)
+                continue
             print(f"{name} ...", flush=True)
             try:
                 module, spec, weights = shipped_network() if name == "deepbet" else network(name)
@@ -161,13 +191,7 @@ def main() -> int:
                 traceback.print_exc()
                 rows.append({"network": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
             print(markdown(rows[-1:]).splitlines()[2], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
-              "rows": rows}
-    with replacing(args.out / "methods.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2))
-    with replacing(args.out / "methods.md") as tmp:
-        tmp.write_text(markdown(rows) + "\n")
+            write(args.out, rows, skipped)  # after every row: a long run keeps what it measured
     print(markdown(rows))
     return 0
 

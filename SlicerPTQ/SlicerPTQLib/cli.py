@@ -20,7 +20,7 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 METHODS = ["max", "percentile", "entropy", "mse", "auto"]
 METHOD_HELP = ("how activation ranges are chosen from the calibration crops: 'max' (min/max), 'percentile', "
                "'entropy' (KL), 'mse', or 'auto' (each tried on crops held back from its ranges, the one whose "
-               "outputs are closest to FP32 kept and recorded in quantization.json); default max")
+               "labels agree best with FP32's kept and recorded in quantization.json); default max")
 NUM_CROPS_HELP = f"calibration patches sampled from the volumes, 1 to {limits.MAX_NUM_CROPS} (default 20)"
 
 

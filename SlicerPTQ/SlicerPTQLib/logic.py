@@ -423,7 +423,8 @@ class PTQLogic:
     def quantize(self, modelPath: Union[str, Path], calibrationVolumeNodes: Sequence, outDir: Optional[Path] = None,
                  method: str = "max", numCrops: int = 20, precision: str = "int8", runtime: Optional[str] = None,
                  accuracyBudget: Optional[float] = None, progress: Optional[ProgressCallback] = None,
-                 log: Optional[LogCallback] = None, trustBundleCode: bool = False) -> BuiltModel:
+                 log: Optional[LogCallback] = None, trustBundleCode: bool = False,
+                 specFile: Optional[Union[str, Path]] = None, modality: Optional[str] = None) -> BuiltModel:
         """Calibrate on volume nodes and build FP32 + quantized ONNX models (blocking).
 
         ``modelPath``: catalog id, TorchScript/ONNX file or MONAI bundle
@@ -438,18 +439,24 @@ class PTQLogic:
         calibration volumes; see :meth:`BuiltModel.sensitivitySummary`.
         ``trustBundleCode``: let MONAI evaluate the Python expressions in a
         bundle's configs (ask the user first); by default they are refused.
+        ``specFile``: the model's metadata JSON (default: found beside the
+        model, docs/model-metadata.md); ``modality`` (e.g. "CT"): use the
+        metadata's preprocessing for that input modality. Both are checked
+        before any work; the build keeps the spec it was made with.
         """
         if not self.inProcess:
             return self.startQuantize(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision,
-                                      runtime, accuracyBudget, progress, log, trustBundleCode).wait()
+                                      runtime, accuracyBudget, progress, log, trustBundleCode, specFile,
+                                      modality).wait()
         plan = self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime,
-                               accuracyBudget, trustBundleCode)
+                               accuracyBudget, trustBundleCode, specFile, modality)
         if plan.cached is not None:
             return plan.cached
         result = pipeline.quantize(plan.modelPath, plan.volumes, plan.destination, method=method,
                                    num_crops=numCrops, weight_bits=plan.precision.weight_bits,
                                    placement=plan.placement, accuracy_budget=accuracyBudget, progress=progress,
-                                   trust_bundle_code=trustBundleCode)
+                                   trust_bundle_code=trustBundleCode, spec_file=plan.settings.get("spec_file"),
+                                   modality=plan.settings.get("modality"))
         built = BuiltModel(folder=result.out_dir, fp32Model=result.fp32_onnx, quantizedModel=result.quantized_onnx,
                            spec=result.spec, precision=precision, report=result.report)
         if plan.inCache:
@@ -458,13 +465,15 @@ class PTQLogic:
 
     def startQuantize(self, modelPath, calibrationVolumeNodes, outDir=None, method="max", numCrops=20,
                       precision="int8", runtime=None, accuracyBudget=None, progress=None, log=None,
-                      trustBundleCode=False) -> PTQJob:
+                      trustBundleCode=False, specFile=None, modality=None) -> PTQJob:
         """:meth:`quantize` as a job running in a worker process; its result is a :class:`BuiltModel`."""
         self._checkRequest(method, precision, accuracyBudget, calibrationVolumeNodes)
+        self._checkSpec(modelPath, specFile, modality)
 
         def plan():
             return self._quantizeSteps(self._buildPlan(modelPath, calibrationVolumeNodes, outDir, method, numCrops,
-                                                       precision, runtime, accuracyBudget, trustBundleCode), log)
+                                                       precision, runtime, accuracyBudget, trustBundleCode,
+                                                       specFile, modality), log)
 
         return self._startJob(plan, progress, log, _scene_of(calibrationVolumeNodes), modelPath,
                               defaultCalibration=not calibrationVolumeNodes)
@@ -474,7 +483,8 @@ class PTQLogic:
     def segment(self, model, volumeNode, segmentationNode=None, runtime: Optional[str] = None,
                 compareWithFP32: bool = False, precision: Optional[str] = None,
                 progress: Optional[ProgressCallback] = None, log: Optional[LogCallback] = None,
-                showIn3D: bool = False, serverUrl: Optional[str] = None):
+                showIn3D: bool = False, serverUrl: Optional[str] = None,
+                specFile: Optional[Union[str, Path]] = None, modality: Optional[str] = None):
         """Segment ``volumeNode``; returns ``(segmentationNode, table)`` (blocking).
 
         ``model``: a :class:`BuiltModel` (runs its quantized or FP32 file per
@@ -492,36 +502,46 @@ class PTQLogic:
         ``grpc://host:8001``): ``model`` is a model's name on that Triton
         server (``slicer-ptq export-triton``); the network runs there, the
         rest in the worker, and nothing is built here.
+
+        ``specFile`` and ``modality`` as in :meth:`quantize`, for a model
+        file (a :class:`BuiltModel` carries the spec it was built with). A
+        model whose spec says ``"output": "regression"`` gives a float map:
+        it comes back as a new scalar volume node in place of the
+        segmentation node (``table["map"]`` is True).
         """
         if not self.inProcess:
             return self.startSegment(model, volumeNode, segmentationNode, runtime, compareWithFP32, precision,
-                                     progress, log, showIn3D, serverUrl).wait()
-        request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision, serverUrl)
+                                     progress, log, showIn3D, serverUrl, specFile, modality).wait()
+        request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision, serverUrl, specFile,
+                                       modality)
         _log_notes(request, log)
         outputs = []
         for run in request.runs:
             if request.server:
                 from .cohort import segment_remote
 
-                labels, timings, spec = segment_remote(request.server, run["model"], request.volume,
-                                                       progress=progress)
-                request.spec = _segments_only(spec, run["model"], ["--server", request.server])
+                labels, timings, request.spec = segment_remote(request.server, run["model"], request.volume,
+                                                               progress=progress)
             else:
                 labels, timings = pipeline.segment(run["model"], request.volume, runtime=request.runtime,
-                                                   precision=run["precision"], progress=progress)
+                                                   precision=run["precision"], progress=progress,
+                                                   spec_file=request.specFile, modality=request.modality)
             outputs.append((labels, timings))
         return self._showResult(request, outputs, segmentationNode, showIn3D)
 
     def startSegment(self, model, volumeNode, segmentationNode=None, runtime=None, compareWithFP32=False,
-                     precision=None, progress=None, log=None, showIn3D=False, serverUrl=None) -> PTQJob:
+                     precision=None, progress=None, log=None, showIn3D=False, serverUrl=None, specFile=None,
+                     modality=None) -> PTQJob:
         """:meth:`segment` as a job running in a worker process."""
         slicer_nodes.volume_from_node(volumeNode)
         remote = runtime == "triton"
         if remote:
             _check_remote(model, serverUrl, compareWithFP32, precision)
+        self._checkSpec(model, specFile, modality)
 
         def plan():
-            request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision, serverUrl)
+            request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision, serverUrl,
+                                           specFile, modality)
             _log_notes(request, log)
             return self._segmentSteps(lambda: request, segmentationNode, showIn3D)
 
@@ -531,7 +551,7 @@ class PTQLogic:
     def startBuildAndSegment(self, model, calibrationVolumeNodes, volumeNode, segmentationNode=None,
                              method="max", numCrops=20, precision="int8", runtime=None, compareWithFP32=False,
                              accuracyBudget=None, progress=None, log=None, trustBundleCode=False,
-                             showIn3D=False, serverUrl=None) -> PTQJob:
+                             showIn3D=False, serverUrl=None, specFile=None, modality=None) -> PTQJob:
         """What the GUI's Apply does: build (or reuse) the model, then segment; one job.
 
         Calibration without checked volumes: see :meth:`quantize`. The
@@ -539,11 +559,12 @@ class PTQLogic:
         """
         return self._startBatch(model, calibrationVolumeNodes, [volumeNode], segmentationNode, method, numCrops,
                                 precision, runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode,
-                                showIn3D, serverUrl, single=True)
+                                showIn3D, serverUrl, specFile, modality, single=True)
 
     def startBatch(self, model, calibrationVolumeNodes, volumeNodes, segmentationNode=None, method="max",
                    numCrops=20, precision="int8", runtime=None, compareWithFP32=False, accuracyBudget=None,
-                   progress=None, log=None, trustBundleCode=False, showIn3D=False, serverUrl=None) -> PTQJob:
+                   progress=None, log=None, trustBundleCode=False, showIn3D=False, serverUrl=None, specFile=None,
+                   modality=None) -> PTQJob:
         """Build (or reuse) the model once and segment every volume of ``volumeNodes``: one job, one
         progress (stages prefixed with the volume), one Cancel. Its result is a list of
         ``(segmentationNode, table)``, one segmentation per input, named after it.
@@ -554,13 +575,13 @@ class PTQLogic:
         segmented by a worker through the server."""
         return self._startBatch(model, calibrationVolumeNodes, volumeNodes, segmentationNode, method, numCrops,
                                 precision, runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode,
-                                showIn3D, serverUrl)
+                                showIn3D, serverUrl, specFile, modality)
 
     # --- internals ------------------------------------------------------------------------------
 
     def _startBatch(self, model, calibrationVolumeNodes, volumeNodes, segmentationNode, method, numCrops, precision,
                     runtime, compareWithFP32, accuracyBudget, progress, log, trustBundleCode, showIn3D,
-                    serverUrl=None, single=False) -> PTQJob:
+                    serverUrl=None, specFile=None, modality=None, single=False) -> PTQJob:
         """:meth:`startBatch`; ``single``: the job's result is the one input's ``(segmentationNode, table)``."""
         volumeNodes = list(volumeNodes)
         if not volumeNodes:
@@ -573,6 +594,7 @@ class PTQLogic:
             _check_remote(model, serverUrl, compareWithFP32, None)
         else:
             self._checkRequest(method, precision, accuracyBudget, calibrationVolumeNodes)
+        self._checkSpec(model, specFile, modality)
         for node in volumeNodes:
             slicer_nodes.volume_from_node(node)
         autoRuntime = runtime in (None, "", "auto")
@@ -582,7 +604,7 @@ class PTQLogic:
                 steps, buildFinish, cleanup = [], lambda: model, []
             else:
                 buildPlan = self._buildPlan(model, calibrationVolumeNodes, None, method, numCrops, precision,
-                                            runtime, accuracyBudget, trustBundleCode)
+                                            runtime, accuracyBudget, trustBundleCode, specFile, modality)
                 steps, buildFinish, cleanup = self._quantizeSteps(buildPlan, log)
             finishers = []
             for index, node in enumerate(volumeNodes):
@@ -649,11 +671,25 @@ class PTQLogic:
         for node in calibrationVolumeNodes:
             slicer_nodes.volume_from_node(node)
 
+    def _checkSpec(self, model, specFile, modality) -> None:
+        """Refuse bad model metadata before any worker starts: a missing or invalid ``specFile``, a model
+        file with none, a ``modality`` it has no preprocessing for. (A catalog model's own metadata is
+        checked in :meth:`_buildPlan`, once its weights are fetched and still before any work.)"""
+        if isinstance(model, BuiltModel):
+            if specFile or modality:
+                raise PTQError(f"The {model.describe()} keeps the metadata it was built with; segment it without "
+                               "a spec file or modality, or build again with them.")
+            return
+        entry = self.catalogModel(model)
+        if entry is None or specFile:
+            _model_spec(self.resolveModel(model) if entry is None else None, specFile, modality)
+
     def _buildPlan(self, model, calibrationVolumeNodes, outDir, method, numCrops, precision, runtime,
-                   accuracyBudget, trustBundleCode=False) -> "_BuildPlan":
+                   accuracyBudget, trustBundleCode=False, specFile=None, modality=None) -> "_BuildPlan":
         self._checkRequest(method, precision, accuracyBudget, ())
         choice = _precision(precision)
         model_path = self.resolveModel(model)
+        spec = _model_spec(model_path, specFile, modality)
         volumes: List[pipeline.VolumeSource] = [slicer_nodes.volume_from_node(node)
                                                 for node in calibrationVolumeNodes]
         backend = self.resolveRuntime(runtime)
@@ -662,6 +698,10 @@ class PTQLogic:
                     "placement": placement}
         if accuracyBudget is not None:  # only when set, so budget-free builds keep their cache folders
             settings["accuracy_budget"] = float(accuracyBudget)
+        if specFile:  # likewise; the build folder's key also covers the spec's content
+            settings["spec_file"] = str(Path(specFile).resolve())
+        if modality:
+            settings["modality"] = modality
         memory_key = json.dumps([str(Path(model_path).resolve()), settings], sort_keys=True)
         if not volumes:
             entry = self.catalogModel(model)
@@ -676,7 +716,7 @@ class PTQLogic:
                 raise PTQError(f"Check at least one calibration volume (a few unlabeled scans like the ones to "
                                f"segment) for the first build of {Path(model_path).name}; later runs reuse "
                                "that build.")
-        destination = Path(outDir) if outDir is not None else _build_folder(model_path, volumes, settings)
+        destination = Path(outDir) if outDir is not None else _build_folder(model_path, spec, volumes, settings)
         cached = BuiltModel.fromFolder(destination, choice.key) if outDir is None else None
         if cached is not None:
             _remember_build(memory_key, cached.folder)
@@ -707,6 +747,8 @@ class PTQLogic:
                      "--method", settings["method"], "--num-crops", str(settings["num_crops"]),
                      "--weight-bits", str(settings["weight_bits"]), "--placement", settings["placement"]]
                     + (["--accuracy-budget", str(budget)] if budget is not None else [])
+                    + (["--spec", settings["spec_file"]] if "spec_file" in settings else [])
+                    + (["--modality", settings["modality"]] if "modality" in settings else [])
                     + (["--trust-bundle-code"] if plan.trustBundleCode else []))
 
         def finish() -> BuiltModel:
@@ -722,7 +764,7 @@ class PTQLogic:
         return [WorkerStep(arguments, lambda result: None)], finish, [staging]
 
     def _segmentRequest(self, model, volumeNode, runtime, compareWithFP32, precision,
-                        serverUrl: Optional[str] = None) -> "_SegmentRequest":
+                        serverUrl: Optional[str] = None, specFile=None, modality=None) -> "_SegmentRequest":
         volume = slicer_nodes.volume_from_node(volumeNode)
         if runtime == "triton":
             # The spec comes from the server with the labels (set when the run is back).
@@ -731,6 +773,7 @@ class PTQLogic:
                                                                           "title": name}], None,
                                    [f"Segmenting {volumeNode.GetName()} with model '{name}' on the Triton server "
                                     f"at {server}"], server=server)
+        self._checkSpec(model, specFile, modality)
         notes = []
         if isinstance(model, BuiltModel):
             choice = _precision(precision or model.precision)
@@ -757,9 +800,10 @@ class PTQLogic:
             if (fp32_path, "fp32") != (model_path, runs[0]["precision"]):  # else it already is the FP32 run
                 runs.append({"model": fp32_path, "precision": "fp32", "title": "FP32"})
         # the CLI's lookup and refusal (docs/model-metadata.md)
-        spec = _segments_only(pipeline.model_spec_for(model_path), model_path)
+        spec = pipeline.model_spec_for(model_path, specFile, modality)
         return _SegmentRequest(volumeNode, volume, spec, backend, runs,
-                               model if isinstance(model, BuiltModel) else None, notes)
+                               model if isinstance(model, BuiltModel) else None, notes,
+                               str(Path(specFile).resolve()) if specFile else None, modality)
 
     def _segmentSteps(self, request: Callable[[], "_SegmentRequest"], segmentationNode, showIn3D=False,
                       label: str = ""):
@@ -779,7 +823,9 @@ class PTQLogic:
                 write_volume(current.volume, work / "input.nrrd")
             run = current.runs[index]
             options = (["--server", current.server] if current.server else
-                       ["--runtime", current.runtime] + (["--precision", run["precision"]] if run["precision"] else []))
+                       ["--runtime", current.runtime] + (["--precision", run["precision"]] if run["precision"] else [])
+                       + (["--spec", current.specFile] if current.specFile else [])
+                       + (["--modality", current.modality] if current.modality else []))
             return ["segment", str(run["model"]), str(work / "input.nrrd"), "--out",
                     str(work / f"labels_{index}.nrrd")] + options
 
@@ -788,11 +834,10 @@ class PTQLogic:
             current = request()
             if current.server:  # the server's model names the segments
                 try:
-                    spec = ModelSpec.from_dict(result["spec"])
+                    current.spec = ModelSpec.from_dict(result["spec"])
                 except (KeyError, TypeError, ValueError) as exc:
                     raise PTQError(f"The worker gave no readable model metadata for '{current.runs[0]['model']}' "
                                    f"({exc}); update SlicerPTQ and see the log.") from exc
-                current.spec = _segments_only(spec, current.runs[0]["model"], ["--server", current.server])
 
         def finish():
             from .volumes import read_volume
@@ -809,10 +854,17 @@ class PTQLogic:
         from .metrics import dice
 
         labels = [_on_input_grid(label_map, request.volume) for label_map, _ in outputs]
-        node = slicer_nodes.labels_to_segmentation(labels[0], request.spec, request.volumeNode, segmentationNode,
-                                                   catalog.terminologies_for(request.spec, self.models))
-        if showIn3D:
-            node.CreateClosedSurfaceRepresentation()
+        regression = request.spec.output == "regression"
+        if regression:
+            # A float map (a distance, a probability...): Slicer shows those as a scalar volume, not segments.
+            node = slicer_nodes.add_volume_node(request.volumeNode.GetScene(), labels[0],
+                                                f"{request.volumeNode.GetName()} {request.spec.name}")
+        else:
+            node = slicer_nodes.labels_to_segmentation(labels[0], request.spec, request.volumeNode,
+                                                       segmentationNode,
+                                                       catalog.terminologies_for(request.spec, self.models))
+            if showIn3D:
+                node.CreateClosedSurfaceRepresentation()
         rows = []
         for run, label_map, (_, timing) in zip(request.runs, labels, outputs):
             row = {"model": run["title"], "file": request.server or Path(run["model"]).name,
@@ -820,7 +872,10 @@ class PTQLogic:
             if not request.server:  # a served model's file is on the server
                 row["size (MB)"] = round(file_size_mb(run["model"]), 2)
             row["time (s)"] = round(float(timing.get("total_s", float("nan"))), 3)
-            if len(labels) > 1:
+            if len(labels) > 1 and regression:
+                difference = label_map.array.astype(np.float64) - labels[-1].array
+                row["RMSE vs FP32"] = round(float(np.sqrt(np.mean(difference ** 2))), 6)
+            elif len(labels) > 1:
                 scores = dice(label_map.array, labels[-1].array, sorted(request.spec.labels))
                 row["Dice vs FP32"] = round(float(np.mean(list(scores.values()))), 4)
                 row.update({f"Dice {request.spec.labels[k]}": round(v, 4) for k, v in scores.items()})
@@ -830,7 +885,7 @@ class PTQLogic:
                     if line.startswith("input ") else f"Warning: {line}"
                     for line in (outputs[0][1] or {}).get("warnings", [])]
         return node, {"rows": rows, "reference": "FP32" if len(labels) > 1 else None, "build": request.build,
-                      "notes": list(request.notes) + warnings}
+                      "notes": list(request.notes) + warnings, "map": regression}
 
 
 @dataclass
@@ -859,6 +914,9 @@ class _SegmentRequest:
     notes: List[str] = field(default_factory=list)
     #: the Triton server's URL when the model runs there
     server: Optional[str] = None
+    #: the metadata and modality the worker is told (None: the model's own)
+    specFile: Optional[str] = None
+    modality: Optional[str] = None
 
 
 def _precision(key: Optional[str]) -> Precision:
@@ -878,10 +936,25 @@ def _check_accuracy_budget(budget: Optional[float], choice: Precision) -> None:
                        f"not '{choice.key}' ({kind}). Choose precision int8, or turn the accuracy budget off.")
 
 
-def _build_folder(model_path: Path, volumes: Sequence["pipeline.VolumeSource"], settings: Dict) -> Path:
+def _model_spec(model_path: Optional[Path], spec_file, modality: Optional[str]) -> Optional[ModelSpec]:
+    """The metadata a worker will use: ``spec_file``, else the one beside ``model_path`` (None for a MONAI
+    bundle folder, which carries its own), for ``modality``; PTQError, as the CLI says it, when unusable."""
+    if spec_file and not Path(spec_file).is_file():
+        raise PTQError(f"Model metadata file {spec_file} does not exist; choose the model's metadata JSON "
+                       "(docs/model-metadata.md) or clear the field to use the one beside the model.")
+    if not spec_file and Path(model_path).is_dir():
+        return None
+    if not spec_file and find_sidecar(Path(model_path)) is None:
+        from .models import missing_spec_message
+
+        raise PTQError(missing_spec_message(Path(model_path), "the module's 'Model metadata (spec) file' field"))
+    return pipeline.model_spec_for(model_path, spec_file, modality)
+
+
+def _build_folder(model_path: Path, spec: Optional[ModelSpec], volumes: Sequence["pipeline.VolumeSource"],
+                  settings: Dict) -> Path:
     """The shared build cache folder (see :func:`pipeline.build_folder`), prefixed for builds made here."""
-    spec_file = find_sidecar(model_path)
-    spec = ModelSpec.load(spec_file) if spec_file is not None else ModelSpec(name=Path(model_path).name)
+    spec = spec or ModelSpec(name=Path(model_path).name)
     folder = pipeline.build_folder(model_path, spec, volumes, settings)
     return folder.with_name(f"slicer-{folder.name}")
 
@@ -982,15 +1055,6 @@ def _check_remote(model, serverUrl: Optional[str], compareWithFP32: bool, precis
         raise PTQError(f"Give the name of the model on the Triton server at {server} (as slicer-ptq export-triton "
                        "named it, e.g. from the server's model list), not a file or a build.")
     return name, server
-
-
-def _segments_only(spec: ModelSpec, model, options: Sequence[str] = ()) -> ModelSpec:
-    """``spec``, refused when its model gives a regression map (a float volume) instead of segments."""
-    if spec.output == "regression":
-        extra = "".join(f" {option}" for option in options)
-        raise PTQError(f"Model {spec.name} gives a regression map (a float volume), not segments; run "
-                       f"slicer-ptq segment {model} IMAGE{extra} --out map.nii.gz and load the map as a volume.")
-    return spec
 
 
 def _log_notes(request: "_SegmentRequest", log: Optional[LogCallback]) -> None:

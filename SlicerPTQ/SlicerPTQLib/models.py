@@ -90,14 +90,15 @@ def load_model(source, arch: Optional[str] = None, arch_args: Optional[Dict[str,
     return loaded
 
 
-def missing_spec_message(path: Path) -> str:
-    """The refusal for a model with no metadata: where it was looked for and how to write one."""
+def missing_spec_message(path: Path, given_with: str = "--spec FILE") -> str:
+    """The refusal for a model with no metadata: where it was looked for and how to write one
+    (``given_with``: how this caller names a metadata file)."""
     looked = " or ".join(candidate.name for candidate in sidecar_candidates(path))
     example = json.dumps({"name": path.name.split(".")[0], "out_channels": 2, "roi_size": [96, 96, 96],
                           "modality": "MR", "intensity": {"kind": "zscore"}, "output": "softmax",
                           "labels": {"1": "foreground"}})
     return (f"No model metadata for {path} (looked for {looked} beside it); write a JSON file such as "
-            f"{example} (every field: docs/model-metadata.md) and pass it with --spec FILE or save it as "
+            f"{example} (every field: docs/model-metadata.md) and pass it with {given_with} or save it as "
             f"{sidecar_candidates(path)[0].name}.")
 
 
