@@ -165,6 +165,29 @@ def test_adapted_graph_keeps_the_activation_grid_and_fitting_weights(tmp_path):
     np.testing.assert_array_equal(before, after)   # uint8 - 128 is the same grid as int8
 
 
+def test_pairs_only_a_norm_reads_stay_signed_and_run_right_in_openvino(tmp_path):
+    # Signed, OpenVINO fuses the quantize and runs MVN on int8; shifted, it keeps an f32 FakeQuantize.
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xdq"]),
+             helper.make_node("InstanceNormalization", ["xdq", "gamma", "beta"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z"),
+             numpy_helper.from_array(np.array([1.0, 0.5, 2.0, 1.5], np.float32), "gamma"),
+             numpy_helper.from_array(np.array([0.0, 0.1, -0.2, 0.3], np.float32), "beta")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    adapted, changes = adapted_model(model)
+    assert changes["activation_pairs"] == 0
+    assert numpy_helper.to_array(next(t for t in adapted.graph.initializer if t.name == "z")).dtype == np.int8
+    onnx.save(adapted, tmp_path / "norm.onnx")
+    patch = np.random.default_rng(5).uniform(-6, 6, (1, 4, 8, 8, 8)).astype(np.float32)
+    openvino = create_runtime(tmp_path / "norm.onnx", "openvino", threads=2).predict(patch)
+    reference = create_runtime(tmp_path / "norm.onnx", "onnxruntime").predict(patch)
+    np.testing.assert_allclose(openvino, reference, atol=1e-3)
+
+
 def test_weights_go_to_seven_bits_only_in_channels_that_need_it(tmp_path):
     weight = np.zeros((2, 4, 3, 3, 3), np.int8)
     weight[0, 0, 0, 0, 0], weight[0, 1, 1, 1, 1] = 127, -90

@@ -31,6 +31,8 @@ import numpy as np
 
 #: Largest weight magnitude whose u8 x s8 pair sums fit int16: 2 * 255 * 63 < 32767.
 SAFE_WEIGHT_MAX = 63
+#: Readers whose int8 activations keep their signed form (see :func:`adapted_model`).
+_SIGNED_READERS = frozenset({"ConvTranspose", "InstanceNormalization"})
 #: ``/proc/cpuinfo`` flags by int8 level: 2 = AMX (s8 x s8 tiles), 1 = VNNI (u8 x s8 into int32).
 _FLAG_LEVELS = (("amx_int8", 2), ("avx512_vnni", 1), ("avx_vnni", 1))
 #: ``ONEDNN_MAX_CPU_ISA`` values that hold oneDNN below AMX (1) or below VNNI (0).
@@ -89,8 +91,8 @@ def adapted_model(model, shift_activations: bool = True,
     """Rewrite an ONNX Q/DQ model in place for a CPU's :class:`Int8Path`.
 
     ``shift_activations``: activation pairs with an int8 zero point of 0 get
-    a uint8 zero point of 128 (same grid), except those only a ConvTranspose
-    reads. ``seven_bit_weights``: int8 weight initializers read by a
+    a uint8 zero point of 128 (same grid), except those only ConvTranspose or
+    InstanceNormalization nodes read. ``seven_bit_weights``: int8 weight initializers read by a
     DequantizeLinear are requantized per channel to ``|q| <= 63`` where they
     exceed it. Returns the model and ``{"activation_pairs", "weights_requantized"}``.
     """
@@ -118,7 +120,10 @@ def adapted_model(model, shift_activations: bool = True,
 
     # Pairs read only by ConvTranspose stay int8: OpenVINO runs a transposed
     # convolution over uint8 with a zero point in f32 (measured, AVX2 and AMX),
-    # and 7-bit weights alone keep it exact there.
+    # and 7-bit weights alone keep it exact there. Pairs read only by
+    # InstanceNormalization stay int8 too: signed, OpenVINO fuses the quantize
+    # into the producer and runs MVN on int8 (as for NNCF's models); shifted,
+    # the FakeQuantize stays a separate f32 op before an f32 MVN (AVX2, measured).
     readers: Dict[str, set] = {}
     for node in graph.node:
         for name in node.input:
@@ -129,7 +134,8 @@ def adapted_model(model, shift_activations: bool = True,
     for node in graph.node:
         if (shift_activations and node.op_type == "QuantizeLinear" and len(node.input) == 3
                 and node.input[0] not in constant_inputs):
-            if readers.get(dequantized_by.get(node.output[0]), set()) == {"ConvTranspose"}:
+            read_by = readers.get(dequantized_by.get(node.output[0]), set())
+            if read_by and read_by <= _SIGNED_READERS:
                 continue
             twin = shifted_zero_point(node.input[2])
             if twin:
