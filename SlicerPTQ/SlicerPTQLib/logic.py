@@ -537,7 +537,8 @@ class PTQLogic:
         remote = runtime == "triton"
         if remote:
             _check_remote(model, serverUrl, compareWithFP32, precision)
-        self._checkSpec(model, specFile, modality)
+        else:
+            self._checkSpec(model, specFile, modality)
 
         def plan():
             request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision, serverUrl,
@@ -594,7 +595,7 @@ class PTQLogic:
             _check_remote(model, serverUrl, compareWithFP32, None)
         else:
             self._checkRequest(method, precision, accuracyBudget, calibrationVolumeNodes)
-        self._checkSpec(model, specFile, modality)
+            self._checkSpec(model, specFile, modality)
         for node in volumeNodes:
             slicer_nodes.volume_from_node(node)
         autoRuntime = runtime in (None, "", "auto")
@@ -803,7 +804,7 @@ class PTQLogic:
         spec = pipeline.model_spec_for(model_path, specFile, modality)
         return _SegmentRequest(volumeNode, volume, spec, backend, runs,
                                model if isinstance(model, BuiltModel) else None, notes,
-                               str(Path(specFile).resolve()) if specFile else None, modality)
+                               specFile=str(Path(specFile).resolve()) if specFile else None, modality=modality)
 
     def _segmentSteps(self, request: Callable[[], "_SegmentRequest"], segmentationNode, showIn3D=False,
                       label: str = ""):
