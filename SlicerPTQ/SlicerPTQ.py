@@ -210,7 +210,8 @@ class SlicerPTQWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 widget.visible = remote
             for widget in (self.ui.modelSearchLineEdit, self.ui.modelListWidget, self.ui.loadModelFileButton,
                            self.ui.calibrationVolumesComboBox, self.ui.numCropsSpinBox, self.ui.methodComboBox,
-                           self.ui.precisionComboBox, self.ui.compareCheckBox):
+                           self.ui.precisionComboBox, self.ui.compareCheckBox, self.ui.specFilePathLineEdit,
+                           self.ui.modalityComboBox):
                 widget.enabled = not remote
             budgetable = PRECISIONS[self._parameterNode.precision].takes_accuracy_budget and not remote
             self.ui.keepAccuracyCheckBox.enabled = budgetable

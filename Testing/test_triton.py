@@ -385,6 +385,7 @@ def test_the_logic_refuses_bad_triton_requests_before_any_worker(mrml_scene):
     logic = PTQLogic(launcher=no_worker)
     for kwargs, message in [({"serverUrl": "http://127.0.0.1:1", "compareWithFP32": True}, "do not apply to the"),
                             ({"serverUrl": "http://127.0.0.1:1", "precision": "int8"}, "do not apply to the"),
+                            ({"serverUrl": "http://127.0.0.1:1", "modality": "CT"}, "spec file and a modality"),
                             ({}, "needs the server's URL"), ({"serverUrl": "ftp://host"}, "not a Triton server"),
                             ({"serverUrl": "http://127.0.0.1:1", "model": " "}, "Give the name of the model")]:
         model = kwargs.pop("model", "model")

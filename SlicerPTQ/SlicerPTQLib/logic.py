@@ -536,7 +536,7 @@ class PTQLogic:
         slicer_nodes.volume_from_node(volumeNode)
         remote = runtime == "triton"
         if remote:
-            _check_remote(model, serverUrl, compareWithFP32, precision)
+            _check_remote(model, serverUrl, compareWithFP32, precision, specFile, modality)
         else:
             self._checkSpec(model, specFile, modality)
 
@@ -592,7 +592,7 @@ class PTQLogic:
                            "segmentation so each input gets its own.")
         remote = runtime == "triton"
         if remote:  # the server's model runs as exported: no build settings
-            _check_remote(model, serverUrl, compareWithFP32, None)
+            _check_remote(model, serverUrl, compareWithFP32, None, specFile, modality)
         else:
             self._checkRequest(method, precision, accuracyBudget, calibrationVolumeNodes)
             self._checkSpec(model, specFile, modality)
@@ -1043,9 +1043,14 @@ def _int8_slower_note(model: BuiltModel, backend: str) -> str:
         return ""
 
 
-def _check_remote(model, serverUrl: Optional[str], compareWithFP32: bool, precision: Optional[str]) -> Tuple[str, str]:
+def _check_remote(model, serverUrl: Optional[str], compareWithFP32: bool, precision: Optional[str],
+                  specFile=None, modality: Optional[str] = None) -> Tuple[str, str]:
     """``(model name, normalised URL)`` of a request to a Triton server; PTQError for what it cannot do."""
     from .runtimes.triton_runtime import check_server_url
+
+    if specFile or modality:
+        raise PTQError("A spec file and a modality do not apply to the 'triton' runtime: the server's model carries "
+                       "the metadata it was exported with. Drop them, or export the model again with them.")
 
     if compareWithFP32 or precision:
         raise PTQError("Compare with FP32 and precision do not apply to the 'triton' runtime: the server runs its "
