@@ -512,6 +512,8 @@ class PTQLogic:
         if not self.inProcess:
             return self.startSegment(model, volumeNode, segmentationNode, runtime, compareWithFP32, precision,
                                      progress, log, showIn3D, serverUrl, specFile, modality).wait()
+        if runtime != "triton":  # the callers of _segmentRequest check first, so the spec is read once there
+            self._checkSpec(model, specFile, modality)
         request = self._segmentRequest(model, volumeNode, runtime, compareWithFP32, precision, serverUrl, specFile,
                                        modality)
         _log_notes(request, log)
@@ -774,7 +776,6 @@ class PTQLogic:
                                                                           "title": name}], None,
                                    [f"Segmenting {volumeNode.GetName()} with model '{name}' on the Triton server "
                                     f"at {server}"], server=server)
-        self._checkSpec(model, specFile, modality)
         notes = []
         if isinstance(model, BuiltModel):
             choice = _precision(precision or model.precision)
