@@ -204,6 +204,21 @@ def test_weights_go_to_seven_bits_only_in_channels_that_need_it(tmp_path):
     np.testing.assert_allclose(dequantized, weight[0].astype(np.float32) * scale[0], atol=new_scale[0] / 2 + 1e-7)
 
 
+def test_seven_bit_rounding_keeps_each_kernels_sum(tmp_path):
+    weight = np.random.default_rng(3).integers(-127, 128, (6, 5, 3, 3, 3)).astype(np.int8)
+    scale = np.linspace(0.01, 0.06, 6).astype(np.float32)
+    adapted, _ = adapted_model(_qdq_conv(weight.copy(), scale.copy()))
+    values = {t.name: numpy_helper.to_array(t) for t in adapted.graph.initializer}
+    exact = weight.astype(np.float64) * scale[:, None, None, None, None] / values["ws"][:, None, None, None, None]
+    new_q = values["w"].astype(np.float64)
+    assert np.abs(new_q).max() <= SAFE_WEIGHT_MAX
+    assert np.all((new_q == np.floor(exact)) | (new_q == np.ceil(exact)))  # each tap one step at most
+    kernel_sums = new_q.reshape(6, 5, -1).sum(-1), exact.reshape(6, 5, -1).sum(-1)
+    assert np.abs(kernel_sums[0] - kernel_sums[1]).max() <= 0.5 + 1e-9        # the kernel's sum to nearest
+    nearest_sums = np.round(exact).reshape(6, 5, -1).sum(-1)
+    assert np.abs(nearest_sums - kernel_sums[1]).max() > 1                      # rounding each tap would not
+
+
 def test_as_run_here_returns_the_file_itself_where_nothing_is_adapted(concat_unet, tmp_path):
     assert as_run_here(concat_unet / "net.int8.onnx", tmp_path, adapt=False) == concat_unet / "net.int8.onnx"
     written = as_run_here(concat_unet / "net.int8.onnx", tmp_path, adapt=True)

@@ -415,6 +415,22 @@ def test_resume_skips_only_verified_outputs(build, volumes, local_cohort, tmp_pa
     assert np.array_equal(read_volume(tampered).array, read_volume(local_cohort / tampered.name).array)
 
 
+def test_a_cohort_with_a_failed_volume_ends_in_one_error_line(build, volumes, local_cohort, tmp_path):
+    """The JSON-lines caller (the module) gets the result, then one error naming the failed volume; rc 1."""
+    inputs = tmp_path / "in"
+    shutil.copytree(volumes, inputs)
+    (inputs / "broken.nii.gz").write_bytes(b"not a volume")
+    out = tmp_path / "out"
+    shutil.copytree(local_cohort, out)  # the good volumes are skipped as finished
+    completed = _cli("--progress-json", "segment", str(build.quantized_onnx), str(inputs), "--out-dir", str(out))
+    assert completed.returncode == 1, completed.stderr
+    lines = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    assert "result" in lines[-2] and lines[-2]["result"]["counts"]["error"] == 1
+    message = lines[-1]["error"]
+    assert message.startswith(f"1 of {len(list(inputs.iterdir()))} volumes failed (broken.nii.gz)"), message
+    assert "Traceback" not in completed.stderr and message in completed.stderr
+
+
 def test_a_volume_unlike_the_models_data_is_flagged_in_the_summary(build, volumes, tmp_path):
     """Plausibility warnings reach every cohort row and the CSV (the run goes on)."""
     from SlicerPTQLib.cohort import local_source, write_summary

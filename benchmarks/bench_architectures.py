@@ -44,16 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_small_models as training  # noqa: E402  (sibling script)
 from SlicerPTQLib import architectures  # noqa: E402
 from SlicerPTQLib.atomic import replacing  # noqa: E402
+# Agreement Dice leaves out classes under 0.1% of the voxels in both label maps, as --method auto
+# does: these briefly trained networks predict some classes in a handful of voxels (DynUNet: 14 of
+# 1.5 million on the ITK T1), whose Dice alone would swing the mean by 0.15.
+from SlicerPTQLib.method_choice import MIN_FRACTION  # noqa: E402
 
 COMPUTE_TYPES = frozenset({"Convolution", "Deconvolution", "GroupConvolution", "MatMul", "FullyConnected"})
 #: Agreement Dice the fallback must reach on the whole calibration volumes: a margin over the
 #: 0.99 asked on the (other) agreement volumes.
 VOLUME_BUDGET = 0.995
 SENSITIVITY_CROPS = 3  # calibration crops that rank the layers
-#: Agreement Dice leaves out classes under 0.1% of the voxels in both label maps: these briefly
-#: trained networks predict some classes in a handful of voxels (DynUNet: 14 of 1.5 million on the
-#: ITK T1), whose Dice alone would swing the mean by 0.15.
-MIN_FRACTION = 1e-3
 
 
 def cached_record(name: str, steps: Optional[int]) -> Optional[Dict]:

@@ -259,12 +259,16 @@ def run(args) -> int:
         _emit_result(args, {"fp32_onnx": result.fp32_onnx, "quantized_onnx": result.quantized_onnx,
                             "report": result.report})
     elif args.command == "segment" and _is_cohort(args):
-        from .cohort import run_cli
+        from .cohort import SUMMARY_NAME, run_cli
 
         result = run_cli(args, expand_volumes([str(path) for path in args.image]), _progress(args))
         _emit_result(args, result)
-        if result.get("counts", {}).get("error"):
-            return 1  # the others are written; the summary names the failed volumes
+        failed = [row["volume"] for row in result.get("volumes", []) if row["status"] == "error"]
+        if failed:  # the others are written; the summary has each volume's reason
+            shown = ", ".join(Path(name).name for name in failed[:3]) + (", ..." if len(failed) > 3 else "")
+            return _fail(args, f"{len(failed)} of {len(result['volumes'])} volumes failed ({shown}); each one's "
+                               f"reason is in {Path(args.out_dir) / SUMMARY_NAME}.csv; fix those inputs and run "
+                               "again: finished volumes are skipped.")
     elif args.command == "segment":
         args.image = args.image[0]
         labels, timings = pipeline.segment(args.model, args.image, runtime=args.runtime, precision=args.precision,
