@@ -15,7 +15,8 @@ keeps the cases), and matching what an AMD EPYC (AVX2) gave:
 - Without VNNI (AVX2: AMD Zen 2/3, Intel before Ice Lake) int8 products
   go through ``vpmaddubsw``, u8 x s8 pairs summed into int16 with
   saturation: a pair overflows once ``|weight| > 63``, so weights are
-  requantized to 7 bits where a channel uses more.
+  requantized to 7 bits where a channel uses more, rounded so that each
+  convolution kernel keeps its sum (:func:`_kernel_sum_rounding`).
 
 :func:`adapted_model` is that rewrite; ONNX Runtime on its output is the
 reference for what OpenVINO computes (:func:`as_run_here`).
