@@ -12,7 +12,7 @@ from SlicerPTQLib import cli
 from SlicerPTQLib.calibration import RangeCollector, collect_ranges, tensor_bytes
 from SlicerPTQLib.export import export_onnx
 from SlicerPTQLib.errors import PTQError
-from SlicerPTQLib.method_choice import CANDIDATES, DICE_TIE, choose_method
+from SlicerPTQLib.method_choice import CANDIDATES, DICE_TIE, SHORTLIST_BAND, choose_method
 from SlicerPTQLib import onnx_graph
 from SlicerPTQLib.spec import ModelSpec
 from SlicerPTQLib.volume import Volume
@@ -103,6 +103,24 @@ def test_auto_avoids_max_when_one_outlier_would_flatten_the_grid(tmp_path):
     assert "max" not in equal and choice.chosen in equal
     assert choice.relative_rmse[choice.chosen] == min(choice.relative_rmse[method] for method in equal)
     assert max(ranges.values()) < 1e3 and "held back" in choice.reason and choice.agreement[choice.chosen] > 0.98
+
+
+def test_whole_volumes_decide_among_the_methods_the_crops_shortlist(tmp_path):
+    path = export_onnx(NormNet().eval(), tmp_path / "norm.onnx", 1, (1, 1, 16, 16, 16))
+    crops = _crops(8)
+    crops[0][0, 5, 5, 5] = 60.0  # an outlier that widens max's grid
+    volumes = [np.random.default_rng(seed).normal(size=(1, 24, 24, 24)).astype(np.float32) for seed in (7, 8)]
+    choice, ranges = choose_method(path, _tensors(path), crops, volumes=volumes, roi=(16, 16, 16))
+    best_on_crops = max(choice.agreement.values())
+    shortlist = {method for method, dice in choice.agreement.items() if dice >= best_on_crops - SHORTLIST_BAND}
+    assert len(shortlist) > 1 and set(choice.volume_agreement) == shortlist
+    assert choice.volume_agreement[choice.chosen] == max(choice.volume_agreement.values())
+    assert "whole calibration volume" in choice.reason
+    # The ranges returned are the chosen method's over every crop, as --method CHOSEN gives them.
+    assert ranges == pytest.approx(collect_ranges(path, _tensors(path), crops, choice.chosen), rel=1e-6)
+    # Without volumes the crops decide, as before.
+    crops_only, _ = choose_method(path, _tensors(path), crops)
+    assert crops_only.volume_agreement == {} and "held back" in crops_only.reason
 
 
 def test_quantize_auto_records_the_choice_and_distinct_crops(tmp_path, capsys):

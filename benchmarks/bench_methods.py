@@ -120,7 +120,8 @@ def bench_one(name: str, module, spec, weights: str, num_crops: int, folder: Pat
         quantize_onnx(fp32, path, collector.ranges(method), method=method, keep_float=keep_float)
         row[method] = agreement(fp32, path, spec, held_out, reference)
     start = time.perf_counter()
-    choice, ranges = choose_method(fp32, tensors, crops, "cpu", keep_float, spec.label_rule())
+    choice, ranges = choose_method(fp32, tensors, crops, "cpu", keep_float, spec.label_rule(),
+                                   volumes=calibration, roi=spec.roi_size, overlap=spec.overlap)
     row["auto_calibration_s"] = time.perf_counter() - start
     path = folder / f"{name}.auto.onnx"
     quantize_onnx(fp32, path, ranges, method=choice.chosen, keep_float=keep_float)

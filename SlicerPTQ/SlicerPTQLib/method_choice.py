@@ -13,11 +13,16 @@ at least 0.1% of them (so a class a network predicts in a handful of
 voxels cannot swing it), as the benchmark measures agreement. Methods
 within ``DICE_TIE`` of the best Dice count as equal, and among them the
 smallest relative RMSE of the outputs wins (then ``max``, the default).
-On the benchmark (benchmarks/measured/methods-amd-epyc-avx2.md) the output
-error alone picked worse labels on SegResNet and a random DynUNet (Dice
-gaps of 0.001-0.01 on the held-back crops), the Dice alone on SwinUNETR
-(a gap of 0.00004 that the whole volumes reversed). The final ranges of
-the winner see every crop.
+
+Crops can rank methods otherwise than whole volumes do (on the benchmark,
+benchmarks/measured/methods-amd-epyc-avx2.md: UNesT's held-back crops put
+``max`` first, its whole volumes last by 0.03 Dice, while the output error
+alone lost up to 0.002 on TransUNet and a random DynUNet). So, given the
+calibration volumes, the crops only shortlist: every method within
+``SHORTLIST_BAND`` of the best crop Dice is built with ranges from all
+crops and segments the whole calibration volumes by sliding window in
+OpenVINO, as ``segment`` would, and the best mean Dice with FP32's labels
+there wins. The final ranges of the winner see every crop.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ CANDIDATES = ("max", "percentile", "mse", "entropy")
 MIN_FRACTION = 1e-3
 #: Held-back Dice gaps below this are noise (they did not carry over to whole volumes): the output error decides.
 DICE_TIE = 5e-4
+#: Methods this close to the best held-back Dice go on to the whole calibration volumes (entropy, when it
+#: clips a network's tails, is 0.03-0.2 below and stays out).
+SHORTLIST_BAND = 0.02
 
 
 @dataclass
@@ -52,6 +60,8 @@ class MethodChoice:
     held_out_crops: int
     agreement: Dict[str, float] = field(default_factory=dict)
     relative_rmse: Dict[str, float] = field(default_factory=dict)
+    #: mean Dice with FP32 on the whole calibration volumes, per shortlisted method (empty: crops decided)
+    volume_agreement: Dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"requested": "auto", **asdict(self)}
@@ -60,11 +70,14 @@ class MethodChoice:
 def choose_method(fp32_onnx: Path, tensors: Sequence[str], crops: Sequence[np.ndarray], placement: str = "cpu",
                   keep_float: Iterable[str] = (), label_rule=None,
                   progress_callback: Optional[ProgressCallback] = None,
-                  memory_budget: int = MEMORY_BUDGET) -> Tuple[MethodChoice, Dict[str, float]]:
+                  memory_budget: int = MEMORY_BUDGET, volumes: Sequence[np.ndarray] = (),
+                  roi=None, overlap: float = 0.25) -> Tuple[MethodChoice, Dict[str, float]]:
     """Pick the method for ``fp32_onnx`` from ``crops``; returns the choice and its ranges over all crops.
 
     ``label_rule`` is the spec's :meth:`ModelSpec.label_rule` (how outputs
-    become labels for the recorded agreement).
+    become labels for the recorded agreement). ``volumes`` (``(C, D, H, W)``
+    calibration volumes, windows of ``roi`` with ``overlap``) decide among
+    the shortlisted methods.
     """
     if len(crops) == 0:
         raise PTQError("No calibration crops to choose a method from; pass --calib with one or more volumes.")
@@ -86,15 +99,54 @@ def choose_method(fp32_onnx: Path, tensors: Sequence[str], crops: Sequence[np.nd
     reason = (f"best label agreement with FP32 on {where}: Dice {agreement[chosen]:.4f}, and of the "
               f"{len(tied)} method(s) within {DICE_TIE} of the best Dice the smallest output error "
               f"(relative RMSE {error[chosen]:.4f})")
+    shortlist = [method for method in CANDIDATES if agreement[method] >= best - SHORTLIST_BAND]
+    on_volumes = len(volumes) > 0 and len(shortlist) > 1
     final = collector  # with one crop: fitted on it already
-    if len(halves) == 2:
-        # The winner's ranges from every crop at once, as --method CHOSEN would give them (a histogram
-        # fed in two halves can have grown and merged bins).
-        final = RangeCollector(fp32_onnx, tensors, [chosen], memory_budget)
+    if len(halves) == 2 or on_volumes:
+        # Ranges from every crop at once, as --method NAME would give them (a histogram fed in two
+        # halves can have grown and merged bins).
+        final = RangeCollector(fp32_onnx, tensors, shortlist if on_volumes else [chosen], memory_budget)
         final.feed(crops, progress_callback)
+    volume_agreement: Dict[str, float] = {}
+    if on_volumes:
+        volume_agreement = _judge_volumes(fp32_onnx, final, shortlist, volumes, roi, overlap, placement,
+                                          keep_float, label_rule)
+        chosen = max(shortlist, key=lambda method: (volume_agreement[method], -CANDIDATES.index(method)))
+        reason = (f"best label agreement with FP32 on the {len(volumes)} whole calibration volume(s): Dice "
+                  f"{volume_agreement[chosen]:.4f}, among the {len(shortlist)} method(s) within "
+                  f"{SHORTLIST_BAND} of the best Dice on {where}")
     return (MethodChoice(chosen=chosen, reason=reason, fit_crops=len(halves[0]),
                          held_out_crops=len(halves[1]) if len(halves) == 2 else 0,
-                         agreement=agreement, relative_rmse=error), final.ranges(chosen))
+                         agreement=agreement, relative_rmse=error, volume_agreement=volume_agreement),
+            final.ranges(chosen))
+
+
+def _judge_volumes(fp32_onnx: Path, collector: RangeCollector, methods: Sequence[str], volumes, roi,
+                   overlap: float, placement: str, keep_float, label_rule) -> Dict[str, float]:
+    """Mean label Dice with FP32 over whole ``volumes`` (sliding window, OpenVINO) per method."""
+    from .inference import sliding_window
+    from .metrics import mean_dice
+    from .qdq import quantize_onnx
+    from .runtimes import create_runtime
+
+    def labels_of(model: Path, precision: str):
+        runtime = create_runtime(model, "openvino", precision=precision)
+        try:  # labels only: whole-volume outputs can be hundreds of MB each
+            return [_labels(sliding_window(runtime, np.asarray(volume, np.float32), roi, overlap=overlap),
+                            label_rule) for volume in volumes]
+        finally:
+            runtime.close()
+
+    reference = labels_of(fp32_onnx, "fp32")
+    dice = {}
+    with tempfile.TemporaryDirectory(prefix="ptq-auto-") as folder:
+        for method in methods:
+            candidate = Path(folder) / f"{method}.onnx"
+            quantize_onnx(fp32_onnx, candidate, collector.ranges(method), method=method, placement=placement,
+                          keep_float=keep_float)
+            dice[method] = float(np.mean([mean_dice(expected, got, min_fraction=MIN_FRACTION)
+                                          for expected, got in zip(reference, labels_of(candidate, "int8"))]))
+    return dice
 
 
 def _judge(fp32_onnx: Path, collector: RangeCollector, judge: Sequence[np.ndarray], reference, scores,

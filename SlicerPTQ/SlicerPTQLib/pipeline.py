@@ -313,7 +313,8 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
         from .method_choice import choose_method
 
         choice, ranges = choose_method(fp32_onnx, tensors, crops, settings["placement"], keep_float,
-                                       spec.label_rule(), progress)
+                                       spec.label_rule(), progress, volumes=arrays, roi=spec.roi_size,
+                                       overlap=spec.overlap)
         method, method_record = choice.chosen, choice.to_dict()
     else:
         ranges = collect_ranges(fp32_onnx, tensors, crops, settings["method"], progress)
