@@ -19,8 +19,9 @@ from .errors import PTQError
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 METHODS = ["max", "percentile", "entropy", "mse", "auto"]
 METHOD_HELP = ("how activation ranges are chosen from the calibration crops: 'max' (min/max), 'percentile', "
-               "'entropy' (KL), 'mse', or 'auto' (each tried on crops held back from its ranges, the one whose "
-               "labels agree best with FP32's kept and recorded in quantization.json); default max")
+               "'entropy' (KL), 'mse', or 'auto' (each tried on crops held back from its ranges, the best few "
+               "on the whole calibration volumes, the one whose labels agree best with FP32's kept and recorded "
+               "in quantization.json); default max")
 NUM_CROPS_HELP = f"calibration patches sampled from the volumes, 1 to {limits.MAX_NUM_CROPS} (default 20)"
 
 
