@@ -311,10 +311,12 @@ def _quantize_into(loaded: LoadedModel, calibration: Sequence[VolumeSource], fol
                                         keep_float)
     if settings["method"] == "auto":
         from .method_choice import choose_method
+        from .selfcheck import MAX_VOLUMES
 
+        # As many whole volumes as the self-check segments: each is segmented once per shortlisted method.
         choice, ranges = choose_method(fp32_onnx, tensors, crops, settings["placement"], keep_float,
-                                       spec.label_rule(), progress, volumes=arrays, roi=spec.roi_size,
-                                       overlap=spec.overlap)
+                                       spec.label_rule(), progress, volumes=arrays[:MAX_VOLUMES],
+                                       roi=spec.roi_size, overlap=spec.overlap)
         method, method_record = choice.chosen, choice.to_dict()
     else:
         ranges = collect_ranges(fp32_onnx, tensors, crops, settings["method"], progress)
