@@ -94,15 +94,16 @@ def choose_method(fp32_onnx: Path, tensors: Sequence[str], crops: Sequence[np.nd
     error = {method: scores[method].relative_rmse() for method in CANDIDATES}
     agreement = {method: scores[method].dice(MIN_FRACTION) for method in CANDIDATES}
     best = max(agreement.values())
-    tied = [method for method in CANDIDATES if agreement[method] >= best - DICE_TIE]
-    chosen = min(tied, key=lambda method: (error[method], CANDIDATES.index(method)))
     where = (f"{len(crops)} crops, each held back from the ranges it judged" if len(halves) == 2
              else "the single calibration crop (none could be held back)")
-    reason = (f"best label agreement with FP32 on {where}: Dice {agreement[chosen]:.4f}, and of the "
-              f"{len(tied)} method(s) within {DICE_TIE} of the best Dice the smallest output error "
-              f"(relative RMSE {error[chosen]:.4f})")
     shortlist = [method for method in CANDIDATES if agreement[method] >= best - SHORTLIST_BAND]
     on_volumes = len(volumes) > 0 and len(shortlist) > 1
+    if not on_volumes:
+        tied = [method for method in CANDIDATES if agreement[method] >= best - DICE_TIE]
+        chosen = min(tied, key=lambda method: (error[method], CANDIDATES.index(method)))
+        reason = (f"best label agreement with FP32 on {where}: Dice {agreement[chosen]:.4f}, and of the "
+                  f"{len(tied)} method(s) within {DICE_TIE} of the best Dice the smallest output error "
+                  f"(relative RMSE {error[chosen]:.4f})")
     final = collector  # with one crop: fitted on it already
     if len(halves) == 2 or on_volumes:
         # Ranges from every crop at once, as --method NAME would give them (a histogram fed in two
