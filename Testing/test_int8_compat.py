@@ -24,7 +24,8 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from SlicerPTQLib.export import export_onnx  # noqa: E402
-from SlicerPTQLib.int8_compat import SAFE_WEIGHT_MAX, adapted_model, as_run_here, int8_path  # noqa: E402
+from SlicerPTQLib.int8_compat import (SAFE_PAIR_SUM, SAFE_WEIGHT_MAX, adapted_model, as_run_here,  # noqa: E402
+                                      int8_path)
 from SlicerPTQLib.qdq import quantize_onnx  # noqa: E402
 from SlicerPTQLib.runtimes import create_runtime  # noqa: E402
 
@@ -115,7 +116,7 @@ def test_openvino_int8_matches_the_graph_it_runs_on_each_isa(concat_unet, tmp_pa
 
 def _changes(flags, environ=None):
     path = int8_path(flags, environ or {})
-    return path.shift_activations, path.seven_bit_weights
+    return path.shift_activations, path.pair_safe_weights
 
 
 def test_int8_path_follows_the_cpu_flags_and_the_onednn_cap():
@@ -127,7 +128,7 @@ def test_int8_path_follows_the_cpu_flags_and_the_onednn_cap():
     assert _changes(["amx_int8"], {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}) == (True, False)
     assert _changes(["amx_int8"], {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}) == (False, False)
     capped = int8_path(["amx_int8", "avx2"], {"ONEDNN_MAX_CPU_ISA": "avx2"})
-    assert (capped.shift_activations, capped.seven_bit_weights) == (True, True)
+    assert (capped.shift_activations, capped.pair_safe_weights) == (True, True)
     assert "ONEDNN_MAX_CPU_ISA=AVX2 hides amx_int8" in capped.reason
     assert _changes(["avx2"], {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}) == (True, True)   # a cap never raises
 
@@ -188,35 +189,167 @@ def test_pairs_only_a_norm_reads_stay_signed_and_run_right_in_openvino(tmp_path)
     np.testing.assert_allclose(openvino, reference, atol=1e-3)
 
 
-def test_weights_go_to_seven_bits_only_in_channels_that_need_it(tmp_path):
-    weight = np.zeros((2, 4, 3, 3, 3), np.int8)
-    weight[0, 0, 0, 0, 0], weight[0, 1, 1, 1, 1] = 127, -90
-    weight[1, 0, 0, 0, 0], weight[1, 2, 2, 2, 2] = 40, -63
-    scale = np.array([0.01, 0.02], np.float32)
+def _pair_peaks(q: np.ndarray) -> np.ndarray:
+    """Per output channel, the largest same-sign sum of input channels 2k, 2k+1 at one tap."""
+    pairs = q.astype(int).reshape(q.shape[0], q.shape[1] // 2, 2, -1)
+    return np.maximum(np.clip(pairs, 0, None).sum(2), np.clip(-pairs, 0, None).sum(2)).reshape(q.shape[0], -1).max(1)
+
+
+def test_channels_are_rescaled_only_where_a_pair_could_overflow(tmp_path):
+    weight = np.zeros((3, 4, 3, 3, 3), np.int8)
+    weight[0, 0, 0, 0, 0], weight[0, 1, 0, 0, 0] = 127, 60                   # one pair, same sign: 187 > 128
+    weight[1, 0, 0, 0, 0], weight[1, 1, 1, 1, 1] = 127, 127                  # different taps: never summed
+    weight[1, 2, 2, 2, 2], weight[1, 3, 2, 2, 2] = 127, -128                 # opposite signs: no overflow
+    weight[2, 1, 0, 0, 0], weight[2, 2, 0, 0, 0] = 127, 127                  # channels 1 and 2 are no pair
+    scale = np.array([0.01, 0.02, 0.03], np.float32)
     adapted, changes = adapted_model(_qdq_conv(weight.copy(), scale.copy()))
     assert changes["weights_requantized"] == 1
     values = {t.name: numpy_helper.to_array(t) for t in adapted.graph.initializer}
     new_q, new_scale = values["w"], values["ws"]
-    assert np.abs(new_q.astype(int)).max() <= SAFE_WEIGHT_MAX
-    np.testing.assert_array_equal(new_q[1], weight[1])          # fitted already: untouched
-    assert new_scale[1] == scale[1]
+    assert _pair_peaks(new_q).max() <= SAFE_PAIR_SUM
+    np.testing.assert_array_equal(new_q[1:], weight[1:])                     # fitted already: untouched
+    np.testing.assert_array_equal(new_scale[1:], scale[1:])
+    assert new_scale[0] == pytest.approx(scale[0] * 187 / (SAFE_PAIR_SUM - 1))   # just enough, not 2x
     dequantized = new_q[0].astype(np.float32) * new_scale[0]
-    np.testing.assert_allclose(dequantized, weight[0].astype(np.float32) * scale[0], atol=new_scale[0] / 2 + 1e-7)
+    np.testing.assert_allclose(dequantized, weight[0].astype(np.float32) * scale[0], atol=new_scale[0] + 1e-7)
 
 
-def test_seven_bit_rounding_keeps_each_kernels_sum(tmp_path):
-    weight = np.random.default_rng(3).integers(-127, 128, (6, 5, 3, 3, 3)).astype(np.int8)
+def test_weights_of_an_unprobed_reader_go_to_seven_bits():
+    model = _qdq_conv(np.full((2, 4, 3, 3, 3), 100, np.int8), np.array([0.01, 0.02], np.float32))
+    next(node for node in model.graph.node if node.op_type == "Conv").op_type = "Gemm"   # pairing never probed
+    adapted, changes = adapted_model(model)
+    assert changes["weights_requantized"] == 1
+    new_q = numpy_helper.to_array(next(t for t in adapted.graph.initializer if t.name == "w"))
+    assert np.abs(new_q.astype(int)).max() <= SAFE_WEIGHT_MAX
+
+
+def test_rescaled_rounding_keeps_each_kernels_sum(tmp_path):
+    weight = np.random.default_rng(3).integers(-127, 128, (6, 6, 3, 3, 3)).astype(np.int8)
     scale = np.linspace(0.01, 0.06, 6).astype(np.float32)
     adapted, _ = adapted_model(_qdq_conv(weight.copy(), scale.copy()))
     values = {t.name: numpy_helper.to_array(t) for t in adapted.graph.initializer}
     exact = weight.astype(np.float64) * scale[:, None, None, None, None] / values["ws"][:, None, None, None, None]
     new_q = values["w"].astype(np.float64)
-    assert np.abs(new_q).max() <= SAFE_WEIGHT_MAX
+    assert _pair_peaks(values["w"]).max() <= SAFE_PAIR_SUM
     assert np.all((new_q == np.floor(exact)) | (new_q == np.ceil(exact)))  # each tap one step at most
-    kernel_sums = new_q.reshape(6, 5, -1).sum(-1), exact.reshape(6, 5, -1).sum(-1)
+    kernel_sums = new_q.reshape(6, 6, -1).sum(-1), exact.reshape(6, 6, -1).sum(-1)
     assert np.abs(kernel_sums[0] - kernel_sums[1]).max() <= 0.5 + 1e-9        # the kernel's sum to nearest
-    nearest_sums = np.round(exact).reshape(6, 5, -1).sum(-1)
+    nearest_sums = np.round(exact).reshape(6, 6, -1).sum(-1)
     assert np.abs(nearest_sums - kernel_sums[1]).max() > 1                      # rounding each tap would not
+
+
+def _pair_limit_model(kind: str, rng) -> "tuple":
+    """One Conv / ConvTranspose / MatMul whose weight pairs reach past int16 at the top of the input grid."""
+    # OpenVINO sums int8 pairs on AVX2 in a FullyConnected this wide (a narrow one runs jit_gemm, which does not).
+    reduced, outputs = (64, 64) if kind == "MatMul" else (8, 6)
+    weight = rng.integers(-128, 128, (reduced, outputs)).astype(np.int8)
+    weight[0::2, 0], weight[1::2, 0] = 127, 100                              # same-sign pairs, 227
+    weight[0::2, 1], weight[1::2, 1] = -128, -90
+    if kind == "MatMul":
+        shape, axis, node = [1, 1, 4, 8, reduced], 1, helper.make_node("MatMul", ["xdq", "wdq"], ["y"])
+    elif kind == "Conv":
+        weight = np.repeat(weight.T[:, :, None, None, None], 2, axis=2)        # (out, in, 2, 1, 1)
+        shape, axis, node = [1, reduced, 4, 4, 4], 0, helper.make_node("Conv", ["xdq", "wdq"], ["y"])
+    else:
+        weight = np.repeat(weight[:, :, None, None, None], 2, axis=2)          # (in, out, 2, 1, 1)
+        shape, axis = [1, reduced, 4, 4, 4], 1
+        node = helper.make_node("ConvTranspose", ["xdq", "wdq"], ["y"], strides=[2, 1, 1])
+    scale = 0.05
+    # OpenVINO runs a MatMul as an int8 FullyConnected on a 3-D input (a 5-D one stays float).
+    flat = [helper.make_node("Reshape", ["x", "flat"], ["xflat"])] if kind == "MatMul" else []
+    nodes = flat + [helper.make_node("QuantizeLinear", ["xflat" if flat else "x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xdq"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wdq"], axis=axis), node]
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z"), numpy_helper.from_array(weight, "w"),
+             numpy_helper.from_array(np.full(outputs, 0.01, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(outputs, np.int8), "wz"),
+             numpy_helper.from_array(np.array([1, 32, reduced], np.int64), "flat")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    patch = rng.uniform(-1, 1, shape).astype(np.float32) * 127 * scale
+    if kind == "MatMul":
+        patch[..., 0, :] = 127 * scale                                         # one row at the top of the grid
+    else:
+        patch[..., 0] = 127 * scale                                            # one plane at the top of the grid
+    return model, patch
+
+
+_PAIRS_ON_ISA = """
+import json, sys
+import numpy as np, onnx
+from pathlib import Path
+from SlicerPTQLib.int8_compat import adapted_model, as_run_here, path_here
+from SlicerPTQLib.runtimes import create_runtime
+from SlicerPTQLib.runtimes.openvino_runtime import OpenVINORuntime
+folder = Path(sys.argv[1])
+for kind in ("Conv", "ConvTranspose", "MatMul"):
+    model, patch = folder / f"{kind}.onnx", np.load(folder / f"{kind}.npy")
+    as_run_here(model, folder / "here").rename(folder / f"{kind}.here.onnx")
+    np.save(folder / f"{kind}.here.out.npy", create_runtime(model, "openvino", threads=2).predict(patch))
+    # The control: activations shifted, weights as they are; where pairs sum in int16 this must go wrong.
+    shifted, _ = adapted_model(onnx.load(model), True, False)
+    onnx.save(shifted, folder / f"{kind}.shifted.onnx")
+    output = OpenVINORuntime(folder / f"{kind}.shifted.onnx", threads=2, adapt_int8=False).predict(patch)
+    np.save(folder / f"{kind}.shifted.out.npy", output)
+print(json.dumps({"pairs_summed_in_int16": path_here().pair_safe_weights}))
+"""
+
+
+def _exact_qdq_output(model_file: Path, patch: np.ndarray) -> np.ndarray:
+    """The Q/DQ graph's arithmetic in float64 (ONNX Runtime's int8 MatMul saturates on AVX2 itself)."""
+    model = onnx.load(model_file)
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = {node.op_type: node for node in model.graph.node}
+    quantize = nodes["QuantizeLinear"]
+    scale, zero = float(values[quantize.input[1]]), values[quantize.input[2]]
+    low, high = (0, 255) if zero.dtype == np.uint8 else (-128, 127)
+    x = patch.reshape(1, 32, -1) if "MatMul" in nodes else patch
+    x = (np.clip(np.round(x / scale) + int(zero), low, high) - int(zero)) * scale
+    dequantize = next(node for node in model.graph.node if node.op_type == "DequantizeLinear" and node.input[0] == "w")
+    axis = next(attr.i for attr in dequantize.attribute if attr.name == "axis")
+    shape = [1] * values["w"].ndim
+    shape[axis] = -1
+    w = torch.from_numpy(values["w"].astype(np.float64) * values[dequantize.input[1]].reshape(shape))
+    x = torch.from_numpy(x.astype(np.float64))
+    if "MatMul" in nodes:
+        return (x @ w).numpy()
+    if "Conv" in nodes:
+        return torch.nn.functional.conv3d(x, w).numpy()
+    return torch.nn.functional.conv_transpose3d(x, w, stride=(2, 1, 1)).numpy()
+
+
+@pytest.mark.parametrize("isa", ["native", "AVX2"])
+def test_openvino_int8_is_exact_at_the_pair_limit_on_each_isa(tmp_path, isa):
+    """Weight pairs past int16 at the top of the input grid: OpenVINO computes the graph it runs exactly."""
+    rng = np.random.default_rng(7)
+    (tmp_path / "here").mkdir()
+    for kind in ("Conv", "ConvTranspose", "MatMul"):
+        model, patch = _pair_limit_model(kind, rng)
+        onnx.save(model, tmp_path / f"{kind}.onnx")
+        np.save(tmp_path / f"{kind}.npy", patch)
+    env = dict(os.environ)
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    if isa != "native":
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+    done = subprocess.run([sys.executable, "-c", _PAIRS_ON_ISA, str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summed_in_int16 = json.loads(done.stdout.strip().splitlines()[-1])["pairs_summed_in_int16"]
+    errors = {}
+    for kind in ("Conv", "ConvTranspose", "MatMul"):
+        patch = np.load(tmp_path / f"{kind}.npy")
+        for form in ("here", "shifted"):
+            exact = _exact_qdq_output(tmp_path / f"{kind}.{form}.onnx", patch)
+            output = np.load(tmp_path / f"{kind}.{form}.out.npy").reshape(exact.shape)
+            errors[f"{kind} {form}"] = float(np.abs(output - exact).max() / np.abs(exact).max())
+    print(isa, summed_in_int16, errors)
+    for kind in ("Conv", "ConvTranspose", "MatMul"):
+        assert errors[f"{kind} here"] < 1e-4, errors
+        if summed_in_int16:
+            assert errors[f"{kind} shifted"] > 1e-2, errors   # the rule is what keeps it exact
 
 
 def test_as_run_here_returns_the_file_itself_where_nothing_is_adapted(concat_unet, tmp_path):

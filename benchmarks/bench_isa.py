@@ -38,7 +38,7 @@ def reachable_isas() -> tuple:
 
     native = int8_path(isa_flags(), environ={})
     caps = {"AVX512_CORE_VNNI": native.shift_activations is False,  # only AMX sits above VNNI
-            "AVX2": native.seven_bit_weights is False}
+            "AVX2": native.pair_safe_weights is False}
     return ("native",) + tuple(isa for isa in ISAS[1:] if caps[isa])
 ROI = 32        # patch size, or the architecture's minimum where larger (64)
 LARGEST = 64

@@ -102,12 +102,12 @@ class OpenVINORuntime(Runtime):
         if model_path.suffix.lower() != ".onnx" or not path.needs_adaptation:
             self.int8_adaptation = f"none: {path.reason}"
             return self._core.read_model(str(model_path))
-        model, changes = adapted_model(load_model(model_path), path.shift_activations, path.seven_bit_weights)
+        model, changes = adapted_model(load_model(model_path), path.shift_activations, path.pair_safe_weights)
         if not any(changes.values()):
             self.int8_adaptation = "none: no int8 Q/DQ pairs or wide weights"
             return self._core.read_model(str(model_path))
         self.int8_adaptation = (f"{changes['activation_pairs']} activation Q/DQ pairs as uint8 with zero "
-                                f"point 128, {changes['weights_requantized']} weights at 7 bits ({path.reason})")
+                                f"point 128, {changes['weights_requantized']} weights rescaled against int16 pair overflow ({path.reason})")
         return self._core.read_model(model.SerializeToString(), b"")
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
