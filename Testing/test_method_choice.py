@@ -14,6 +14,7 @@ from SlicerPTQLib.export import export_onnx
 from SlicerPTQLib.errors import PTQError
 from SlicerPTQLib.method_choice import CANDIDATES, DICE_TIE, SHORTLIST_BAND, choose_method
 from SlicerPTQLib import onnx_graph
+from SlicerPTQLib.selfcheck import MAX_VOLUMES
 from SlicerPTQLib.spec import ModelSpec
 from SlicerPTQLib.volume import Volume
 from SlicerPTQLib.volumes import write_volume
@@ -128,10 +129,11 @@ def test_quantize_auto_records_the_choice_and_distinct_crops(tmp_path, capsys):
     model = tmp_path / "norm.pt"
     torch.jit.save(torch.jit.trace(network, torch.zeros(1, 1, 16, 16, 16)), str(model))
     ModelSpec(name="norm", roi_size=(16, 16, 16)).save(tmp_path / "norm.json")
-    volume = tmp_path / "v.nii.gz"
-    write_volume(Volume(array=np.random.default_rng(0).normal(size=(24, 24, 24)).astype(np.float32),
-                        affine=np.eye(4)), volume)
-    assert cli.main(["quantize", str(model), "--calib", str(volume), "--out", str(tmp_path / "out"),
+    volumes = [tmp_path / f"v{seed}.nii.gz" for seed in range(MAX_VOLUMES + 1)]
+    for seed, volume in enumerate(volumes):
+        write_volume(Volume(array=np.random.default_rng(seed).normal(size=(24, 24, 24)).astype(np.float32),
+                            affine=np.eye(4)), volume)
+    assert cli.main(["quantize", str(model), "--calib", *map(str, volumes), "--out", str(tmp_path / "out"),
                      "--num-crops", "6", "--method", "auto"]) == 0
     report = json.loads((tmp_path / "out" / "quantization.json").read_text())
     record = report["calibration_method"]
@@ -140,3 +142,7 @@ def test_quantize_auto_records_the_choice_and_distinct_crops(tmp_path, capsys):
     assert report["crops"]["requested"] == 6 and 1 <= report["crops"]["distinct"] <= 6
     assert record["fit_crops"] + record["held_out_crops"] == report["crops"]["distinct"]
     assert f"method     {record['chosen']}" in capsys.readouterr().out
+    # The whole-volume stage segments as many calibration volumes as the self-check, no more.
+    assert len(record["volume_agreement"]) > 1
+    assert f"on the {MAX_VOLUMES} whole calibration volume(s)" in record["reason"]
+    assert len(report["self_check"]["volumes"]) == MAX_VOLUMES
