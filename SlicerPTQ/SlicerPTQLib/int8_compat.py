@@ -96,15 +96,16 @@ def int8_path(isa_flags, environ: Optional[Dict[str, str]] = None) -> Int8Path:
     return Int8Path(shift_activations=level < 2, pair_safe_weights=level < 1, reason=why)
 
 
-def adapted_model(model, shift_activations: bool = True,
-                  pair_safe_weights: bool = True) -> Tuple[object, Dict[str, int]]:
+def adapted_model(model, shift_activations: bool = True, pair_safe_weights: bool = True,
+                  weight_readers: Optional[frozenset] = None) -> Tuple[object, Dict[str, int]]:
     """Rewrite an ONNX Q/DQ model in place for a CPU's :class:`Int8Path`.
 
     ``shift_activations``: activation pairs with an int8 zero point of 0 get
     a uint8 zero point of 128 (same grid), except those only ConvTranspose or
     InstanceNormalization nodes read. ``pair_safe_weights``: int8 weight initializers read by a
     DequantizeLinear are requantized per channel where a pair of them could
-    overflow int16 (:func:`_requantize_weight`). Returns the model and ``{"activation_pairs", "weights_requantized"}``.
+    overflow int16 (:func:`_requantize_weight`), only those ``weight_readers``
+    (op types) read where given. Returns the model and ``{"activation_pairs", "weights_requantized"}``.
     """
     from onnx import numpy_helper
 
@@ -159,7 +160,8 @@ def adapted_model(model, shift_activations: bool = True,
             continue
         if node.input[0] in quantized_outputs:
             node.input[2] = quantized_outputs[node.input[0]]
-        elif pair_safe_weights and node.input[0] in initializers:
+        elif (pair_safe_weights and node.input[0] in initializers
+              and (weight_readers is None or readers.get(node.output[0], {""}) <= weight_readers)):
             pair_axis = _pair_axis(readers_of.get(node.output[0], []), initializers[node.input[0]])
             weights_requantized += _requantize_weight(node, initializers, pair_axis)
     # Drop the int8 zero points nothing reads any more (ONNX Runtime warns on each).
@@ -261,6 +263,11 @@ def _kernel_sum_rounding(values: np.ndarray) -> np.ndarray:
     # Rank of each tap's fraction within its kernel, largest first.
     rank = np.argsort(np.argsort(-fraction, axis=-1, kind="stable"), axis=-1, kind="stable")
     return (floor + (rank < rounded_up)).reshape(values.shape)
+
+
+#: ONNX Runtime's int8 kernels that sum u8 x s8 pairs in int16 without VNNI (measured on the AVX2
+#: EPYC: its MatMul saturates as OpenVINO's does; its Conv computes exactly).
+ONNXRUNTIME_PAIR_SUMMING_OPS = frozenset({"MatMul"})
 
 
 def path_here(adapt: Optional[bool] = None) -> Int8Path:

@@ -1,7 +1,10 @@
 """ONNX Runtime on the CPU: the reference executor of FP32 and Q/DQ ONNX files.
 
 It runs a Q/DQ graph exactly as the ONNX standard defines it, which makes
-it the yardstick for the other backends' INT8 output. It is not the fast
+it the yardstick for the other backends' INT8 output; on a CPU without
+VNNI its int8 MatMul would sum weight pairs in int16 and saturate, so
+there those weights are fitted as for OpenVINO (:mod:`..int8_compat`,
+reported as :attr:`OnnxRuntimeRuntime.int8_adaptation`). It is not the fast
 INT8 path for 3D networks: its 3D QLinearConv is no faster than its float
 Conv on this hardware (see docs/cpu-int8.md).
 """
@@ -58,9 +61,10 @@ class OnnxRuntimeRuntime(Runtime):
         options.inter_op_num_threads = 1  # one patch at a time: no parallel branches worth a pool
         options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.int8_adaptation = ""
+        source = self._source(model_path) if self.precision == "int8" else str(model_path)
         try:
-            self.session = onnxruntime.InferenceSession(str(model_path), options,
-                                                        providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
             raise PTQError(f"ONNX Runtime cannot load {model_path}: {exc}. "
                            "Check that the file is complete and exported with opset >= 13.") from exc
@@ -69,6 +73,25 @@ class OnnxRuntimeRuntime(Runtime):
             raise PTQError(f"{model_path} has {len(inputs)} inputs ({[i.name for i in inputs]}); "
                            "segmentation networks here take one image input. Export it with one input.")
         self.input_name = inputs[0].name
+
+    def _source(self, model_path: Path):
+        """The file, or the bytes of its graph with MatMul weight pairs that fit int16 here."""
+        from ..cpu_info import isa_flags
+        from ..int8_compat import ONNXRUNTIME_PAIR_SUMMING_OPS, adapted_model, int8_path
+        from ..onnx_graph import load_model
+
+        path = int8_path(isa_flags(), environ={})   # MLAS picks its kernels by CPUID, not by oneDNN's cap
+        if not path.pair_safe_weights:
+            self.int8_adaptation = f"none: {path.reason}"
+            return str(model_path)
+        model, changes = adapted_model(load_model(model_path), shift_activations=False, pair_safe_weights=True,
+                                       weight_readers=ONNXRUNTIME_PAIR_SUMMING_OPS)
+        if not changes["weights_requantized"]:
+            self.int8_adaptation = "none: no MatMul weight pairs past int16"
+            return str(model_path)
+        self.int8_adaptation = (f"{changes['weights_requantized']} MatMul weights rescaled against int16 pair "
+                                f"overflow ({path.reason})")
+        return model.SerializeToString()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """``(B, C_in, D, H, W)`` float32 -> ``(B, C_out, D, H, W)`` float32."""
