@@ -14,6 +14,8 @@ def _summary(int8_s: float) -> dict:
                           {"backend": "OpenVINO INT8", "median_s": int8_s, "p90_s": int8_s,
                            "int8_layers": {"conv_int8": 34, "conv_total": 35}}],
         "self_check": "self-check passed: ...",
+        "calibration_method": {"requested": "auto", "chosen": "percentile",
+                               "reason": "best label agreement with FP32 on the 4 whole calibration volume(s)"},
         "volumes": [{"volume": "mni152", "dice_quantized_vs_fp32": 0.998}],
     }
 
@@ -22,6 +24,7 @@ def test_headline_compares_int8_with_openvino_fp32_and_pytorch():
     text = render(_summary(0.1))
     assert "x OpenVINO FP32" in text and "x PyTorch FP32" in text
     assert "INT8 runs 1.25x OpenVINO FP32's speed" in text
+    assert "Calibration method: percentile (best label agreement" in text   # what auto chose, and why
 
 
 def test_headline_says_plainly_when_int8_is_not_faster():

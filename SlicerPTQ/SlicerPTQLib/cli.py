@@ -123,8 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole pipeline on the shipped real model and volumes")
     d.add_argument("--out", type=Path, default=Path("ptq-demo"),
                    help="folder for the models and demo.json (default ./ptq-demo)")
-    d.add_argument("--method", default="mse", choices=METHODS,
-                   help=METHOD_HELP.replace("default max", "default mse for the shipped model"))
+    d.add_argument("--method", choices=METHODS,
+                   help=METHOD_HELP.replace("default max", "default auto for the shipped model"))
     d.add_argument("--num-crops", type=int, default=20, help=NUM_CROPS_HELP)
     d.add_argument("--repeats", type=int, default=5,
                    help=f"timed forwards per latency figure, 1 to {limits.MAX_REPEATS} (default 5)")
@@ -297,10 +297,10 @@ def run(args) -> int:
             write_json(rows, args.json)
         _emit_result(args, {"rows": rows})
     elif args.command == "demo":
-        from .demo import run_demo
+        from .demo import DEMO_METHOD, run_demo
 
-        summary = run_demo(args.out, method=args.method, num_crops=args.num_crops, repeats=args.repeats,
-                           progress=_progress(args))
+        summary = run_demo(args.out, method=args.method or DEMO_METHOD, num_crops=args.num_crops,
+                           repeats=args.repeats, progress=_progress(args))
         _emit_result(args, summary)
     elif args.command == "report":
         from .report import build_report

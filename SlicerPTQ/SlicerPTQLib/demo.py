@@ -44,9 +44,10 @@ def measure_patch_latency(models: Dict[str, Path], patch_shape, repeats: int = 5
     return rows
 
 
-#: The shipped model's calibration method: on an AMD EPYC (AVX2, no VNNI) 'mse' agreed with FP32 at least as
-#: well as NNCF with defaults on every evaluation volume, where 'max' fell short on two (README, "On other CPUs").
-DEMO_METHOD = "mse"
+#: The shipped model's calibration method: chosen per machine from the calibration volumes. On an AMD EPYC
+#: (AVX2, no VNNI) it picks 'percentile', which agrees with FP32 at least as well as NNCF with defaults on
+#: every evaluation volume, where 'max' and 'mse' fall short on some (README, "On other CPUs").
+DEMO_METHOD = "auto"
 
 
 def run_demo(out_dir: Path, method: str = DEMO_METHOD, num_crops: int = 20, repeats: int = 5,
@@ -83,6 +84,7 @@ def run_demo(out_dir: Path, method: str = DEMO_METHOD, num_crops: int = 20, repe
         "self_check": describe_self_check(result.report["self_check"]),
         "calibration": [str(p) for p in calibration],
         "settings": result.report["settings"],
+        "calibration_method": result.report["calibration_method"],
         "size_mb": {"torchscript": file_size_mb(model), **sizes},
         "size_ratio_int8_vs_fp32_onnx": sizes["quantized_onnx"] / sizes["fp32_onnx"],
         "patch_latency": latency,
@@ -115,6 +117,8 @@ def render(summary: Dict) -> str:
                f"({Path(summary['models']['fp32_onnx']).name}) is the faster pick at FP32's accuracy.")
     return "\n\n".join([
         f"CPU: {summary['cpu']['description']}",
+        f"Calibration method: {summary['calibration_method']['chosen']} "
+        f"({summary['calibration_method']['reason']})",
         f"Size: FP32 ONNX {sizes['fp32_onnx']:.2f} MB -> INT8 ONNX {sizes['quantized_onnx']:.2f} MB "
         f"({summary['size_ratio_int8_vs_fp32_onnx']:.2f}x)",
         "Per-patch latency\n" + format_table(latency_rows),
