@@ -23,9 +23,9 @@ keeps the cases), and matching what an AMD EPYC (AVX2) gave:
   otherwise go to 7 bits, safe for any pairing.
 
 :func:`adapted_model` is that rewrite; ONNX Runtime on its output is the
-reference for what OpenVINO computes (:func:`as_run_here`). Only on its
-output: ONNX Runtime's own int8 MatMul sums the same pairs in int16 on
-AVX2 (measured), so on the original file it saturates too.
+reference for what OpenVINO computes (:func:`as_run_here`). ONNX Runtime's
+own int8 MatMul sums the same pairs in int16 without VNNI (measured), so
+its runtime fits those weights the same way (:data:`ONNXRUNTIME_PAIR_SUMMING_OPS`).
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ class OpenVINORuntime(Runtime):
             self.int8_adaptation = "none: no int8 Q/DQ pairs or wide weights"
             return self._core.read_model(str(model_path))
         self.int8_adaptation = (f"{changes['activation_pairs']} activation Q/DQ pairs as uint8 with zero "
-                                f"point 128, {changes['weights_requantized']} weights rescaled against int16 pair overflow ({path.reason})")
+                                f"point 128, {changes['weights_requantized']} weights rescaled against int16 "
+                                f"pair overflow ({path.reason})")
         return self._core.read_model(model.SerializeToString(), b"")
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
