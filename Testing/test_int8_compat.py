@@ -157,7 +157,7 @@ def test_adapted_graph_keeps_the_activation_grid_and_fitting_weights(tmp_path):
     onnx.save(original, tmp_path / "a.onnx")
     adapted, changes = adapted_model(onnx.load(tmp_path / "a.onnx"))
     onnx.save(adapted, tmp_path / "b.onnx")
-    assert changes == {"activation_pairs": 1, "weights_requantized": 0}
+    assert changes == {"activation_pairs": 1, "weights_requantized": 0, "float_deconvolution_inputs": 0}
     zero_points = {numpy_helper.to_array(t).dtype for t in adapted.graph.initializer if t.name.startswith("z")}
     assert zero_points == {np.dtype(np.uint8)}   # the unused int8 zero point is gone
     patch = rng.uniform(-4, 4, (1, 4, 8, 8, 8)).astype(np.float32)
@@ -303,11 +303,12 @@ def _exact_qdq_output(model_file: Path, patch: np.ndarray) -> np.ndarray:
     model = onnx.load(model_file)
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     nodes = {node.op_type: node for node in model.graph.node}
-    quantize = nodes["QuantizeLinear"]
-    scale, zero = float(values[quantize.input[1]]), values[quantize.input[2]]
-    low, high = (0, 255) if zero.dtype == np.uint8 else (-128, 127)
     x = patch.reshape(1, 32, -1) if "MatMul" in nodes else patch
-    x = (np.clip(np.round(x / scale) + int(zero), low, high) - int(zero)) * scale
+    if "QuantizeLinear" in nodes:   # else the op reads its input in float
+        quantize = nodes["QuantizeLinear"]
+        scale, zero = float(values[quantize.input[1]]), values[quantize.input[2]]
+        low, high = (0, 255) if zero.dtype == np.uint8 else (-128, 127)
+        x = (np.clip(np.round(x / scale) + int(zero), low, high) - int(zero)) * scale
     dequantize = next(node for node in model.graph.node if node.op_type == "DequantizeLinear" and node.input[0] == "w")
     axis = next(attr.i for attr in dequantize.attribute if attr.name == "axis")
     shape = [1] * values["w"].ndim
@@ -319,6 +320,18 @@ def _exact_qdq_output(model_file: Path, patch: np.ndarray) -> np.ndarray:
     if "Conv" in nodes:
         return torch.nn.functional.conv3d(x, w).numpy()
     return torch.nn.functional.conv_transpose3d(x, w, stride=(2, 1, 1)).numpy()
+
+
+def test_transposed_convolutions_read_float_where_asked(tmp_path):
+    model, _ = _pair_limit_model("ConvTranspose", np.random.default_rng(7))
+    kept, changes = adapted_model(onnx.load_from_string(model.SerializeToString()))
+    assert changes["float_deconvolution_inputs"] == 0
+    assert [node.op_type for node in kept.graph.node].count("QuantizeLinear") == 1
+    adapted, changes = adapted_model(model, float_deconvolution_inputs=True)
+    assert changes["float_deconvolution_inputs"] == 1 and changes["activation_pairs"] == 0
+    assert [node.op_type for node in adapted.graph.node] == ["DequantizeLinear", "ConvTranspose"]
+    assert next(node for node in adapted.graph.node if node.op_type == "ConvTranspose").input[0] == "x"
+    assert int8_path(["avx2"]).float_deconvolution_inputs and not int8_path(["avx512_vnni"]).float_deconvolution_inputs
 
 
 @pytest.mark.parametrize("isa", ["native", "AVX2"])

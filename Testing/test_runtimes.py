@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from SlicerPTQLib.cpu_info import cpu_info, describe, parse_cpuinfo  # noqa: E402
 from SlicerPTQLib.errors import PTQError  # noqa: E402
-from SlicerPTQLib.int8_compat import as_run_here  # noqa: E402
+from SlicerPTQLib.int8_compat import as_run_here, path_here  # noqa: E402
 from SlicerPTQLib.runtimes import available_backends, create_runtime, int8_summary  # noqa: E402
 from SlicerPTQLib.runtimes.torch_runtime import TorchRuntime  # noqa: E402
 
@@ -151,11 +151,16 @@ def test_layer_precisions_show_int8_convolutions_for_qdq(unet_files):
     quantized = create_runtime(unet_files["qdq"], "openvino", threads=2)
     assert quantized.precision == "int8"
     quantized.predict(np.zeros(PATCH, np.float32))
-    summary = int8_summary(quantized.layer_precisions())
+    layers = quantized.layer_precisions()
+    summary = int8_summary(layers)
     assert summary["conv_total"] >= 10
-    assert summary["conv_int8"] == summary["conv_total"], summary
+    # Without VNNI transposed convolutions read float by design (int8_compat): int8 is no faster there.
+    float_by_design = sum(layer["type"] == "Deconvolution" for layer in layers) \
+        if path_here().float_deconvolution_inputs else 0
+    assert summary["conv_int8"] == summary["conv_total"] - float_by_design, summary
     # oneDNN names its int8 kernels "..._i8" (AMX/VNNI) or "..._I8" (AVX2).
-    assert all("i8" in impl.lower() for impl in summary["conv_implementations"]), summary
+    assert all("i8" in layer["implementation"].lower() for layer in layers
+               if layer["type"] == "Convolution"), summary
 
     float_model = create_runtime(unet_files["fp32"], "openvino", precision="fp32", threads=2)
     summary = int8_summary(float_model.layer_precisions())

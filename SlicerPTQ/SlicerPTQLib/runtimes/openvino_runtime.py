@@ -102,13 +102,15 @@ class OpenVINORuntime(Runtime):
         if model_path.suffix.lower() != ".onnx" or not path.needs_adaptation:
             self.int8_adaptation = f"none: {path.reason}"
             return self._core.read_model(str(model_path))
-        model, changes = adapted_model(load_model(model_path), path.shift_activations, path.pair_safe_weights)
+        model, changes = adapted_model(load_model(model_path), path.shift_activations, path.pair_safe_weights,
+                                       float_deconvolution_inputs=path.float_deconvolution_inputs)
         if not any(changes.values()):
             self.int8_adaptation = "none: no int8 Q/DQ pairs or wide weights"
             return self._core.read_model(str(model_path))
         self.int8_adaptation = (f"{changes['activation_pairs']} activation Q/DQ pairs as uint8 with zero "
                                 f"point 128, {changes['weights_requantized']} weights rescaled against int16 "
-                                f"pair overflow ({path.reason})")
+                                f"pair overflow, {changes['float_deconvolution_inputs']} transposed convolutions "
+                                f"reading float ({path.reason})")
         return self._core.read_model(model.SerializeToString(), b"")
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
