@@ -171,10 +171,13 @@ def adapted_model(model, shift_activations: bool = True, pair_safe_weights: bool
                 node.input[2] = twin
                 quantized_outputs[node.output[0]] = twin
                 activation_pairs += 1
+    released = set(uint8_zero_points)
     for quantize in float_inputs:
         dequantize = next(node for node, _ in readers_of[quantize.output[0]])
         for reader, position in readers_of[dequantize.output[0]]:
             reader.input[position] = quantize.input[0]
+        released.update(quantize.input[1:])
+        released.update(dequantize.input[1:])
         graph.node.remove(quantize)
         graph.node.remove(dequantize)
     for node in graph.node:
@@ -186,9 +189,10 @@ def adapted_model(model, shift_activations: bool = True, pair_safe_weights: bool
               and (weight_readers is None or readers.get(node.output[0], {""}) <= weight_readers)):
             pair_axis = _pair_axis(readers_of.get(node.output[0], []), initializers[node.input[0]])
             weights_requantized += _requantize_weight(node, initializers, pair_axis)
-    # Drop the int8 zero points nothing reads any more (ONNX Runtime warns on each).
+    # Drop the int8 zero points and the scales of taken-out pairs that nothing reads any more
+    # (ONNX Runtime warns on each).
     read = {name for node in graph.node for name in node.input}
-    unread = [tensor for tensor in graph.initializer if tensor.name in uint8_zero_points and tensor.name not in read]
+    unread = [tensor for tensor in graph.initializer if tensor.name in released and tensor.name not in read]
     for tensor in unread:
         graph.initializer.remove(tensor)
     return model, {"activation_pairs": activation_pairs, "weights_requantized": weights_requantized,
