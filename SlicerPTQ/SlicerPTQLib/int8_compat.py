@@ -116,7 +116,7 @@ def adapted_model(model, shift_activations: bool = True, pair_safe_weights: bool
     overflow int16 (:func:`_requantize_weight`), only those ``weight_readers``
     (op types) read where given. ``float_deconvolution_inputs``: activation
     pairs only ConvTranspose nodes read are taken out, so they read the float
-    tensor (:attr:`Int8Path.float_deconvolution_inputs`). Returns the model and
+    tensor (:attr:`Int8Path.float_deconvolution_inputs`) and keep their full weight grid. Returns the model and
     ``{"activation_pairs", "weights_requantized", "float_deconvolution_inputs"}``.
     """
     from onnx import numpy_helper
@@ -172,10 +172,12 @@ def adapted_model(model, shift_activations: bool = True, pair_safe_weights: bool
                 quantized_outputs[node.output[0]] = twin
                 activation_pairs += 1
     released = set(uint8_zero_points)
+    float_readers = set()
     for quantize in float_inputs:
         dequantize = next(node for node, _ in readers_of[quantize.output[0]])
         for reader, position in readers_of[dequantize.output[0]]:
             reader.input[position] = quantize.input[0]
+            float_readers.add(id(reader))
         released.update(quantize.input[1:])
         released.update(dequantize.input[1:])
         graph.node.remove(quantize)
@@ -186,7 +188,9 @@ def adapted_model(model, shift_activations: bool = True, pair_safe_weights: bool
         if node.input[0] in quantized_outputs:
             node.input[2] = quantized_outputs[node.input[0]]
         elif (pair_safe_weights and node.input[0] in initializers
-              and (weight_readers is None or readers.get(node.output[0], {""}) <= weight_readers)):
+              and (weight_readers is None or readers.get(node.output[0], {""}) <= weight_readers)
+              # A convolution over a float input runs in f32: its weights need no pair room.
+              and not all(id(reader) in float_readers for reader, _ in readers_of.get(node.output[0], []))):
             pair_axis = _pair_axis(readers_of.get(node.output[0], []), initializers[node.input[0]])
             weights_requantized += _requantize_weight(node, initializers, pair_axis)
     # Drop the int8 zero points and the scales of taken-out pairs that nothing reads any more
