@@ -43,7 +43,9 @@ class OnnxRuntimeRuntime(Runtime):
     name = "onnxruntime"
 
     def __init__(self, model_path: Path, precision: Optional[str] = None,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, adapt_int8: bool = True):
+        """``adapt_int8`` False: run a Q/DQ file as it is (one already adapted by
+        :func:`..int8_compat.as_run_here` fits every int16 pair)."""
         import onnxruntime
 
         from . import resolve_precision
@@ -61,8 +63,8 @@ class OnnxRuntimeRuntime(Runtime):
         options.inter_op_num_threads = 1  # one patch at a time: no parallel branches worth a pool
         options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.int8_adaptation = ""
-        source = self._source(model_path) if self.precision == "int8" else str(model_path)
+        self.int8_adaptation = "" if adapt_int8 else "none: turned off"
+        source = self._source(model_path) if self.precision == "int8" and adapt_int8 else str(model_path)
         try:
             self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
