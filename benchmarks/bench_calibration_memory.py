@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -91,16 +90,6 @@ def measure(contender: str, fp32: Path, count: int, size: int) -> dict:
             "rss_before_gb": baseline, "crops": count, "size": size}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -127,7 +116,9 @@ def main() -> int:
             else:
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-    result = {"cpu": cpu_name(), "cores": __import__("os").cpu_count(), "rows": rows}
+    from SlicerPTQLib.cpu_info import cpu_summary
+
+    result = {"cpu": cpu_summary(), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     with replacing(args.out / "calibration_memory.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
