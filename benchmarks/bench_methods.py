@@ -161,7 +161,9 @@ def earlier_rows(out: Path, networks: List[str]) -> List[Dict]:
 
 def write(out: Path, rows: List[Dict], skipped: List[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+    from SlicerPTQLib.cpu_info import cpu_summary
+
+    result = {"machine": {"cpu": cpu_summary(), "python": platform.python_version()},
               "rows": rows, "skipped_untrained": skipped}
     with replacing(out / "methods.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))

@@ -121,7 +121,9 @@ def main() -> int:
                         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    from SlicerPTQLib.cpu_info import cpu_summary
+
+    report = {"machine": {"cpu": cpu_summary(), "cores": os.cpu_count(),
                          "python": platform.python_version(), "server": triton_server.PACKAGE},
               "model": "deepbet bbox (INT8, 128^3, one window per volume)", "rows": rows,
               "markdown": markdown(rows)}

@@ -22,7 +22,6 @@ how close each layer type comes.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile

@@ -284,7 +284,7 @@ def _classify(graph, types, initializers, keep_ops: Set[str]) -> Tuple[Dict[int,
 
 def _retype(graph, types, initializers, precision: Dict[int, int]) -> int:
     """Rewrite tensor types and add Casts so every input has its reader's type; returns the Casts added."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     nodes = list(graph.node)
     produced = {value.name: _FLOAT for value in graph.input}

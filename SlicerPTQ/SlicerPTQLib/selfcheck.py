@@ -32,7 +32,6 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .errors import PTQError
 
 #: Agreement Dice with FP32 that a runtime must reach where the reference reaches it.
 MIN_AGREEMENT = 0.99
