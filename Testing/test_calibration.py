@@ -108,14 +108,3 @@ def test_an_image_the_size_of_the_roi_is_drawn_once():
     crops = sample_crops([image, image + 1], (16, 16, 16), num_crops=10, seed=0)
     assert len(crops) == 2
     np.testing.assert_array_equal(crops[0], image)
-
-
-def test_histogram_groups_are_as_few_as_fit_and_even():
-    from SlicerPTQLib.calibration import _cut, _even_cut
-
-    sizes = [5, 5, 5, 5, 1]
-    assert _cut(sizes, 16) == [[0, 1, 2], [3, 4]]                 # greedy: 15 + 6
-    groups = _even_cut(sizes, 16)                                  # the same two groups, filled evenly
-    assert [index for group in groups for index in group] == list(range(len(sizes)))
-    assert len(groups) == 2 and max(sum(sizes[index] for index in group) for group in groups) <= 11
-    assert _even_cut([40], 16) == [[0]] and _even_cut([3, 4], 16) == [[0, 1]]

@@ -145,7 +145,7 @@ class RangeCollector:
     forward per crop, run by OpenVINO in f32 where installed); the histogram methods (percentile, entropy, mse)
     fetch the tensors in groups whose float32 size, from shape inference
     at the crop's shape, stays under ``memory_budget`` bytes: one forward
-    per crop and group (OpenVINO too), one group's session alive at a time. One histogram
+    per crop and group, one group's session alive at a time. One histogram
     per tensor serves every histogram method, so ``methods`` may list
     several (automatic method choice) at no extra forward.
     """
@@ -174,7 +174,7 @@ class RangeCollector:
         fetched = [f"{name}{suffix}" for name in inner for suffix in _REDUCTION_SUFFIXES]
         # With the input as the only tensor the model's own outputs are run, so a bad crop still fails here.
         wanted = fetched or [value.name for value in reductions.graph.output]
-        session = self._forward_runner(reductions, input_name, (1, *np.shape(crops[0])))
+        session = self._reduction_runner(reductions, input_name, (1, *np.shape(crops[0])), wanted)
         del reductions
         for index, crop in enumerate(track(crops, "calibrate", callback=progress_callback)):
             batch = np.asarray(crop, dtype=np.float32)[None]
@@ -198,8 +198,7 @@ class RangeCollector:
         steps = track(range(len(groups) * len(crops)), "calibrate histograms", callback=progress_callback)
         next(steps, None)
         for group in groups:
-            session = self._forward_runner(onnx_graph.with_outputs(model, group), input_name,
-                                           (1, *np.shape(crops[0])), share_outputs=True)
+            session = onnx_graph.cpu_session(onnx_graph.with_extra_outputs(model, group), memory_arena=False)
             for index, crop in enumerate(crops):
                 outputs = self._run(session, group, input_name, np.asarray(crop, dtype=np.float32)[None], index)
                 for name, output in zip(group, outputs):
@@ -223,36 +222,34 @@ class RangeCollector:
             if histogram.range == 0.0 and self.peaks[name].amax() > 0.0:
                 histogram.range = histogram.peak = self.peaks[name].amax()
 
-    def _forward_runner(self, graph, input_name: str, shape, share_outputs: bool = False):
-        """Something with ``run(names, feeds)`` for ``graph`` (the reductions, or a group's tensors).
+    def _reduction_runner(self, reductions, input_name: str, shape, names: List[str]):
+        """Something with ``run(names, feeds)`` for the reduction graph.
 
         OpenVINO (f32) runs these full-volume forwards about 3x faster than
         ONNX Runtime on the CPU, at the crop's fixed shape; ONNX Runtime
-        serves where OpenVINO is missing. ``share_outputs``: ``run`` returns
-        views of OpenVINO's output buffers, valid until the next ``run``
-        (a group's tensors are not copied a second time).
+        serves where OpenVINO is missing.
         """
         try:
             import openvino as ov
         except ImportError:
             ov = None
         if ov is None:
-            return onnx_graph.cpu_session(graph, memory_arena=False)
-        declared = next(value for value in graph.graph.input if value.name == input_name)
+            return onnx_graph.cpu_session(reductions, memory_arena=False)
+        declared = next(value for value in reductions.graph.input if value.name == input_name)
         fixed = [dim.dim_value for dim in declared.type.tensor_type.shape.dim]
         try:
             if any(size > 0 and size != want for size, want in zip(fixed, shape)):
                 # A static graph is calibrated at its own size only, as ONNX Runtime enforces.
                 raise ValueError(f"the model takes a fixed input of shape {tuple(fixed)}")
             core = ov.Core()
-            network = core.read_model(graph.SerializeToString(), b"")
+            network = core.read_model(reductions.SerializeToString(), b"")
             network.reshape({input_name: list(shape)})
             compiled = core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses for shapes the graph rejects
             raise PTQError(f"The FP32 model {self.fp32_onnx} failed on calibration crop 0 of shape {tuple(shape)}: "
                            f"{str(exc).strip().splitlines()[0][:300]}. Use a crop size the model accepts "
                            "(its fixed input size, or a multiple of its downsampling).") from exc
-        return _OpenVINOForward(compiled, share_outputs)
+        return _OpenVINOForward(compiled)
 
     def _run(self, session, fetched, input_name: str, batch: np.ndarray, index: int):
         try:
@@ -274,13 +271,12 @@ class RangeCollector:
 class _OpenVINOForward:
     """A compiled OpenVINO model answering ``run(names, feeds)`` like an ONNX Runtime session."""
 
-    def __init__(self, compiled, share_outputs: bool = False) -> None:
+    def __init__(self, compiled) -> None:
         self.compiled = compiled
         self.request = compiled.create_infer_request()
-        self.share_outputs = share_outputs
 
     def run(self, names: Sequence[str], feeds: Dict[str, np.ndarray]):
-        results = self.request.infer(feeds, share_outputs=self.share_outputs)
+        results = self.request.infer(feeds)
         return [np.asarray(results[self.compiled.output(name)]) for name in names]
 
 
@@ -305,37 +301,19 @@ def _with_reductions(model, names: Sequence[str]):
 
 
 def _groups(model, input_name: str, crop_shape, names: Sequence[str], budget: int) -> List[List[str]]:
-    """``names`` in graph order, cut into as few groups as fit ``budget`` (float32 bytes at ``crop_shape``),
-    of about equal size: a runtime holds a group's outputs beside its own working memory, so two
-    half-budget groups peak lower than a full one and a remainder (OpenVINO, 192^3 UNet, 6 crops:
-    1.2 GB instead of 2.6 GB peak RSS)."""
+    """``names`` in graph order, cut into groups whose float32 size at ``crop_shape`` stays within ``budget``."""
     sizes = tensor_bytes(model, input_name, (1, *crop_shape))
     known = [size for size in sizes.values() if size]
     # A size shape inference could not work out counts as the largest one it could.
     fallback = max(known) if known else 4 * int(np.prod(crop_shape)) * 64
-    need = [sizes.get(name) or fallback for name in names]
-    return [[names[index] for index in group] for group in _even_cut(need, budget)]
-
-
-def _even_cut(sizes: Sequence[int], budget: int) -> List[List[int]]:
-    """As few groups as greedy filling to ``budget`` gives, then the same number filled evenly."""
-    step = max(1, budget // 64)
-    count, target = len(_cut(sizes, budget)), budget
-    while count > 1 and target > step and len(_cut(sizes, target - step)) == count:
-        target -= step
-    return _cut(sizes, target)
-
-
-def _cut(sizes: Sequence[int], budget: int) -> List[List[int]]:
-    """Indices of ``sizes`` in order, cut greedily into groups summing to at most ``budget`` (a larger
-    single item alone)."""
-    groups: List[List[int]] = []
+    groups: List[List[str]] = []
     used = budget + 1
-    for index, size in enumerate(sizes):
+    for name in names:
+        size = sizes.get(name) or fallback
         if used + size > budget or not groups:
             groups.append([])
             used = 0
-        groups[-1].append(index)
+        groups[-1].append(name)
         used += size
     return groups
 

@@ -82,16 +82,17 @@ def float_tensor_names(model) -> set:
             if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
 
 
-def with_outputs(model, names: List[str]):
-    """A copy of ``model`` whose outputs are just the tensors ``names`` (float): a runtime then
-    skips the layers after the last of them."""
+def with_extra_outputs(model, names: List[str]):
+    """A copy of ``model`` that also outputs the tensors ``names`` (float)."""
     import onnx
 
     extended = onnx.ModelProto()
     extended.CopyFrom(model)
-    del extended.graph.output[:]
+    present = {value.name for value in extended.graph.output}
     for name in names:
-        extended.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        if name not in present:
+            extended.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     return extended
 
 
