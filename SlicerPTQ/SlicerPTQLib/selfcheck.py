@@ -42,6 +42,9 @@ HARD_FLOOR = 0.9
 TOLERANCE = 0.005
 #: Calibration volumes a check segments, at most.
 MAX_VOLUMES = 4
+#: Timed forwards of one patch per precision, in turns: the speed verdict is their median (timing the check's
+#: few small volumes, 1-2 s of work, read 0.70x to 1.31x on one AVX2 CPU where INT8 is 1.1x per patch).
+TIMED_PATCHES = 7
 #: Runtimes checked on the CPU (TensorRT is checked by benchmarks/gpu_check.py).
 CHECKED_RUNTIMES = ("openvino", "onnxruntime")
 
@@ -60,7 +63,7 @@ class SelfCheck:
     adaptation: str = ""
     seconds: float = 0.0
     volumes: List[str] = field(default_factory=list)
-    #: the runtime's time over the check volumes, FP32 / INT8 (after one warm-up patch each)
+    #: the runtime's median time per patch, FP32 / INT8 (:data:`TIMED_PATCHES` after one warm-up each)
     int8_speedup: float = float("nan")
 
     @property
@@ -150,28 +153,27 @@ def run_check(fp32_onnx: Path, quantized_onnx: Path, volumes: Sequence[np.ndarra
     from .sensitivity import output_error
 
     start = time.perf_counter()
+    patch = _first_patch(np.asarray(volumes[0], np.float32), spec.roi_size)
     outputs = {}
-    adaptation = ""
-    seconds = {}
-    with tempfile.TemporaryDirectory(prefix="slicer-ptq-check-") as scratch:
-        runs = [("fp32", fp32_onnx, runtime, "fp32"), ("int8", quantized_onnx, runtime, None)]
-        if runtime != "onnxruntime":
-            # The exact math of the graph this runtime runs here (int8_compat), not of the file as given;
-            # that graph already fits every int16 pair, so ONNX Runtime takes it as it is.
-            runs.append(("reference", as_run_here(quantized_onnx, scratch), "onnxruntime", None))
-        for key, path, backend, precision in runs:
-            engine = (OnnxRuntimeRuntime(path, threads=threads, adapt_int8=False) if key == "reference"
-                      else create_runtime(path, backend, precision=precision, threads=threads))
-            try:
-                engine.predict(np.zeros((1, volumes[0].shape[0], *spec.roi_size), np.float32))   # compile first
-                started = time.perf_counter()
+    engines = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="slicer-ptq-check-") as scratch:
+            engines["fp32"] = create_runtime(fp32_onnx, runtime, precision="fp32", threads=threads)
+            engines["int8"] = create_runtime(quantized_onnx, runtime, threads=threads)
+            if runtime != "onnxruntime":
+                # The exact math of the graph this runtime runs here (int8_compat), not of the file as given;
+                # that graph already fits every int16 pair, so ONNX Runtime takes it as it is.
+                engines["reference"] = OnnxRuntimeRuntime(as_run_here(quantized_onnx, scratch), threads=threads,
+                                                          adapt_int8=False)
+            for key, engine in engines.items():
+                engine.predict(patch)   # compile first
                 outputs[key] = [sliding_window(engine, np.asarray(array, np.float32), spec.roi_size,
                                                overlap=spec.overlap)[None] for array in volumes]
-                seconds[key] = time.perf_counter() - started
-                if key == "int8":
-                    adaptation = getattr(engine, "int8_adaptation", "")
-            finally:
-                engine.close()
+        seconds = _median_seconds(engines["fp32"], engines["int8"], patch)
+        adaptation = getattr(engines["int8"], "int8_adaptation", "")
+    finally:
+        for engine in engines.values():
+            engine.close()
     per_volume = [output_error([ref], [out], output_kind=spec.label_rule()).dice
                   for ref, out in zip(outputs["fp32"], outputs["int8"])]
     pooled = output_error(outputs["fp32"], outputs["int8"], output_kind=spec.label_rule()).dice
@@ -180,7 +182,27 @@ def run_check(fp32_onnx: Path, quantized_onnx: Path, volumes: Sequence[np.ndarra
     return SelfCheck(runtime=runtime, machine=machine_description(runtime), agreement=float(pooled),
                      reference_agreement=float(reference), per_volume=[float(value) for value in per_volume],
                      adaptation=adaptation, seconds=time.perf_counter() - start, volumes=list(names),
-                     int8_speedup=seconds["fp32"] / max(seconds["int8"], 1e-9))
+                     int8_speedup=seconds[0] / max(seconds[1], 1e-9))
+
+
+def _first_patch(volume: np.ndarray, roi) -> np.ndarray:
+    """The volume's first ``roi`` window as a batch of one, zero-padded where the volume is smaller."""
+    patch = np.zeros((1, volume.shape[0], *roi), np.float32)
+    window = volume[(slice(None), *(slice(0, size) for size in roi))]
+    patch[(0, slice(None), *(slice(0, size) for size in window.shape[1:]))] = window
+    return patch
+
+
+def _median_seconds(fp32, int8, patch: np.ndarray):
+    """Median wall time per forward of ``patch``, (FP32, INT8), over :data:`TIMED_PATCHES` forwards each,
+    taken in turns so that a change in the machine's load falls on both."""
+    times = ([], [])
+    for _ in range(TIMED_PATCHES):
+        for engine, taken in zip((fp32, int8), times):
+            started = time.perf_counter()
+            engine.predict(patch)
+            taken.append(time.perf_counter() - started)
+    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 def _record_path(quantized_onnx: Path, runtime: str) -> Path:
